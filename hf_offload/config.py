@@ -1,0 +1,82 @@
+"""`OffloadConfig`: every option of layer streaming, documented once and validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class OffloadConfig:
+    """How `enable_layer_streaming` keeps a model's decoder layers in host memory and streams them.
+
+    Example:
+        >>> from hf_offload import OffloadConfig, enable_layer_streaming
+        >>> model = enable_layer_streaming(model, OffloadConfig(prefetch=2))
+    """
+
+    device: str | torch.device | None = field(
+        default=None,
+        metadata={"help": "Where layers compute. None: the accelerator if one is present, else the CPU."},
+    )
+    prefetch: int = field(
+        default=1,
+        metadata={
+            "help": "Decoder layers loaded ahead of the one computing. 1 (the default) is double buffering; "
+            "0 loads each layer only when it is needed. Device memory holds prefetch + 1 layers."
+        },
+    )
+    offload_activations: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the layer-boundary hidden states saved for backward in host memory instead of on "
+            "the device (for long contexts; costs one extra round trip of activations per step)."
+        },
+    )
+    pin_memory: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Page-lock the host store so copies run asynchronously at full link speed. "
+            "None: on when the device is CUDA. Needs as much lockable host memory as the frozen layers."
+        },
+    )
+    preserve_rng_state: bool = field(
+        default=True,
+        metadata={
+            "help": "Replay the random state when a layer is recomputed in backward, so dropout masks match "
+            "the forward. Turn off only for layers that draw no random numbers."
+        },
+    )
+    show_progress: bool | None = field(
+        default=None,
+        metadata={"help": "Progress bar while the host store is built. None: only on a terminal."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.device is not None:
+            try:
+                self.device = torch.device(self.device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(
+                    f"`device` should be a torch device such as 'cuda', 'cuda:1' or 'cpu', but the value passed "
+                    f"is {self.device!r}"
+                ) from err
+        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
+            raise ValueError(
+                f"`prefetch` should be a non-negative integer (layers loaded ahead), but the value passed is "
+                f"{self.prefetch!r}"
+            )
+        for name in ("offload_activations", "preserve_rng_state"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"`{name}` should be True or False, but the value passed is {value!r}")
+        for name in ("pin_memory", "show_progress"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"`{name}` should be True, False or None, but the value passed is {value!r}")
+
+    @property
+    def slots(self) -> int:
+        """Device slots: the layer computing plus the ones loading ahead."""
+        return self.prefetch + 1

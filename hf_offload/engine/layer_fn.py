@@ -1,0 +1,183 @@
+"""The per-layer autograd Function: forward without a graph, backward by reloading and recomputing the layer.
+
+Note: [Streamed layer call]
+A streamed decoder layer runs its forward under no_grad inside `StreamedLayerFunction.forward`, keeping only
+its boundary inputs and the RNG/autocast state. Backward acquires the layer again (the streamer finds it still on
+the device at the turnaround, or reloads it), recomputes the forward under grad with the same RNG state (dropout
+masks match), and backprops the incoming gradient through it with `torch.autograd.grad`. Trainable parameters of
+the layer (LoRA adapters, resident on the device) are inputs of the Function, so their gradients come back
+through ordinary autograd: they accumulate into `.grad`, fire hooks, and work with `torch.autograd.grad`.
+The layer's weights stay bound to the slot until `autograd.grad` has returned, because autograd keeps references
+to them (a Linear saves its weight; RMSNorm saves `weight`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import compat
+
+Forward = Callable[..., Any]
+
+
+# --- flattening (args, kwargs) and layer outputs into leaves --------------------------------------------------------
+def tree_flatten(obj: Any) -> tuple[list[Any], Any]:
+    """Leaves of nested tuples/lists/dicts (ModelOutput and namedtuples included) and a spec to rebuild them."""
+    leaves: list[Any] = []
+
+    def go(o):
+        if isinstance(o, tuple) and hasattr(o, "_fields"):  # namedtuple
+            return (type(o), [go(x) for x in o])
+        if type(o) in (tuple, list):
+            return (type(o), [go(x) for x in o])
+        if isinstance(o, dict):  # dict, OrderedDict, transformers ModelOutput
+            return (type(o), {k: go(v) for k, v in o.items()})
+        leaves.append(o)
+        return None
+
+    return leaves, go(obj)
+
+
+def tree_unflatten(leaves: list[Any], spec: Any) -> Any:
+    it = iter(leaves)
+
+    def go(s):
+        if s is None:
+            return next(it)
+        kind, children = s
+        if isinstance(children, dict):
+            return kind(**{k: go(v) for k, v in children.items()}) if kind is not dict else {
+                k: go(v) for k, v in children.items()
+            }
+        items = [go(c) for c in children]
+        return kind._make(items) if hasattr(kind, "_fields") else kind(items)
+
+    return go(spec)
+
+
+def _autocast_state(device_type: str) -> list[tuple[str, bool, torch.dtype]]:
+    types = {"cpu", device_type}
+    return [(t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in sorted(types)]
+
+
+def _autocast(state) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    for device_type, enabled, dtype in state:
+        stack.enter_context(torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled))
+    return stack
+
+
+class LayerCall:
+    """One call of one streamed layer: what the Function needs to run it again in backward."""
+
+    def __init__(self, runtime, index: int, forward: Forward, leaves: list[Any], spec: Any, params: list):
+        self.runtime = runtime
+        self.index = index
+        self.forward = forward
+        self.spec = spec
+        self.grad_positions = [k for k, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.requires_grad]
+        # Grad inputs are saved through ctx (or offloaded); never keep a second reference to them here.
+        self.leaves = [None if k in self.grad_positions else x for k, x in enumerate(leaves)]
+        self.params = params
+        self.rng_state = None
+        self.autocast_state = None
+        self.host_inputs: list[torch.Tensor] | None = None
+        self.out_spec = None
+        self.out_leaves: list[Any] = []
+        self.out_tensor_positions: list[int] = []
+
+    def arguments(self, grad_inputs) -> tuple[tuple, dict]:
+        leaves = list(self.leaves)
+        for k, tensor in zip(self.grad_positions, grad_inputs):
+            leaves[k] = tensor
+        return tree_unflatten(leaves, self.spec)
+
+    def rebuild_output(self, tensors) -> Any:
+        leaves = list(self.out_leaves)
+        for k, tensor in zip(self.out_tensor_positions, tensors):
+            leaves[k] = tensor
+        return tree_unflatten(leaves, self.out_spec)
+
+
+class StreamedLayerFunction(torch.autograd.Function):
+    """See Note: [Streamed layer call]."""
+
+    @staticmethod
+    def forward(ctx, call: LayerCall, *inputs):
+        n_grad = len(call.grad_positions)
+        grad_inputs = inputs[:n_grad]
+        runtime = call.runtime
+        if runtime.config.preserve_rng_state:
+            call.rng_state = runtime.ops.get_rng_state()
+        call.autocast_state = _autocast_state(runtime.ops.device.type)
+        args, kwargs = call.arguments(grad_inputs)
+        output = runtime.run_layer(call.index, +1, lambda: call.forward(*args, **kwargs))
+
+        out_leaves, call.out_spec = tree_flatten(output)
+        call.out_tensor_positions = [k for k, x in enumerate(out_leaves) if isinstance(x, torch.Tensor)]
+        tensors = tuple(out_leaves[k] for k in call.out_tensor_positions)
+        call.out_leaves = [None if k in call.out_tensor_positions else x for k, x in enumerate(out_leaves)]
+        ctx.mark_non_differentiable(*[t for t in tensors if not (t.is_floating_point() or t.is_complex())])
+        ctx.set_materialize_grads(False)
+
+        if runtime.config.offload_activations:
+            call.host_inputs = [runtime.activations_to_host(t) for t in grad_inputs]
+        else:
+            ctx.save_for_backward(*grad_inputs)
+        ctx.call = call
+        return tensors
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        call: LayerCall = ctx.call
+        runtime = call.runtime
+        if call.host_inputs is not None:
+            saved = [runtime.activations_to_device(t) for t in call.host_inputs]
+            call.host_inputs = None
+        else:
+            saved = ctx.saved_tensors
+        detached = [t.detach().requires_grad_(True) for t in saved]
+        args, kwargs = call.arguments(detached)
+        wrt = [*detached, *call.params]
+
+        def recompute_and_backprop():
+            output = call.forward(*args, **kwargs)
+            out_leaves, _ = tree_flatten(output)
+            tensors = [out_leaves[k] for k in call.out_tensor_positions]
+            pairs = [(t, g) for t, g in zip(tensors, grad_outputs) if g is not None and t.requires_grad]
+            if not pairs:
+                return [None] * len(wrt)
+            outs, grads = zip(*pairs)
+            return torch.autograd.grad(outs, wrt, grads, allow_unused=True)
+
+        rng = runtime.ops.replay_rng(call.rng_state) if call.rng_state is not None else contextlib.nullcontext()
+        with rng, torch.enable_grad(), _autocast(call.autocast_state):
+            grads = runtime.run_layer(call.index, -1, recompute_and_backprop)
+        ctx.call = None  # drop references to the inputs as soon as this layer is done
+        return (None, *grads)
+
+
+def call_streamed_layer(runtime, index: int, layer: torch.nn.Module, forward: Forward, args: tuple, kwargs: dict):
+    """The body of a streamed layer's `forward`: stream it with or without recompute, as autograd needs."""
+    compat.keep_checkpointing_off(layer)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    if not (torch.is_grad_enabled() and _any_grad(params, args, kwargs)):
+        # Nothing needs a gradient through this layer: stream it once, save nothing (eval, generate, no_grad).
+        return runtime.run_layer(index, +1, lambda: forward(*args, **kwargs))
+    kwargs = compat.cache_free_kwargs(kwargs)
+    leaves, spec = tree_flatten((args, kwargs))
+    call = LayerCall(runtime, index, forward, leaves, spec, params)
+    grad_inputs = [leaves[k] for k in call.grad_positions]
+    outputs = StreamedLayerFunction.apply(call, *grad_inputs, *params)
+    return call.rebuild_output(outputs)
+
+
+def _any_grad(params, args, kwargs) -> bool:
+    if params:
+        return True
+    leaves, _ = tree_flatten((args, kwargs))
+    return any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves)

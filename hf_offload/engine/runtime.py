@@ -1,0 +1,137 @@
+"""`LayerStreamingRuntime`: one streamed model's engine, from installation to removal.
+
+It ties the parts together: anatomy finds the layers, the host store packs them, the streamer moves them,
+and each layer's `forward` is replaced (on the instance, reversibly) by the streamed call of `layer_fn`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import OffloadConfig
+from . import compat
+from .anatomy import find_decoder_layers
+from .device import DeviceOps, resolve_device
+from .layer_fn import call_streamed_layer
+from .store import HostStore, validate_layers
+from .streamer import Streamer
+
+logger = logging.getLogger(__name__)
+
+RUNTIME_ATTRIBUTE = "_hf_offload_runtime"
+
+
+class LayerStreamingRuntime:
+    def __init__(self, model: nn.Module, config: OffloadConfig):
+        self.config = config
+        self.anatomy = find_decoder_layers(model)  # raises before any work is done
+        validate_layers(self.anatomy.layers)
+        self.device = resolve_device(config.device)
+        self.ops = DeviceOps(self.device)
+        pin = config.pin_memory if config.pin_memory is not None else self.device.type == "cuda"
+        if pin and self.ops.is_cpu:
+            logger.info("hf_offload: pin_memory has no effect when layers compute on the CPU")
+        self.store = HostStore.build(
+            self.anatomy.layers, pin=self.ops.pin if pin else _no_pin, show_progress=config.show_progress
+        )
+        self.streamer = Streamer(self.store, self.ops, config.prefetch)
+        self._moved: list[tuple[torch.Tensor, torch.device]] = []
+        self._move_resident_tensors(model)
+        self._saved_forwards: list[tuple[nn.Module, Any]] = []
+        self._install_layer_forwards()
+        parent = _parent_module(model, self.anatomy.path)
+        # A new forward of the stack may follow a change of the host weights (load_state_dict, merge_adapter):
+        # slots are only trusted from one forward to its own backward.
+        self._hook = parent.register_forward_pre_hook(lambda module, args: self.streamer.invalidate())
+
+    # --- used by layer_fn ----------------------------------------------------------------------------------------
+    def run_layer(self, index: int, direction: int, fn: Callable[[], Any]) -> Any:
+        self.streamer.acquire(index, direction)
+        try:
+            return fn()
+        finally:
+            self.streamer.release(index)
+
+    def activations_to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        if self.ops.is_cpu:
+            host = tensor.clone()
+        else:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)  # ordered on the compute stream: no sync needed
+        self.streamer.stats.bytes_to_host += tensor.numel() * tensor.element_size()
+        return host
+
+    def activations_to_device(self, host: torch.Tensor) -> torch.Tensor:
+        self.streamer.stats.bytes_from_host_activations += host.numel() * host.element_size()
+        return host.to(self.device, non_blocking=True)
+
+    # --- description -----------------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        n_layers = len(self.store.packs)
+        prefetch = self.config.prefetch
+        return {
+            "device": str(self.device),
+            "layers": n_layers,
+            "layer_path": self.anatomy.path,
+            "host_store_bytes": self.store.nbytes,
+            "max_layer_bytes": self.store.max_layer_bytes,
+            "device_slot_bytes": (prefetch + 1) * self.store.max_layer_bytes,
+            # forward loads every layer, backward every layer but those still in slots at the turnaround
+            "bytes_per_train_step": 2 * self.store.nbytes
+            - sum(p.nbytes for p in self.store.packs[max(0, n_layers - prefetch - 1) :]),
+            "pinned": all(p.pinned for p in self.store.packs) if self.store.packs else False,
+        }
+
+    # --- installation and removal ------------------------------------------------------------------------------------
+    def _move_resident_tensors(self, model: nn.Module) -> None:
+        streamed = {id(t.param) for pack in self.store.packs for t in pack.tensors}
+        tensors = [p for p in model.parameters() if id(p) not in streamed] + list(model.buffers())
+        for tensor in tensors:
+            if tensor.device != self.device:
+                self._moved.append((tensor, tensor.device))
+                tensor.data = tensor.data.to(self.device)
+
+    def _install_layer_forwards(self) -> None:
+        for index, layer in enumerate(self.anatomy.layers):
+            original = layer.forward  # bound method: the class forward (HF's checkpointing wrapper included)
+            self._saved_forwards.append((layer, layer.__dict__.get("forward")))
+            compat.keep_checkpointing_off(layer)
+            layer.forward = _streamed_forward(self, index, layer, original)
+
+    def remove(self) -> None:
+        """Undo everything: original forwards, weights back in their own storage on their original devices."""
+        self._hook.remove()
+        self.streamer.close()
+        for layer, previous in self._saved_forwards:
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous
+        self._saved_forwards = []
+        self.store.unpack(self.ops.unpin)
+        for tensor, device in self._moved:
+            tensor.data = tensor.data.to(device)
+        self._moved = []
+
+
+def _streamed_forward(runtime: LayerStreamingRuntime, index: int, layer: nn.Module, original):
+    def forward(*args, **kwargs):
+        return call_streamed_layer(runtime, index, layer, original, args, kwargs)
+
+    forward.__wrapped__ = original
+    return forward
+
+
+def _no_pin(tensor: torch.Tensor) -> bool:
+    return False
+
+
+def _parent_module(model: nn.Module, path: str) -> nn.Module:
+    parent_path = path.rpartition(".")[0]
+    return model.get_submodule(parent_path) if parent_path else model
