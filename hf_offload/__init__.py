@@ -1,9 +1,9 @@
 """hf_offload: fine-tune Hugging Face causal LMs bigger than the GPU by streaming decoder layers from host memory.
 
-    >>> from hf_offload import OffloadConfig, enable_layer_streaming, stats
-    >>> model = enable_layer_streaming(peft_model, OffloadConfig(prefetch=1))
-    >>> model(**batch).loss.backward()
-    >>> stats(model)["bytes_to_device"]
+>>> from hf_offload import OffloadConfig, enable_layer_streaming, stats
+>>> model = enable_layer_streaming(peft_model, OffloadConfig(prefetch=1))
+>>> model(**batch).loss.backward()
+>>> stats(model)["bytes_to_device"]
 """
 
 from .api import (

@@ -76,9 +76,7 @@ def find_decoder_layers(model: nn.Module) -> Anatomy:
     candidates = [(n, m) for n, m in lists if all(compat.is_checkpointing_layer(layer) for layer in m)]
     if not candidates:
         depth = _depth(config) if config is not None else None
-        candidates = [
-            (n, m) for n, m in lists if len(m) == depth and len({type(layer) for layer in m}) == 1
-        ]
+        candidates = [(n, m) for n, m in lists if len(m) == depth and len({type(layer) for layer in m}) == 1]
     if not candidates:
         raise UnsupportedModelError(
             f"hf_offload cannot find the decoder layers of {_describe(model)}: no nn.ModuleList of "

@@ -35,28 +35,33 @@ def is_checkpointing_layer(module: nn.Module) -> bool:
 CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
 
-def cache_free_kwargs(kwargs: dict) -> dict:
-    """The layer kwargs for a recomputable call: no KV cache is written, as under HF's own checkpointing.
+def cache_free_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The layer arguments for a recomputable call: no KV cache is written, as under HF's own checkpointing.
 
     A layer that appends to a cache in the forward would append again in the backward recompute. Training calls
     pass an empty cache at most, so dropping it changes nothing; a cache that already holds tokens would change
-    the result, so that case is refused.
+    the result, so that case is refused. Caches come by keyword or, in some families (GPT-2), by position.
     """
-    out = dict(kwargs)
-    if out.get("use_cache"):
-        out["use_cache"] = False
-    for name in CACHE_KWARGS:
-        cache = out.get(name)
-        if cache is None:
-            continue
-        if isinstance(cache, Cache) and cache.get_seq_length() > 0:
+
+    def drop(name: str, value):
+        if value is None:
+            return None
+        if isinstance(value, Cache) and value.get_seq_length() > 0:
             raise NotImplementedError(
                 "hf_offload cannot backpropagate through a decoder layer that reads a pre-filled KV cache "
-                f"(`{name}` holds {cache.get_seq_length()} tokens). Train without `past_key_values`, or run this "
+                f"({name} holds {value.get_seq_length()} tokens). Train without `past_key_values`, or run this "
                 "forward under torch.no_grad()."
             )
-        out[name] = None
-    return out
+        return None
+
+    args = tuple(drop(f"argument {i}", a) if isinstance(a, Cache) else a for i, a in enumerate(args))
+    kwargs = dict(kwargs)
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    for name, value in kwargs.items():
+        if name in CACHE_KWARGS or isinstance(value, Cache):
+            kwargs[name] = drop(f"`{name}`", value)
+    return args, kwargs
 
 
 def accelerate_hooked_modules(model: nn.Module) -> list[str]:

@@ -50,9 +50,11 @@ def tree_unflatten(leaves: list[Any], spec: Any) -> Any:
             return next(it)
         kind, children = s
         if isinstance(children, dict):
-            return kind(**{k: go(v) for k, v in children.items()}) if kind is not dict else {
-                k: go(v) for k, v in children.items()
-            }
+            return (
+                kind(**{k: go(v) for k, v in children.items()})
+                if kind is not dict
+                else {k: go(v) for k, v in children.items()}
+            )
         items = [go(c) for c in children]
         return kind._make(items) if hasattr(kind, "_fields") else kind(items)
 
@@ -80,8 +82,13 @@ class LayerCall:
         self.forward = forward
         self.spec = spec
         self.grad_positions = [k for k, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.requires_grad]
-        # Grad inputs are saved through ctx (or offloaded); never keep a second reference to them here.
-        self.leaves = [None if k in self.grad_positions else x for k, x in enumerate(leaves)]
+        # The boundary hidden state (the first positional tensor) is saved like the grad inputs even when it needs
+        # no gradient (the first layer's input, from frozen embeddings): it is this layer's own activation, the one
+        # `offload_activations` moves to host memory. Other tensors (masks, rotary tables) are shared by all layers.
+        boundary = next((k for k, x in enumerate(leaves) if isinstance(x, torch.Tensor)), None)
+        self.saved_positions = sorted({*self.grad_positions, *([] if boundary is None else [boundary])})
+        # Saved inputs go through ctx (or host memory); never keep a second reference to them here.
+        self.leaves = [None if k in self.saved_positions else x for k, x in enumerate(leaves)]
         self.params = params
         self.rng_state = None
         self.autocast_state = None
@@ -90,9 +97,9 @@ class LayerCall:
         self.out_leaves: list[Any] = []
         self.out_tensor_positions: list[int] = []
 
-    def arguments(self, grad_inputs) -> tuple[tuple, dict]:
+    def arguments(self, saved_inputs) -> tuple[tuple, dict]:
         leaves = list(self.leaves)
-        for k, tensor in zip(self.grad_positions, grad_inputs):
+        for k, tensor in zip(self.saved_positions, saved_inputs):
             leaves[k] = tensor
         return tree_unflatten(leaves, self.spec)
 
@@ -108,13 +115,12 @@ class StreamedLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, call: LayerCall, *inputs):
-        n_grad = len(call.grad_positions)
-        grad_inputs = inputs[:n_grad]
+        saved_inputs = inputs[: len(call.saved_positions)]
         runtime = call.runtime
         if runtime.config.preserve_rng_state:
             call.rng_state = runtime.ops.get_rng_state()
         call.autocast_state = _autocast_state(runtime.ops.device.type)
-        args, kwargs = call.arguments(grad_inputs)
+        args, kwargs = call.arguments(saved_inputs)
         output = runtime.run_layer(call.index, +1, lambda: call.forward(*args, **kwargs))
 
         out_leaves, call.out_spec = tree_flatten(output)
@@ -125,9 +131,9 @@ class StreamedLayerFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
         if runtime.config.offload_activations:
-            call.host_inputs = [runtime.activations_to_host(t) for t in grad_inputs]
+            call.host_inputs = [runtime.activations_to_host(t) for t in saved_inputs]
         else:
-            ctx.save_for_backward(*grad_inputs)
+            ctx.save_for_backward(*saved_inputs)
         ctx.call = call
         return tensors
 
@@ -140,9 +146,10 @@ class StreamedLayerFunction(torch.autograd.Function):
             call.host_inputs = None
         else:
             saved = ctx.saved_tensors
-        detached = [t.detach().requires_grad_(True) for t in saved]
+        detached = [t.detach().requires_grad_(k in call.grad_positions) for k, t in zip(call.saved_positions, saved)]
         args, kwargs = call.arguments(detached)
-        wrt = [*detached, *call.params]
+        grad_inputs = [t for k, t in zip(call.saved_positions, detached) if k in call.grad_positions]
+        wrt = [*grad_inputs, *call.params]
 
         def recompute_and_backprop():
             output = call.forward(*args, **kwargs)
@@ -158,7 +165,10 @@ class StreamedLayerFunction(torch.autograd.Function):
         with rng, torch.enable_grad(), _autocast(call.autocast_state):
             grads = runtime.run_layer(call.index, -1, recompute_and_backprop)
         ctx.call = None  # drop references to the inputs as soon as this layer is done
-        return (None, *grads)
+        # One gradient per Function input: saved inputs (None where no gradient is needed), then parameters.
+        grads_by_position = dict(zip(call.grad_positions, grads[: len(grad_inputs)]))
+        input_grads = [grads_by_position.get(k) for k in call.saved_positions]
+        return (None, *input_grads, *grads[len(grad_inputs) :])
 
 
 def call_streamed_layer(runtime, index: int, layer: torch.nn.Module, forward: Forward, args: tuple, kwargs: dict):
@@ -168,11 +178,11 @@ def call_streamed_layer(runtime, index: int, layer: torch.nn.Module, forward: Fo
     if not (torch.is_grad_enabled() and _any_grad(params, args, kwargs)):
         # Nothing needs a gradient through this layer: stream it once, save nothing (eval, generate, no_grad).
         return runtime.run_layer(index, +1, lambda: forward(*args, **kwargs))
-    kwargs = compat.cache_free_kwargs(kwargs)
+    args, kwargs = compat.cache_free_arguments(args, kwargs)
     leaves, spec = tree_flatten((args, kwargs))
     call = LayerCall(runtime, index, forward, leaves, spec, params)
-    grad_inputs = [leaves[k] for k in call.grad_positions]
-    outputs = StreamedLayerFunction.apply(call, *grad_inputs, *params)
+    saved_inputs = [leaves[k] for k in call.saved_positions]
+    outputs = StreamedLayerFunction.apply(call, *saved_inputs, *params)
     return call.rebuild_output(outputs)
 
 

@@ -75,15 +75,15 @@ def frozen_parameters(layer: nn.Module) -> list[nn.Parameter]:
 
 
 def validate_layers(layers: nn.ModuleList) -> None:
-    """Refuse, before anything is moved, layers whose frozen weights the store cannot pack."""
+    """Refuse, before anything is moved, layers whose weights the store cannot pack."""
     owner: dict[int, int] = {}
     for index, layer in enumerate(layers):
+        if any(t.device.type == "meta" for t in (*layer.parameters(), *layer.buffers())):
+            raise ValueError(
+                f"Decoder layer {index} has weights on the meta device; load the model's weights before "
+                "enable_layer_streaming (from_pretrained without device_map='meta' or init_empty_weights)."
+            )
         for param in frozen_parameters(layer):
-            if param.device.type == "meta":
-                raise ValueError(
-                    f"Decoder layer {index} has weights on the meta device; load the model's weights before "
-                    "enable_layer_streaming (from_pretrained without device_map='meta' or init_empty_weights)."
-                )
             if compat.is_quantized_parameter(param):
                 raise ValueError(
                     f"Decoder layer {index} holds a bitsandbytes-quantized parameter ({type(param).__name__}); "
@@ -94,6 +94,12 @@ def validate_layers(layers: nn.ModuleList) -> None:
                     f"A frozen parameter is shared by decoder layers {owner[id(param)]} and {index}; hf_offload "
                     "streams each layer's weights separately and cannot stream weights shared across layers."
                 )
+    if not owner:
+        raise ValueError(
+            "Every parameter of the decoder layers is trainable, so there is nothing to stream: layer streaming "
+            "keeps frozen weights in host memory. Freeze the base model and train adapters (for example "
+            "peft.get_peft_model(model, LoraConfig(target_modules='all-linear'))) before enable_layer_streaming."
+        )
 
 
 def pack_layer(index: int, layer: nn.Module, pin: Callable[[torch.Tensor], bool]) -> LayerPack:
@@ -138,7 +144,12 @@ class HostStore:
 
         packs = []
         for index, layer in enumerate(
-            tqdm(layers, desc="hf_offload: packing layers in host memory", unit="layer", disable=_tqdm_disable(show_progress))
+            tqdm(
+                layers,
+                desc="hf_offload: packing layers in host memory",
+                unit="layer",
+                disable=_tqdm_disable(show_progress),
+            )
         ):
             packs.append(pack_layer(index, layer, pin))
         return cls(packs)
