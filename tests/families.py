@@ -137,9 +137,6 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "granite": ("GraniteConfig", dict(_COMMON, num_key_value_heads=2, attention_dropout=DROPOUT)),
 }
 
-# Families that every run of the suite tries; the rest run under `-m slow` too (the suite stays fast on 2 cores).
-CORE = ["llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "gpt2", "falcon", "falcon_alibi", "bloom"]
-
 
 def build(family: str, seed: int = 0):
     """A randomly initialised fp32 causal LM of `family` (same weights for the same seed)."""

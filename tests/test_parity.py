@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from families import CORE, FAMILIES, VOCAB, build
+from families import FAMILIES, VOCAB, build
 from parity import assert_same_step, eval_logits, left_padded_batch, reference_and_streamed
 
 import hf_offload
 
-ALL = [f if f in CORE else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
 
-
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_streamed_training_step_equals_ordinary(family):
     reference, streamed = reference_and_streamed(build(family))
     batch = left_padded_batch(VOCAB)
