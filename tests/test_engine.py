@@ -231,3 +231,18 @@ def test_training_through_a_prefilled_cache_is_refused():
     assert isinstance(cache, DynamicCache) and cache.get_seq_length() > 0
     with pytest.raises(NotImplementedError, match="pre-filled KV cache"):
         model(input_ids=ids[:, :2], past_key_values=cache, use_cache=True).logits.sum().backward()
+
+
+def test_layer_weight_tied_to_a_resident_module_stays_resident():
+    """A frozen layer weight that a module outside the stack also uses is not streamed (it must stay put)."""
+    base = build("llama")
+    shared = base.model.layers[1].mlp.down_proj.weight
+    base.model.extra = torch.nn.Linear(shared.shape[1], shared.shape[0], bias=False)
+    base.model.extra.weight = shared  # tied: same Parameter object
+    reference, streamed = reference_and_streamed(base)
+    runtime = hf_offload.api.get_runtime(streamed)
+    streamed_ids = {id(t.param) for pack in runtime.store.packs for t in pack.tensors}
+    extra = streamed.get_base_model().model.extra.weight
+    assert id(extra) not in streamed_ids
+    assert extra is streamed.get_base_model().model.layers[1].mlp.down_proj.base_layer.weight
+    assert_same_step(reference, streamed, left_padded_batch(VOCAB))

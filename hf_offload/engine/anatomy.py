@@ -30,6 +30,8 @@ class Anatomy:
 
     path: str  # dotted name of the ModuleList, e.g. "model.layers" or "base_model.model.transformer.h"
     layers: nn.ModuleList
+    # ids of layer parameters that modules outside the stack use too (tied weights): these stay resident
+    shared_outside: frozenset[int] = frozenset()
 
 
 def _describe(model: nn.Module) -> str:
@@ -69,7 +71,7 @@ def find_decoder_layers(model: nn.Module) -> Anatomy:
         suffix = LAYER_LIST_OVERRIDES[model_type]
         for name, module in modules.items():
             if name == suffix or name.endswith("." + suffix):
-                return Anatomy(name, module)
+                return Anatomy(name, module, _used_outside(model, name))
 
     lists = [(name, m) for name, m in modules.items() if isinstance(m, nn.ModuleList) and len(m) > 0]
     # transformers 5.x: decoder layers are GradientCheckpointingLayer subclasses.
@@ -85,4 +87,10 @@ def find_decoder_layers(model: nn.Module) -> Anatomy:
         )
     # Several stacks (a vision tower beside the text decoder, say): stream the one with the most weights.
     path, layers = max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))
-    return Anatomy(path, layers)
+    return Anatomy(path, layers, _used_outside(model, path))
+
+
+def _used_outside(model: nn.Module, path: str) -> frozenset[int]:
+    inside = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name.startswith(path + ".")}
+    outside = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if not name.startswith(path + ".")}
+    return frozenset(inside & outside)

@@ -30,14 +30,17 @@ class LayerStreamingRuntime:
     def __init__(self, model: nn.Module, config: OffloadConfig):
         self.config = config
         self.anatomy = find_decoder_layers(model)  # raises before any work is done
-        validate_layers(self.anatomy.layers)
+        validate_layers(self.anatomy.layers, self.anatomy.shared_outside)
         self.device = resolve_device(config.device)
         self.ops = DeviceOps(self.device)
         pin = config.pin_memory if config.pin_memory is not None else self.device.type == "cuda"
         if pin and self.ops.is_cpu:
             logger.info("hf_offload: pin_memory has no effect when layers compute on the CPU")
         self.store = HostStore.build(
-            self.anatomy.layers, pin=self.ops.pin if pin else _no_pin, show_progress=config.show_progress
+            self.anatomy.layers,
+            pin=self.ops.pin if pin else _no_pin,
+            show_progress=config.show_progress,
+            keep_resident=self.anatomy.shared_outside,
         )
         self.streamer = Streamer(self.store, self.ops, config.prefetch)
         self._moved: list[tuple[torch.Tensor, torch.device]] = []

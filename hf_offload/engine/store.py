@@ -65,16 +65,17 @@ class LayerPack:
         self.bind(self.host)
 
 
-def frozen_parameters(layer: nn.Module) -> list[nn.Parameter]:
-    """The parameters of `layer` that do not train, each once (tied parameters appear once)."""
+def frozen_parameters(layer: nn.Module, keep_resident: frozenset[int] = frozenset()) -> list[nn.Parameter]:
+    """The parameters of `layer` to stream: frozen ones, each once, but those also used outside the layer stack
+    (ids in `keep_resident`), which stay on the device like the rest of the resident modules."""
     seen: dict[int, nn.Parameter] = {}
     for param in layer.parameters():  # nn.Module.parameters() already yields a tied parameter once
-        if not param.requires_grad:
+        if not param.requires_grad and id(param) not in keep_resident:
             seen.setdefault(id(param), param)
     return list(seen.values())
 
 
-def validate_layers(layers: nn.ModuleList) -> None:
+def validate_layers(layers: nn.ModuleList, keep_resident: frozenset[int] = frozenset()) -> None:
     """Refuse, before anything is moved, layers whose weights the store cannot pack."""
     owner: dict[int, int] = {}
     for index, layer in enumerate(layers):
@@ -83,7 +84,7 @@ def validate_layers(layers: nn.ModuleList) -> None:
                 f"Decoder layer {index} has weights on the meta device; load the model's weights before "
                 "enable_layer_streaming (from_pretrained without device_map='meta' or init_empty_weights)."
             )
-        for param in frozen_parameters(layer):
+        for param in frozen_parameters(layer, keep_resident):
             if compat.is_quantized_parameter(param):
                 raise ValueError(
                     f"Decoder layer {index} holds a bitsandbytes-quantized parameter ({type(param).__name__}); "
@@ -102,9 +103,11 @@ def validate_layers(layers: nn.ModuleList) -> None:
         )
 
 
-def pack_layer(index: int, layer: nn.Module, pin: Callable[[torch.Tensor], bool]) -> LayerPack:
+def pack_layer(
+    index: int, layer: nn.Module, pin: Callable[[torch.Tensor], bool], keep_resident: frozenset[int] = frozenset()
+) -> LayerPack:
     """Move `layer`'s frozen parameters into one new host buffer and free their old storage."""
-    params = frozen_parameters(layer)
+    params = frozen_parameters(layer, keep_resident)
     offsets, total = [], 0
     for param in params:
         offsets.append(total)
@@ -139,19 +142,14 @@ class HostStore:
         layers: nn.ModuleList,
         pin: Callable[[torch.Tensor], bool],
         show_progress: bool | None = None,
+        keep_resident: frozenset[int] = frozenset(),
     ) -> HostStore:
         from tqdm.auto import tqdm
 
-        packs = []
-        for index, layer in enumerate(
-            tqdm(
-                layers,
-                desc="hf_offload: packing layers in host memory",
-                unit="layer",
-                disable=_tqdm_disable(show_progress),
-            )
-        ):
-            packs.append(pack_layer(index, layer, pin))
+        progress = tqdm(
+            layers, desc="hf_offload: packing layers in host memory", unit="layer", disable=_tqdm_disable(show_progress)
+        )
+        packs = [pack_layer(index, layer, pin, keep_resident) for index, layer in enumerate(progress)]
         return cls(packs)
 
     @property
