@@ -192,6 +192,10 @@ def estimate(
         "base_weight_dtype": base_weight_dtype,
         "tokens_per_step": tokens,
         "host_bytes": host_bytes,
+        # weight matrices the codec leaves dense: not nn.Linear/Conv1D (fused MoE expert tensors), or odd sizes
+        "unquantized_matrix_bytes": sum(r.nbytes for layout in layouts for p, r in layout.dense if p.dim() >= 2)
+        if codec is not None
+        else 0,
         "gpu_bytes": sum(gpu_terms.values()),
         "gpu_terms": gpu_terms,
         "bytes_per_step": bytes_per_step,
@@ -274,6 +278,11 @@ def _advice(plan: dict, others: dict, gpu_budget, host_available, options: dict)
         if chosen != "nf4" and others["nf4"]["gpu_bytes"] < plan["gpu_bytes"]:
             line += f"; --base-weight-dtype nf4 needs {others['nf4']['gpu_bytes'] / GB:.1f} GB"
         advice.append(line)
+    if plan["unquantized_matrix_bytes"] > plan["host_bytes"] / 4:
+        advice.append(
+            f"quantization: {plan['unquantized_matrix_bytes'] / GB:.1f} GB of the layers' weight matrices are not "
+            f"linear layers (fused MoE expert tensors) and stay in their dtype; base_weight_dtype does not shrink them"
+        )
     if plan["tokens_per_step"] < plan["break_even_tokens"]:
         line = (
             f"speed: link-bound (the copy of {plan['bytes_per_step'] / GB:.1f} GB per step takes longer than the "

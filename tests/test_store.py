@@ -114,11 +114,11 @@ QUANTIZATION = {
 }
 
 
-def load_quantized(path, bits: str):
+def load_quantized(path, bits: str, device: str):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=transformers.BitsAndBytesConfig(**QUANTIZATION[bits]),
-        device_map="cpu",
+        device_map=device,
         dtype=torch.float32,
     )
     # bitsandbytes repacks 4-bit weights for its CPU inference kernels in eval mode (bf16 scales, other numerics);
@@ -131,10 +131,21 @@ def load_quantized(path, bits: str):
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
 def test_qlora_model_streams_with_parity_against_itself_resident(checkpoint, bits):
-    reference, streamed = load_quantized(checkpoint, bits), load_quantized(checkpoint, bits)
+    check_qlora_parity(checkpoint, bits, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_qlora_model_streams_on_cuda_with_parity_against_itself_resident(checkpoint, bits):
+    check_qlora_parity(checkpoint, bits, "cuda")
+
+
+def check_qlora_parity(checkpoint, bits: str, device: str):
+    reference, streamed = load_quantized(checkpoint, bits, device), load_quantized(checkpoint, bits, device)
     # same adapters (with_lora seeds them); the base weights are the same checkpoint quantized the same way
     assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), streamed.parameters()))
-    hf_offload.enable_layer_streaming(streamed, OffloadConfig(device="cpu"))
+    hf_offload.enable_layer_streaming(streamed, OffloadConfig(device=device))
     runtime = get_runtime(streamed)
     assert all(pack.attributes for pack in runtime.store.packs)  # quantization state travels with the weights
 
@@ -148,7 +159,7 @@ def test_qlora_model_streams_with_parity_against_itself_resident(checkpoint, bit
         seen.append((weight.untyped_storage().data_ptr(), state.untyped_storage().data_ptr()))
 
     handle = proj.register_forward_pre_hook(record)
-    batch = left_padded_batch(VOCAB, length=10)
+    batch = {k: v.to(device) for k, v in left_padded_batch(VOCAB, length=10).items()}
     hf_offload.reset_stats(streamed)
     assert_same_step(reference, streamed, batch)
     handle.remove()
@@ -161,7 +172,7 @@ def test_qlora_model_streams_with_parity_against_itself_resident(checkpoint, bit
     torch.testing.assert_close(eval_logits(streamed, batch), eval_logits(reference, batch), rtol=1e-5, atol=1e-6)
     state, expected = streamed.state_dict(), reference.state_dict()
     assert state.keys() == expected.keys()
-    assert all(torch.equal(state[k], v) for k, v in expected.items() if isinstance(v, torch.Tensor))
+    assert all(torch.equal(state[k].cpu(), v.cpu()) for k, v in expected.items() if isinstance(v, torch.Tensor))
     with pytest.raises(RuntimeError, match="cannot merge adapters"):
         streamed.merge_adapter()
     hf_offload.disable_layer_streaming(streamed)

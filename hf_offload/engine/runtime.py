@@ -123,8 +123,8 @@ class LayerStreamingRuntime:
         """See Note: [Hollow weights] in store.py: what state_dict, load_state_dict and merging see."""
         for pack, layer in zip(self.store.packs, self.anatomy.layers):
             if pack.encoded:
-                names = {id(p): name for name, p in layer.named_parameters(remove_duplicate=False)}
-                encoded = [(names[id(e.param)], e.param) for e in pack.encoded]
+                ids = {id(e.param) for e in pack.encoded}
+                encoded = [(n, p) for n, p in layer.named_parameters(remove_duplicate=False) if id(p) in ids]
                 self._handles.append(layer.register_state_dict_post_hook(_placeholders_in_state_dict(encoded)))
                 self._handles.append(layer.register_load_state_dict_pre_hook(_refuse_loading_into(encoded)))
             for tuner in pack.quantized_tuners:
