@@ -121,7 +121,7 @@ def bf16_llama():
         vocab_size=VOCAB,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=4,
+        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
@@ -150,12 +150,12 @@ def train_losses(model, batch, steps: int) -> tuple[list[float], int]:
 
 def test_nf4_and_int8_cut_bytes_moved_keep_the_loss_and_train():
     base = bf16_llama()
-    batch = left_padded_batch(VOCAB, batch=2, length=12)
+    batch = left_padded_batch(VOCAB, batch=2, length=8)
     runs = {}
-    for dtype in (None, "nf4", "int8"):
+    for dtype, steps in ((None, 1), ("nf4", 3), ("int8", 3)):  # bf16 on CPU is slow: one step is the reference
         model = with_lora(copy.deepcopy(base), lora_dropout=0.0)
         hf_offload.enable_layer_streaming(model, OffloadConfig(device="cpu", base_weight_dtype=dtype))
-        runs[dtype] = train_losses(model, batch, steps=3)
+        runs[dtype] = train_losses(model, batch, steps=steps)
     (bf16_losses, bf16_bytes), (nf4_losses, nf4_bytes), (int8_losses, int8_bytes) = runs.values()
     assert bf16_bytes / nf4_bytes >= 3.2, bf16_bytes / nf4_bytes
     assert bf16_bytes / int8_bytes >= 1.8, bf16_bytes / int8_bytes

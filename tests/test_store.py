@@ -131,20 +131,22 @@ def load_quantized(path, bits: str, device: str):
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
 def test_qlora_model_streams_with_parity_against_itself_resident(checkpoint, bits):
-    check_qlora_parity(checkpoint, bits, "cpu")
+    check_qlora_parity(checkpoint, bits, "cpu", "cpu")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("load_device", ["cuda", "cpu"])  # cpu: quantized while loading into host memory
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
-def test_qlora_model_streams_on_cuda_with_parity_against_itself_resident(checkpoint, bits):
-    check_qlora_parity(checkpoint, bits, "cuda")
+def test_qlora_model_streams_on_cuda_with_parity_against_itself_resident(checkpoint, bits, load_device):
+    check_qlora_parity(checkpoint, bits, load_device, "cuda")
 
 
-def check_qlora_parity(checkpoint, bits: str, device: str):
-    reference, streamed = load_quantized(checkpoint, bits, device), load_quantized(checkpoint, bits, device)
+def check_qlora_parity(checkpoint, bits: str, load_device: str, device: str):
+    reference = load_quantized(checkpoint, bits, load_device).to(device)
+    streamed = load_quantized(checkpoint, bits, load_device)
     # same adapters (with_lora seeds them); the base weights are the same checkpoint quantized the same way
-    assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), streamed.parameters()))
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(reference.parameters(), streamed.parameters()))
     hf_offload.enable_layer_streaming(streamed, OffloadConfig(device=device))
     runtime = get_runtime(streamed)
     assert all(pack.attributes for pack in runtime.store.packs)  # quantization state travels with the weights
