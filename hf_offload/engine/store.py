@@ -160,10 +160,6 @@ class LayerLayout:
     nbytes: int = 0
     scratch_nbytes: int = 0
 
-    @property
-    def largest_encoded_bytes(self) -> int:
-        return max((param.numel() * param.element_size() for param, _, _ in self.encoded), default=0)
-
 
 def frozen_parameters(layer: nn.Module, keep_resident: frozenset[int] = frozenset()) -> list[nn.Parameter]:
     """The parameters of `layer` to stream: frozen ones, each once, but those also used outside the layer stack
