@@ -16,15 +16,19 @@ from .api import (
 )
 from .config import OffloadConfig
 from .engine.anatomy import UnsupportedModelError
+from .engine.hostmem import HostMemoryError
+from .optimizer_state import optimizer_state_report
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HostMemoryError",
     "OffloadConfig",
     "UnsupportedModelError",
     "disable_layer_streaming",
     "enable_layer_streaming",
     "is_streaming",
+    "optimizer_state_report",
     "reset_stats",
     "stats",
     "summary",
