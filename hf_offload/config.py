@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+EXPERT_FETCH_MODES = ("routed", "all")
+
 
 @dataclass
 class OffloadConfig:
@@ -52,6 +54,15 @@ class OffloadConfig:
         default=None,
         metadata={"help": "Progress bar while the host store is built. None: only on a terminal."},
     )
+    expert_fetch: str = field(
+        default="routed",
+        metadata={
+            "help": "Mixture-of-Experts layers: 'routed' (the default) moves a layer's attention, router and "
+            "shared weights, computes the routing, then moves only the experts that received at least one token; "
+            "the backward reuses that set. 'all' moves every expert with its layer. Dense models and dense layers "
+            "have no experts to route: both values stream them whole."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.device is not None:
@@ -71,6 +82,11 @@ class OffloadConfig:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"`{name}` should be True or False, but the value passed is {value!r}")
+        if self.expert_fetch not in EXPERT_FETCH_MODES:
+            raise ValueError(
+                f"`expert_fetch` should be one of {', '.join(repr(m) for m in EXPERT_FETCH_MODES)}, but the value "
+                f"passed is {self.expert_fetch!r}"
+            )
         for name in ("pin_memory", "show_progress"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):

@@ -5,13 +5,19 @@ is built layer by layer, and each parameter's old storage is released as soon as
 never holds two copies of the model. Between uses, each frozen parameter's `.data` is a view into its layer's
 buffer, so `state_dict()` and `save_pretrained()` see the real weights.
 
+Expert regions: a Mixture-of-Experts layer's stacked expert tensors (shape [num_experts, ...]) are packed after
+everything else, each still one contiguous tensor, so expert e of a tensor is the byte range
+`offset + e * slice_nbytes` and can be copied alone, and everything but the experts (attention, router, shared
+experts, norms) is the prefix `[0, base_nbytes)` of the buffer: one copy. The layout is the same whether or not
+experts are fetched by routing; only the streamer decides what to copy.
+
 Layout note: a later shared store (one host copy for several ranks, or memory-mapped checkpoint files) only has to
 provide the same `LayerPack.host` byte buffers; nothing else depends on where those bytes live.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +49,28 @@ class PackedTensor:
 
 
 @dataclass
+class ExpertRegion:
+    """Stacked expert tensors of one experts module: tensor t holds expert e at `t.offset + e * slice_nbytes(t)`."""
+
+    num_experts: int
+    tensors: list[PackedTensor] = field(default_factory=list)
+
+    @staticmethod
+    def slice_nbytes(tensor: PackedTensor) -> int:
+        return tensor.nbytes // tensor.shape[0]
+
+    @property
+    def expert_nbytes(self) -> int:
+        """Bytes of one expert, over all its tensors."""
+        return sum(self.slice_nbytes(t) for t in self.tensors)
+
+    def view_first(self, tensor: PackedTensor, buffer: torch.Tensor, count: int) -> torch.Tensor:
+        """The first `count` expert slices of `tensor` in `buffer`, as a [count, ...] tensor."""
+        start, end = tensor.offset, tensor.offset + count * self.slice_nbytes(tensor)
+        return buffer[start:end].view(tensor.dtype).view(count, *tensor.shape[1:])
+
+
+@dataclass
 class LayerPack:
     """One decoder layer's frozen tensors in one host byte buffer."""
 
@@ -50,10 +78,16 @@ class LayerPack:
     host: torch.Tensor  # uint8, nbytes long
     tensors: list[PackedTensor] = field(default_factory=list)
     pinned: bool = False
+    experts: list[ExpertRegion] = field(default_factory=list)  # packed after the rest (see the module docstring)
+    base_nbytes: int = 0  # bytes before the first expert region (all of them when there is none)
 
     @property
     def nbytes(self) -> int:
         return self.host.numel()
+
+    @property
+    def expert_tensor_ids(self) -> set[int]:
+        return {id(t) for region in self.experts for t in region.tensors}
 
     def bind(self, buffer: torch.Tensor, views: list[torch.Tensor] | None = None) -> None:
         """Point every packed parameter at its place in `buffer` (no copies)."""
@@ -102,14 +136,28 @@ def validate_layers(layers: nn.ModuleList) -> None:
         )
 
 
-def pack_layer(index: int, layer: nn.Module, pin: Callable[[torch.Tensor], bool]) -> LayerPack:
-    """Move `layer`'s frozen parameters into one new host buffer and free their old storage."""
-    params = frozen_parameters(layer)
-    offsets, total = [], 0
+def pack_layer(
+    index: int,
+    layer: nn.Module,
+    pin: Callable[[torch.Tensor], bool],
+    expert_groups: Sequence[Sequence[nn.Parameter]] = (),
+) -> LayerPack:
+    """Move `layer`'s frozen parameters into one new host buffer and free their old storage.
+
+    `expert_groups`: per experts module, its frozen stacked expert parameters (each [num_experts, ...]); they are
+    packed last, as expert regions.
+    """
+    in_groups = {id(p) for group in expert_groups for p in group}
+    params = [p for p in frozen_parameters(layer) if id(p) not in in_groups]
+    params += [p for group in expert_groups for p in group]
+    offsets, total, base_nbytes = [], 0, None
     for param in params:
+        if base_nbytes is None and id(param) in in_groups:
+            base_nbytes = total
         offsets.append(total)
         total += _aligned(param.numel() * param.element_size())
     pack = LayerPack(index=index, host=torch.empty(total, dtype=torch.uint8))
+    pack.base_nbytes = total if base_nbytes is None else base_nbytes
     pack.pinned = pin(pack.host)
     for param, offset in zip(params, offsets):
         packed = PackedTensor(
@@ -124,6 +172,9 @@ def pack_layer(index: int, layer: nn.Module, pin: Callable[[torch.Tensor], bool]
         view.copy_(param.data)
         param.data = view  # the old storage is freed here unless something else holds it
         pack.tensors.append(packed)
+    by_param = {id(t.param): t for t in pack.tensors}
+    for group in expert_groups:
+        pack.experts.append(ExpertRegion(group[0].shape[0], [by_param[id(p)] for p in group]))
     return pack
 
 
@@ -139,6 +190,7 @@ class HostStore:
         layers: nn.ModuleList,
         pin: Callable[[torch.Tensor], bool],
         show_progress: bool | None = None,
+        expert_groups: Callable[[int], Sequence[Sequence[nn.Parameter]]] | None = None,
     ) -> HostStore:
         from tqdm.auto import tqdm
 
@@ -151,7 +203,7 @@ class HostStore:
                 disable=_tqdm_disable(show_progress),
             )
         ):
-            packs.append(pack_layer(index, layer, pin))
+            packs.append(pack_layer(index, layer, pin, expert_groups(index) if expert_groups else ()))
         return cls(packs)
 
     @property
