@@ -205,15 +205,83 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     ),
 }
 
+# More families, from their default configs with the widths above wherever the config has the field.
+_SMALL = dict(
+    _COMMON,
+    head_dim=8,
+    moe_intermediate_size=16,
+    num_experts=8,
+    num_local_experts=8,
+    n_routed_experts=8,
+    moe_topk=2,
+    shared_expert_intermediate_size=16,
+    first_k_dense_replace=1,
+    num_dense_layers=1,
+    n_group=1,
+    topk_group=1,
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=4,
+    qk_nope_head_dim=4,
+    v_head_dim=8,
+    sliding_window=4,
+)
+_GENERIC = {
+    "afmoe": {},
+    "cohere2_moe": {},
+    "exaone_moe": {},
+    "minimax_m2": {},
+    "solar_open": {},
+    "mimo_v2_flash": {},
+    "laguna": {},
+    "hy_v3": {},
+    "granitemoe_swa": {},
+    "kolibri1": {},
+    "mellum": {},
+    "qwen3_5_moe_text": {},
+    "flint": {},
+    "glm4_moe_lite": dict(num_key_value_heads=4),
+    "axk1": dict(num_key_value_heads=4),
+    "llama4_text": {},  # its experts module computes every expert: streams whole
+}
+
+
+def _generic(model_type: str, overrides: dict) -> tuple[str, dict]:
+    import dataclasses
+
+    config_class = transformers.CONFIG_MAPPING[model_type]
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return config_class.__name__, {k: v for k, v in {**_SMALL, **overrides}.items() if k in names}
+
+
+FAMILIES.update({name: _generic(name, overrides) for name, overrides in _GENERIC.items()})
+
 # LoRA targets all linear layers and the stacked expert tensors, but for modules that are not plain linear maps in
 # these families (peft would wrap them, but their forward returns a tuple or is unused on the CPU path).
-LORA_EXCLUDE = {"phimoe": ["router"], "jamba": ["dt_proj"]}
+LORA_EXCLUDE = {"phimoe": ["router"], "jamba": ["dt_proj"], "llama4_text": ["router"]}
 
 # Families that balance experts without an aux loss (bias-corrected routing): they have no router logits to record.
-NO_AUX_LOSS = {"deepseek_v3", "deepseek_v2", "hunyuan_v1_moe", "glm4_moe", "dots1", "lfm2_moe"}
+NO_AUX_LOSS = {
+    "deepseek_v3",
+    "deepseek_v2",
+    "hunyuan_v1_moe",
+    "glm4_moe",
+    "dots1",
+    "lfm2_moe",
+    "afmoe",
+    "cohere2_moe",
+    "exaone_moe",
+    "solar_open",
+    "mimo_v2_flash",
+    "hy_v3",
+    "kolibri1",
+    "glm4_moe_lite",
+    "axk1",
+    "llama4_text",
+}
 
 # Families whose experts modules hf_offload routes; the rest stream whole (see the warning in the runtime).
-ROUTED = [f for f in FAMILIES if f not in ("dbrx", "jetmoe")]
+ROUTED = [f for f in FAMILIES if f not in ("dbrx", "jetmoe", "llama4_text")]
 # Tried on every run; the rest under `-m slow` (the suite stays fast on 2 cores).
 CORE = ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "qwen2_moe", "gpt_oss", "phimoe"]
 
