@@ -272,3 +272,11 @@ def test_load_experts_appends_within_one_acquisition():
 def test_bad_expert_fetch_is_refused():
     with pytest.raises(ValueError, match="`expert_fetch` should be one of 'routed', 'all'"):
         OffloadConfig(expert_fetch="some")
+
+
+def test_experts_that_cannot_be_routed_stream_whole_with_a_warning(caplog):
+    model = with_expert_lora(build("dbrx"), "dbrx")
+    with caplog.at_level("WARNING", logger="hf_offload"):
+        hf_offload.enable_layer_streaming(model, OffloadConfig(device="cpu"))
+    assert "DbrxExperts in layers 0, 1, 2, 3: its expert weights are not direct parameters" in caplog.text
+    assert hf_offload.summary(model)["moe_layers"] == 0

@@ -74,6 +74,8 @@ def _ineligibility(base: nn.Module, wrappers: list[nn.Module]) -> str | None:
         return "its expert weights are not direct parameters of the module"
     if any(p.dim() == 0 or p.shape[0] != num_experts for p in own):
         return f"not all of its parameters are stacked [num_experts={num_experts}, ...] tensors"
+    if any(b.dim() > 0 and b.shape[0] == num_experts for b in base.buffers()):
+        return "it holds per-expert buffers, which routed fetch would not narrow to the loaded experts"
     if any(p.requires_grad for p in own):
         return "its expert weights are trainable (only frozen weights are streamed)"
     if any(p.dtype not in _FOLD_DTYPES for p in own) and wrappers:
@@ -168,7 +170,7 @@ def _routed_forward(streamer, group: ExpertGroup, original: Callable):
             with compat.experts_count(group.base, len(order)):
                 if not group.wrappers:
                     return original(*bound.args, **bound.kwargs)
-                with _routed_lora(group, order, device):
+                with _RoutedLora(group, order, device):
                     return group.base(*bound.args, **bound.kwargs)
         finally:
             for param, host in zip(group.params, group.host_views):
@@ -195,7 +197,7 @@ class _LoraFold(nn.Module):
             return weight + delta.to(weight.dtype)
 
 
-class _routed_lora:
+class _RoutedLora:
     """Context: the LoRA adapters of `group`'s wrappers folded into its loaded experts, as peft's forward would."""
 
     def __init__(self, group: ExpertGroup, order: list[int], device: torch.device):
