@@ -67,6 +67,16 @@ def enable_layer_streaming(model: nn.Module, config: OffloadConfig | None = None
         if summary["device_scratch_bytes"]
         else "",
     )
+    if summary["moe_layers"]:
+        logger.info(
+            "hf_offload: %d Mixture-of-Experts layers hold %.2f GB of experts; expert_fetch=%r%s.",
+            summary["moe_layers"],
+            summary["expert_bytes"] / 1e9,
+            config.expert_fetch,
+            " (only routed experts move; the bytes per step above are the bound)"
+            if config.expert_fetch == "routed"
+            else "",
+        )
     return model
 
 
@@ -101,5 +111,6 @@ def reset_stats(model: nn.Module) -> None:
 
 def summary(model: nn.Module) -> dict:
     """Static facts of a streamed model: layers, host store bytes, device slot and scratch bytes, bytes per train
-    step, base_weight_dtype and how many linear weights it quantized."""
+    step, base_weight_dtype and how many linear weights it quantized, and for Mixture-of-Experts models
+    expert_fetch, moe_layers (layers whose experts can be fetched by routing) and expert_bytes."""
     return _require_runtime(model).summary()

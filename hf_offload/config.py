@@ -8,6 +8,8 @@ import torch
 
 from .engine.quant import BASE_WEIGHT_DTYPES
 
+EXPERT_FETCH_MODES = ("routed", "all")
+
 
 @dataclass
 class OffloadConfig:
@@ -70,6 +72,15 @@ class OffloadConfig:
             "stop with a clear message (and the base_weight_dtype that would fit) instead of being OOM-killed."
         },
     )
+    expert_fetch: str = field(
+        default="routed",
+        metadata={
+            "help": "Mixture-of-Experts layers: 'routed' (the default) moves a layer's attention, router and "
+            "shared weights, computes the routing, then moves only the experts that received at least one token; "
+            "the backward reuses that set. 'all' moves every expert with its layer. Dense models and dense layers "
+            "have no experts to route: both values stream them whole."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.device is not None:
@@ -94,6 +105,11 @@ class OffloadConfig:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"`{name}` should be True or False, but the value passed is {value!r}")
+        if self.expert_fetch not in EXPERT_FETCH_MODES:
+            raise ValueError(
+                f"`expert_fetch` should be one of {', '.join(repr(m) for m in EXPERT_FETCH_MODES)}, but the value "
+                f"passed is {self.expert_fetch!r}"
+            )
         for name in ("pin_memory", "show_progress"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):

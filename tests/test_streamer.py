@@ -24,9 +24,9 @@ def _loads(streamer: Streamer, order: list[int], direction: int) -> list[int]:
     loaded: list[int] = []
     original = streamer._load
 
-    def spy(index, slot):
+    def spy(index, slot, *rest):
         loaded.append(index)
-        original(index, slot)
+        original(index, slot, *rest)
 
     streamer._load = spy
     for i in order:

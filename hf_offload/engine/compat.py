@@ -5,6 +5,7 @@ Each helper names the version it was checked against. Everything else in the pac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -177,3 +178,111 @@ def logical_numel(param: torch.Tensor) -> int:
     state = getattr(param, "quant_state", None)
     shape = getattr(state, "shape", None)
     return math.prod(shape) if shape is not None else param.numel()
+
+
+# --- outputs recorded by transformers' output-capturing hooks (router logits, attentions) --------------------------
+# Checked against transformers 5.23 (`transformers/utils/output_capturing.py`): `@capture_outputs` on a model's
+# forward sets a ContextVar `_active_collector` to a dict {key: [tensors]} (keys such as "router_logits",
+# "attentions", "hidden_states", plus private keys starting with "_"); forward hooks on the recorded module classes
+# append to those lists while the collector is set. Older 5.x releases kept the same variable in utils/generic.py.
+try:
+    from transformers.utils.output_capturing import _active_collector as _output_collector
+except ImportError:  # pragma: no cover - early transformers 5.x
+    try:
+        from transformers.utils.generic import _active_collector as _output_collector
+    except ImportError:
+        _output_collector = None
+
+# Recorded at the decoder layer's own output (outside the streamed call), so never collected inside it.
+_LAYER_LEVEL_KEYS = ("hidden_states",)
+
+
+def recorded_output_keys() -> list[str]:
+    """The keys the active output collector records from inside a decoder layer; [] when none is active."""
+    collected = _output_collector.get() if _output_collector is not None else None
+    if not collected:
+        return []
+    return [k for k in collected if not k.startswith("_") and k not in _LAYER_LEVEL_KEYS]
+
+
+@contextlib.contextmanager
+def collect_recorded_outputs(keys: list[str]):
+    """Inside the block, recorded outputs of `keys` go to the yielded dict of lists instead of the model's collector.
+
+    Used around a streamed layer call: what the hooks record there (under no_grad in the forward, under grad in the
+    recompute) becomes an output of the layer's autograd Function, and is then handed to the model's collector.
+    """
+    collected: dict[str, list] = {k: [] for k in keys}
+    token = _output_collector.set(collected)
+    try:
+        yield collected
+    finally:
+        _output_collector.reset(token)
+
+
+def extend_recorded_outputs(outputs: dict[str, list]) -> None:
+    """Append `outputs` to the model's active collector, in order (layer by layer, like its own hooks)."""
+    collected = _output_collector.get()
+    for key, values in outputs.items():
+        collected[key].extend(values)
+
+
+# --- experts modules -------------------------------------------------------------------------------------------------
+# Checked against transformers 5.23: every experts module of the standard form (`@use_experts_implementation`
+# classes, and hand-written ones such as Step3p7Experts) reads its expert count from `self.num_experts`,
+# holds its expert weights as direct parameters of shape [num_experts, ...], and takes
+# (hidden_states, top_k_index, top_k_weights) — GPT-OSS names them (hidden_states, router_indices, routing_weights).
+EXPERT_INDEX_ARGUMENTS = ("top_k_index", "router_indices")
+
+
+@contextlib.contextmanager
+def experts_count(module: nn.Module, num_experts: int):
+    """Let `module` believe it holds `num_experts` experts for the duration of the block."""
+    saved = module.num_experts
+    module.num_experts = num_experts
+    try:
+        yield
+    finally:
+        module.num_experts = saved
+
+
+# --- peft LoRA on expert tensors (`target_parameters`) --------------------------------------------------------------
+# Checked against peft 0.21: `lora.ParamWrapper` adapts one parameter of its base layer; wrappers nest (one per
+# targeted parameter); `get_delta_factors(adapter)` returns (lhs, rhs, scaling) with delta = scaling * lhs @ rhs per
+# expert (lhs: [E, a, r], rhs: [E, r, b], in the parameter's dtype), and its forward folds the delta into the
+# parameter through `torch.nn.utils.parametrize`.
+try:
+    from peft.tuners.lora.layer import ParamWrapper
+except ImportError:  # pragma: no cover
+    ParamWrapper = None
+
+
+def is_param_wrapper(module: nn.Module) -> bool:
+    return ParamWrapper is not None and isinstance(module, ParamWrapper)
+
+
+def param_wrapper_chain(module: nn.Module) -> tuple[list[nn.Module], nn.Module]:
+    """(the nested ParamWrappers from the outside in, the wrapped base module)."""
+    wrappers = []
+    while is_param_wrapper(module):
+        wrappers.append(module)
+        module = module.base_layer
+    return wrappers, module
+
+
+def param_wrapper_deltas(wrapper: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """The (lhs, rhs, scaling) factors of each adapter `wrapper` applies in its forward now; [] when it applies none.
+
+    Mirrors `ParamWrapper.forward`: nothing when adapters are disabled or merged into the weight.
+    """
+    if wrapper.disable_adapters:
+        if wrapper.merged:
+            raise NotImplementedError(
+                "hf_offload: a LoRA adapter on expert weights is merged and adapters are disabled; peft would unmerge "
+                "it inside the forward, which would write into the streamed device copy. Call unmerge_adapter() "
+                "before disabling adapters."
+            )
+        return []
+    if wrapper.merged:
+        return []
+    return [wrapper.get_delta_factors(a) for a in wrapper.active_adapters if a in wrapper.lora_A]

@@ -9,6 +9,14 @@ the layer (LoRA adapters, resident on the device) are inputs of the Function, so
 through ordinary autograd: they accumulate into `.grad`, fire hooks, and work with `torch.autograd.grad`.
 The layer's weights stay bound to the slot until `autograd.grad` has returned, because autograd keeps references
 to them (a Linear saves its weight; RMSNorm saves `weight`).
+
+Note: [Recorded outputs]
+transformers records some outputs with forward hooks on submodules while the model's forward runs (MoE router
+logits, attention weights; see `compat.recorded_output_keys`). Hooks firing inside our no_grad forward would hand the
+model tensors without a gradient, and the router aux loss would lose its gradient. So the layer call collects what
+its submodules record, returns it as extra outputs of the Function (they get a grad_fn like the hidden state), and
+hands those to the model's collector; the recompute collects the same tensors again, with grad, and backprops their
+incoming gradients together with the hidden state's.
 """
 
 from __future__ import annotations
@@ -76,7 +84,16 @@ def _autocast(state) -> contextlib.ExitStack:
 class LayerCall:
     """One call of one streamed layer: what the Function needs to run it again in backward."""
 
-    def __init__(self, runtime, index: int, forward: Forward, leaves: list[Any], spec: Any, params: list):
+    def __init__(
+        self,
+        runtime,
+        index: int,
+        forward: Forward,
+        leaves: list[Any],
+        spec: Any,
+        params: list,
+        recorded_keys: list[str],
+    ):
         self.runtime = runtime
         self.index = index
         self.forward = forward
@@ -93,9 +110,25 @@ class LayerCall:
         self.rng_state = None
         self.autocast_state = None
         self.host_inputs: list[torch.Tensor] | None = None
+        self.recorded_keys = recorded_keys  # see Note: [Recorded outputs]
         self.out_spec = None
         self.out_leaves: list[Any] = []
         self.out_tensor_positions: list[int] = []
+        self.out_first: list[int] = []  # for each output tensor, the index of its first occurrence among them
+
+    def run(self, args: tuple, kwargs: dict) -> tuple[Any, dict[str, list]]:
+        """The layer's output and what its submodules recorded (see Note: [Recorded outputs])."""
+        if not self.recorded_keys:
+            return self.forward(*args, **kwargs), {}
+        with compat.collect_recorded_outputs(self.recorded_keys) as recorded:
+            output = self.forward(*args, **kwargs)
+        return output, recorded
+
+    def output_tensors(self, output: Any, recorded: dict) -> list[torch.Tensor]:
+        """The distinct tensors of (output, recorded), one per Function output, in a fixed order."""
+        out_leaves, _ = tree_flatten((output, recorded))
+        tensors = [out_leaves[k] for k in self.out_tensor_positions]
+        return [tensors[k] for k in sorted(set(self.out_first))]
 
     def arguments(self, saved_inputs) -> tuple[tuple, dict]:
         leaves = list(self.leaves)
@@ -103,10 +136,11 @@ class LayerCall:
             leaves[k] = tensor
         return tree_unflatten(leaves, self.spec)
 
-    def rebuild_output(self, tensors) -> Any:
+    def rebuild_output(self, tensors) -> tuple[Any, dict[str, list]]:
+        distinct = dict(zip(sorted(set(self.out_first)), tensors))
         leaves = list(self.out_leaves)
-        for k, tensor in zip(self.out_tensor_positions, tensors):
-            leaves[k] = tensor
+        for k, first in zip(self.out_tensor_positions, self.out_first):
+            leaves[k] = distinct[first]
         return tree_unflatten(leaves, self.out_spec)
 
 
@@ -121,11 +155,16 @@ class StreamedLayerFunction(torch.autograd.Function):
             call.rng_state = runtime.ops.get_rng_state()
         call.autocast_state = _autocast_state(runtime.ops.device.type)
         args, kwargs = call.arguments(saved_inputs)
-        output = runtime.run_layer(call.index, +1, lambda: call.forward(*args, **kwargs))
+        output, recorded = runtime.run_layer(call.index, +1, lambda: call.run(args, kwargs))
 
-        out_leaves, call.out_spec = tree_flatten(output)
+        out_leaves, call.out_spec = tree_flatten((output, recorded))
         call.out_tensor_positions = [k for k, x in enumerate(out_leaves) if isinstance(x, torch.Tensor)]
-        tensors = tuple(out_leaves[k] for k in call.out_tensor_positions)
+        # A tensor returned twice by a Function would get one grad_fn slot and lose the other's gradient: each
+        # distinct tensor is one output, and repeats are rebuilt from it.
+        first_seen: dict[int, int] = {}
+        call.out_first = [first_seen.setdefault(id(out_leaves[k]), j) for j, k in enumerate(call.out_tensor_positions)]
+        all_tensors = [out_leaves[k] for k in call.out_tensor_positions]
+        tensors = tuple(all_tensors[j] for j in sorted(set(call.out_first)))
         call.out_leaves = [None if k in call.out_tensor_positions else x for k, x in enumerate(out_leaves)]
         ctx.mark_non_differentiable(*[t for t in tensors if not (t.is_floating_point() or t.is_complex())])
         ctx.set_materialize_grads(False)
@@ -152,9 +191,7 @@ class StreamedLayerFunction(torch.autograd.Function):
         wrt = [*grad_inputs, *call.params]
 
         def recompute_and_backprop():
-            output = call.forward(*args, **kwargs)
-            out_leaves, _ = tree_flatten(output)
-            tensors = [out_leaves[k] for k in call.out_tensor_positions]
+            tensors = call.output_tensors(*call.run(args, kwargs))
             pairs = [(t, g) for t, g in zip(tensors, grad_outputs) if g is not None and t.requires_grad]
             if not pairs:
                 return [None] * len(wrt)
@@ -180,10 +217,13 @@ def call_streamed_layer(runtime, index: int, layer: torch.nn.Module, forward: Fo
         return runtime.run_layer(index, +1, lambda: forward(*args, **kwargs))
     args, kwargs = compat.cache_free_arguments(args, kwargs)
     leaves, spec = tree_flatten((args, kwargs))
-    call = LayerCall(runtime, index, forward, leaves, spec, params)
+    call = LayerCall(runtime, index, forward, leaves, spec, params, compat.recorded_output_keys())
     saved_inputs = [leaves[k] for k in call.saved_positions]
     outputs = StreamedLayerFunction.apply(call, *saved_inputs, *params)
-    return call.rebuild_output(outputs)
+    output, recorded = call.rebuild_output(outputs)
+    if recorded:
+        compat.extend_recorded_outputs(recorded)
+    return output
 
 
 def _any_grad(params, args, kwargs) -> bool:

@@ -18,6 +18,7 @@ from . import compat, hostmem
 from .anatomy import find_decoder_layers
 from .device import DeviceOps, resolve_device
 from .layer_fn import call_streamed_layer
+from .moe import RoutedExperts, find_expert_groups, has_unroutable_experts
 from .quant import make_codec
 from .store import HostStore, layout_layer, validate_layers
 from .streamer import Streamer
@@ -40,14 +41,22 @@ class LayerStreamingRuntime:
         codec = make_codec(config.base_weight_dtype)
         if config.check_host_memory:
             _check_host_memory(self.anatomy.layers, config.base_weight_dtype, self.anatomy.shared_outside)
+        # Experts modules are found before packing: their stacked tensors are packed as expert regions.
+        groups, reasons = find_expert_groups(self.anatomy.layers)
+        routed = config.expert_fetch == "routed"
+        if routed:
+            _explain_whole_layer_experts(groups, reasons, self.anatomy.layers)
         self.store = HostStore.build(
             self.anatomy.layers,
             pin=self.ops.pin if pin else _no_pin,
             show_progress=config.show_progress,
             codec=codec,
             keep_resident=self.anatomy.shared_outside,
+            expert_groups=lambda index: [g.params for g in groups[index]],
         )
-        self.streamer = Streamer(self.store, self.ops, config.prefetch)
+        self.streamer = Streamer(self.store, self.ops, config.prefetch, routed=routed)
+        self.routed_experts = RoutedExperts(groups if routed else [], self.streamer)
+        self.routed_experts.install(self._host_views)
         self._moved: list[tuple[torch.Tensor, torch.device]] = []
         self._move_resident_tensors(model)
         self._saved_forwards: list[tuple[nn.Module, Any]] = []
@@ -67,6 +76,10 @@ class LayerStreamingRuntime:
             return fn()
         finally:
             self.streamer.release(index)
+
+    def _host_views(self, group) -> list[torch.Tensor]:
+        pack = self.store.packs[group.layer_index]
+        return [t.view_in(pack.host) for t in pack.experts[group.region].tensors]
 
     def activations_to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach()
@@ -101,6 +114,11 @@ class LayerStreamingRuntime:
             "quantized_weights": sum(len(p.encoded) for p in self.store.packs),
             # dense form of the computing layer's encoded weights (0 unless base_weight_dtype is set)
             "device_scratch_bytes": self.store.max_scratch_bytes,
+            "expert_fetch": self.config.expert_fetch,
+            # layers whose experts the streamer can fetch by routing (in both modes), and their experts' bytes;
+            # with expert_fetch="routed", bytes_per_train_step is the bound reached when every expert is routed to
+            "moe_layers": sum(bool(p.experts) for p in self.store.packs),
+            "expert_bytes": sum(p.nbytes - p.base_nbytes for p in self.store.packs),
         }
 
     # --- installation and removal ------------------------------------------------------------------------------------
@@ -142,6 +160,7 @@ class LayerStreamingRuntime:
             else:
                 tuner.merge = previous
         self._handles, self._guarded_merges = [], []
+        self.routed_experts.remove()
         self.streamer.close()
         for layer, previous in self._saved_forwards:
             if previous is None:
@@ -161,6 +180,21 @@ def _streamed_forward(runtime: LayerStreamingRuntime, index: int, layer: nn.Modu
 
     forward.__wrapped__ = original
     return forward
+
+
+def _explain_whole_layer_experts(groups, reasons: list[str], layers: nn.ModuleList) -> None:
+    """expert_fetch="routed": say which experts modules stream whole instead, and why (a dense model: nothing)."""
+    if reasons:
+        logger.warning(
+            "hf_offload: expert_fetch='routed' cannot route these experts modules, which stream with their whole "
+            "layer instead: %s",
+            "; ".join(reasons),
+        )
+    elif not any(groups) and has_unroutable_experts(layers):
+        logger.warning(
+            "hf_offload: expert_fetch='routed': this model's experts modules do not take routed expert ids "
+            "(forward(hidden_states, top_k_index, top_k_weights)), so every layer streams whole."
+        )
 
 
 def _no_pin(tensor: torch.Tensor) -> bool:

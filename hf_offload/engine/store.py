@@ -22,6 +22,13 @@ scalar expanded to its shape: no memory, loud if used, and in-place writes into 
 weights as meta-device placeholders in `state_dict()` (adapter checkpoints are unaffected), refuses to load into
 them and refuses to merge adapters into them; `disable_layer_streaming` gives every weight back dequantized.
 
+Expert regions: a Mixture-of-Experts layer's stacked expert tensors (shape [num_experts, ...]) are packed after
+everything else, each still one contiguous tensor, so expert e of a tensor is the byte range
+`offset + e * slice_nbytes` and can be copied alone, and everything but the experts (attention, router, shared
+experts, norms, quantization states) is the prefix `[0, base_nbytes)` of the buffer: one copy. The layout is the
+same whether or not experts are fetched by routing; only the streamer decides what to copy. Expert tensors are
+never encoded (the codecs take 2D linear weights), so each expert slice stays separately addressable.
+
 Layout note: a later shared store (one host copy for several ranks, or memory-mapped checkpoint files) only has to
 provide the same `LayerPack.host` byte buffers; nothing else depends on where those bytes live.
 """
@@ -29,7 +36,7 @@ provide the same `LayerPack.host` byte buffers; nothing else depends on where th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +85,28 @@ class PackedTensor:
 
 
 @dataclass
+class ExpertRegion:
+    """Stacked expert tensors of one experts module: tensor t holds expert e at `t.offset + e * slice_nbytes(t)`."""
+
+    num_experts: int
+    tensors: list[PackedTensor] = field(default_factory=list)
+
+    @staticmethod
+    def slice_nbytes(tensor: PackedTensor) -> int:
+        return tensor.nbytes // tensor.shape[0]
+
+    @property
+    def expert_nbytes(self) -> int:
+        """Bytes of one expert, over all its tensors."""
+        return sum(self.slice_nbytes(t) for t in self.tensors)
+
+    def view_first(self, tensor: PackedTensor, buffer: torch.Tensor, count: int) -> torch.Tensor:
+        """The first `count` expert slices of `tensor` in `buffer`, as a [count, ...] tensor."""
+        start, end = tensor.offset, tensor.offset + count * self.slice_nbytes(tensor)
+        return buffer[start:end].view(tensor.dtype).view(count, *tensor.shape[1:])
+
+
+@dataclass
 class EncodedTensor:
     """A frozen linear weight kept encoded in its layer's buffer; dense only in the device scratch, in the window."""
 
@@ -123,10 +152,16 @@ class LayerPack:
     attributes: list[PackedAttribute] = field(default_factory=list)
     scratch_nbytes: int = 0  # dense bytes of the encoded weights, laid out in the scratch buffer
     quantized_tuners: list[nn.Module] = field(default_factory=list)  # peft layers whose base weight is quantized
+    experts: list[ExpertRegion] = field(default_factory=list)  # packed after the rest (see the module docstring)
+    base_nbytes: int = 0  # bytes before the first expert region (all of them when there is none)
 
     @property
     def nbytes(self) -> int:
         return self.host.numel()
+
+    @property
+    def expert_tensor_ids(self) -> set[int]:
+        return {id(t) for region in self.experts for t in region.tensors}
 
     def bind(self, buffer: torch.Tensor, views: list[torch.Tensor] | None = None) -> None:
         """Point every packed parameter and attribute at its place in `buffer` (no copies)."""
@@ -159,6 +194,7 @@ class LayerLayout:
     quantized_tuners: list[nn.Module] = field(default_factory=list)
     nbytes: int = 0
     scratch_nbytes: int = 0
+    base_nbytes: int = 0  # where the expert regions start (nbytes when there are none)
 
 
 def frozen_parameters(layer: nn.Module, keep_resident: frozenset[int] = frozenset()) -> list[nn.Parameter]:
@@ -176,11 +212,16 @@ def layout_layer(
     codec: Codec | None,
     params: list[nn.Parameter] | None = None,
     keep_resident: frozenset[int] = frozenset(),
+    expert_groups: Sequence[Sequence[nn.Parameter]] = (),
 ) -> LayerLayout:
     """Plan `layer`'s buffer: `params` (default: its frozen parameters but `keep_resident`) dense or encoded with
-    `codec`, then the quantization-state tensors of bitsandbytes weights. Plans (hf-offload plan) pass every
-    parameter of a meta model."""
+    `codec`, then the quantization-state tensors of bitsandbytes weights, then the stacked expert tensors of
+    `expert_groups` (per experts module, its frozen [num_experts, ...] parameters) as expert regions. Plans
+    (hf-offload plan) pass every parameter of a meta model."""
     params = frozen_parameters(layer, keep_resident) if params is None else params
+    in_groups = [p for group in expert_groups for p in group]
+    expert_ids = {id(p) for p in in_groups}
+    params = [p for p in params if id(p) not in expert_ids]
     wanted = {id(p) for p in params}
     linear = list(linear_weights(layer))
     encode = {
@@ -213,6 +254,10 @@ def layout_layer(
                 region = placed[key] = Region(offset, tensor.dtype, tuple(tensor.shape))
                 offset += _aligned(region.nbytes)
             layout.attributes.append((holder, name, region, alias))
+    layout.base_nbytes = offset
+    for param in in_groups:
+        layout.dense.append((param, Region(offset, param.dtype, tuple(param.shape))))
+        offset += _aligned(param.numel() * param.element_size())
     quantized = encode | {id(w) for w, _ in linear if compat.is_quantized_parameter(w)}
     layout.quantized_tuners = list({id(t): t for w, t in linear if t is not None and id(w) in quantized}.values())
     layout.nbytes, layout.scratch_nbytes = offset, scratch
@@ -250,14 +295,20 @@ def pack_layer(
     pin: Callable[[torch.Tensor], bool],
     codec: Codec | None = None,
     keep_resident: frozenset[int] = frozenset(),
+    expert_groups: Sequence[Sequence[nn.Parameter]] = (),
 ) -> LayerPack:
-    """Move `layer`'s frozen parameters into one new host buffer and free their old storage."""
-    layout = layout_layer(layer, codec, keep_resident=keep_resident)
+    """Move `layer`'s frozen parameters into one new host buffer and free their old storage.
+
+    `expert_groups`: per experts module, its frozen stacked expert parameters (each [num_experts, ...]); they are
+    packed last, as expert regions.
+    """
+    layout = layout_layer(layer, codec, keep_resident=keep_resident, expert_groups=expert_groups)
     pack = LayerPack(
         index=index,
         host=torch.empty(layout.nbytes, dtype=torch.uint8),
         scratch_nbytes=layout.scratch_nbytes,
         quantized_tuners=layout.quantized_tuners,
+        base_nbytes=layout.base_nbytes,
     )
     pack.pinned = pin(pack.host)
     # Attributes first: one that aliases a parameter is copied with it, before the parameter is rebound.
@@ -288,6 +339,9 @@ def pack_layer(
         hollow = torch.full((), float("nan"), dtype=param.dtype).expand(param.shape)
         pack.encoded.append(EncodedTensor(param, codec, parts, meta, scratch, param.device, hollow))
         param.data = hollow  # see Note: [Hollow weights]
+    by_param = {id(t.param): t for t in pack.tensors}
+    for group in expert_groups:
+        pack.experts.append(ExpertRegion(group[0].shape[0], [by_param[id(p)] for p in group]))
     return pack
 
 
@@ -305,13 +359,17 @@ class HostStore:
         show_progress: bool | None = None,
         codec: Codec | None = None,
         keep_resident: frozenset[int] = frozenset(),
+        expert_groups: Callable[[int], Sequence[Sequence[nn.Parameter]]] | None = None,
     ) -> HostStore:
         from tqdm.auto import tqdm
 
         progress = tqdm(
             layers, desc="hf_offload: packing layers in host memory", unit="layer", disable=_tqdm_disable(show_progress)
         )
-        packs = [pack_layer(index, layer, pin, codec, keep_resident) for index, layer in enumerate(progress)]
+        packs = [
+            pack_layer(index, layer, pin, codec, keep_resident, expert_groups(index) if expert_groups else ())
+            for index, layer in enumerate(progress)
+        ]
         return cls(packs)
 
     @property

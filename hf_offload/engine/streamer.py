@@ -13,6 +13,15 @@ when the same layer comes back before anything else used it (the turnaround).
 Schedule: acquiring layer i in direction d (+1 forward, -1 backward) starts loading i+d .. i+d*prefetch into
 slots that are not in use and hold nothing in that window. Layers stay in their slot after release, so the last
 layers of the forward are found again at the start of the backward (turnaround reuse).
+
+Note: [Routed expert fetch]
+With `routed=True`, a layer with expert regions (see store.py) is loaded without its experts: only the prefix
+`[0, base_nbytes)`. When its experts module runs, `load_experts` copies the experts the routing picked into the
+first positions of each expert tensor's place in the slot, in ascending expert order, and returns [k, ...] views of
+exactly those experts: stale bytes of the slot are never part of any tensor. A second request in the same
+acquisition only appends (views handed out earlier stay valid for autograd). The set is remembered per layer, so the
+backward prefetches base + the same experts; the recompute then finds them in place. In the forward, the next
+layer's prefetch waits until this layer's experts are enqueued, so the experts it waits for are copied first.
 """
 
 from __future__ import annotations
@@ -33,8 +42,8 @@ class StreamStats:
     layer_loads: int = 0  # layer copies started
     layer_reuses: int = 0  # acquisitions served by a layer already in a slot (prefetched or turnaround)
     peak_resident_layers: int = 0  # most layers whose frozen weights were on the device at once
-    experts_loaded: int = 0
-    experts_skipped: int = 0
+    experts_loaded: int = 0  # expert copies (per experts module): every expert of a whole-layer load, else routed ones
+    experts_skipped: int = 0  # experts of a routed layer not copied when its experts were fetched
     bytes_to_host: int = 0  # device->host bytes of offloaded activations
     bytes_from_host_activations: int = 0  # host->device bytes of activations brought back for backward
 
@@ -51,16 +60,20 @@ class Slot:
     freed: object = None  # event: the last kernel reading this slot has completed
     last_used: int = 0
     views: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # per layer: its parameters in this slot
+    experts: dict[int, list[int]] = field(default_factory=dict)  # routed layer: per region, experts here, in order
+    deferred_prefetch: int | None = None  # direction of a prefetch waiting for this layer's experts (forward)
 
 
 class Streamer:
-    def __init__(self, store: HostStore, ops: DeviceOps, prefetch: int):
+    def __init__(self, store: HostStore, ops: DeviceOps, prefetch: int, routed: bool = False):
         self.store = store
         self.ops = ops
         self.prefetch = prefetch
+        self.routed = routed  # see Note: [Routed expert fetch]
         self.stats = StreamStats()
         self._slots: list[Slot] = []
         self._clock = 0
+        self._expert_plans: dict[int, dict[int, list[int]]] = {}  # per layer: the experts its last call used
         self._scratch: torch.Tensor | None = None  # dense form of the computing layer's encoded weights
         self._scratch_layer: int | None = None  # whose decoded weights the scratch holds
 
@@ -75,7 +88,7 @@ class Streamer:
                     f"hf_offload: no free device slot to load layer {index} (all {len(self._slots)} in use). "
                     "Decoder layers must not call each other; please report this model."
                 )
-            self._load(index, slot)
+            self._load(index, slot, self._expert_plans.get(index) if direction < 0 else None)
         else:
             self.stats.layer_reuses += 1
         slot.in_use = True
@@ -85,11 +98,46 @@ class Streamer:
         pack = self.store.packs[index]
         views = slot.views.get(index)
         if views is None:
-            views = slot.views[index] = [t.view_in(slot.buffer) for t in pack.tensors]
+            # A routed layer's expert tensors stay bound to the host until `load_experts` binds the routed ones.
+            expert_ids = pack.expert_tensor_ids if self._is_routed(pack) else set()
+            views = [t.view_in(pack.host if id(t) in expert_ids else slot.buffer) for t in pack.tensors]
+            slot.views[index] = views
         pack.bind(slot.buffer, views)
         if pack.encoded:
             self._materialize(index, slot)
-        self._prefetch_after(index, direction)
+        if self._is_routed(pack) and direction > 0:
+            slot.deferred_prefetch = direction
+        else:
+            self._prefetch_after(index, direction)
+
+    def load_experts(self, index: int, region: int, experts: list[int]) -> tuple[list[int], list[torch.Tensor]]:
+        """Make `experts` (ids) of expert region `region` of the acquired layer `index` usable on the device.
+
+        Returns the experts present in the slot in their order there (a superset of `experts`) and, per tensor of
+        the region, a [len(order), ...] view of them. See Note: [Routed expert fetch].
+        """
+        slot = self._slot_holding(index)
+        if slot is None or not slot.in_use:
+            raise RuntimeError(f"hf_offload: experts of layer {index} were requested while the layer is not acquired")
+        pack = self.store.packs[index]
+        expert_region = pack.experts[region]
+        present = slot.experts.get(region)
+        if present is None:
+            present = slot.experts[region] = []
+            self.stats.experts_skipped += expert_region.num_experts
+        missing = sorted(set(experts).difference(present))
+        if missing:
+            with self.ops.on_copy_stream():
+                self._copy_experts(pack, slot, region, missing, start=len(present))
+                ready = self.ops.record_event(self.ops.copy_stream)
+            self.ops.wait_event(ready)
+            present.extend(missing)
+            self.stats.experts_skipped -= len(missing)
+        self._expert_plans.setdefault(index, {})[region] = sorted(experts)
+        if slot.deferred_prefetch is not None:
+            direction, slot.deferred_prefetch = slot.deferred_prefetch, None
+            self._prefetch_after(index, direction)
+        return list(present), [expert_region.view_first(t, slot.buffer, len(present)) for t in expert_region.tensors]
 
     def release(self, index: int) -> None:
         """The compute stream has enqueued all work reading layer `index`: rebind to host, mark the slot free."""
@@ -98,12 +146,16 @@ class Streamer:
         if slot is not None:
             slot.freed = self.ops.record_event()
             slot.in_use = False
+            if slot.deferred_prefetch is not None:  # the layer ran no experts (no tokens routed anywhere)
+                direction, slot.deferred_prefetch = slot.deferred_prefetch, None
+                self._prefetch_after(index, direction)
 
     def invalidate(self) -> None:
         """Forget which layers the slots hold (their host weights may have changed); buffers are kept."""
         for slot in self._slots:
             if not slot.in_use:
                 slot.layer = None
+                slot.experts = {}
         if not any(slot.in_use for slot in self._slots):
             self._scratch_layer = None
 
@@ -152,18 +204,55 @@ class Streamer:
         self.store.packs[index].materialize(slot.buffer, self._scratch, decode=self._scratch_layer != index)
         self._scratch_layer = index
 
-    def _load(self, index: int, slot: Slot) -> None:
+    def _is_routed(self, pack) -> bool:
+        return self.routed and bool(pack.experts)
+
+    def _load(self, index: int, slot: Slot, expert_plan: dict[int, list[int]] | None = None) -> None:
+        """Copy layer `index` into `slot`: whole, or for a routed layer its base and the planned experts."""
         pack = self.store.packs[index]
+        routed = self._is_routed(pack)
+        nbytes = pack.base_nbytes if routed else pack.nbytes
         copy_stream = self.ops.copy_stream
+        slot.experts = {}
         with self.ops.on_copy_stream():
             self.ops.wait_event(slot.freed, copy_stream)
-            slot.buffer[: pack.nbytes].copy_(pack.host, non_blocking=pack.pinned)
+            slot.buffer[:nbytes].copy_(pack.host[:nbytes], non_blocking=pack.pinned)
+            for region, experts in (expert_plan or {}).items() if routed else ():
+                self._copy_experts(pack, slot, region, experts, start=0)
+                slot.experts[region] = list(experts)
+                self.stats.experts_skipped += pack.experts[region].num_experts - len(experts)
             slot.ready = self.ops.record_event(copy_stream)
         slot.layer = index
+        slot.deferred_prefetch = None
         self.stats.layer_loads += 1
-        self.stats.bytes_to_device += pack.nbytes
+        self.stats.bytes_to_device += nbytes
+        if not routed:
+            self.stats.experts_loaded += sum(region.num_experts for region in pack.experts)
         occupied = sum(s.layer is not None for s in self._slots)
         self.stats.peak_resident_layers = max(self.stats.peak_resident_layers, occupied)
+
+    def _copy_experts(self, pack, slot: Slot, region: int, experts: list[int], start: int) -> None:
+        """Enqueue (on the current stream) copies of `experts` into slot positions start, start+1, ... of `region`.
+
+        Runs of consecutive expert ids become one copy per tensor.
+        """
+        expert_region = pack.experts[region]
+        runs: list[tuple[int, int, int]] = []  # (first expert, first position, count)
+        for position, expert in enumerate(experts, start):
+            if runs and expert == runs[-1][0] + runs[-1][2] and position == runs[-1][1] + runs[-1][2]:
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((expert, position, 1))
+        for tensor in expert_region.tensors:
+            size = expert_region.slice_nbytes(tensor)
+            for expert, position, count in runs:
+                source = tensor.offset + expert * size
+                target = tensor.offset + position * size
+                slot.buffer[target : target + count * size].copy_(
+                    pack.host[source : source + count * size], non_blocking=pack.pinned
+                )
+        self.stats.experts_loaded += len(experts)
+        self.stats.bytes_to_device += len(experts) * expert_region.expert_nbytes
 
     def _prefetch_after(self, index: int, direction: int) -> None:
         window = [index + direction * k for k in range(1, self.prefetch + 1)]
@@ -174,4 +263,4 @@ class Streamer:
                 slot = self._free_slot(protected)
                 if slot is None:
                     return
-                self._load(j, slot)
+                self._load(j, slot, self._expert_plans.get(j) if direction < 0 else None)

@@ -1,0 +1,226 @@
+"""Mixture-of-Experts layers: find their experts modules and move only the experts a batch routes tokens to.
+
+Router logits keep their gradient through the layer Function itself (see Note: [Recorded outputs] in layer_fn.py);
+this module is about routed-expert fetch.
+
+Note: [Routed experts call]
+An experts module of the standard form (compat: `num_experts`, direct parameters of shape [num_experts, ...],
+forward(hidden_states, top_k_index, top_k_weights)) is called by its MoE block once the routing is known. Its
+forward is replaced (on the instance, reversibly) by one that:
+  1. reads the routed expert ids (one device-to-host sync, as the eager implementations already do),
+  2. asks the streamer for those experts; it returns the experts in the slot in ascending order and [k, ...] views
+     of them (see Note: [Routed expert fetch] in streamer.py),
+  3. binds the expert parameters to those views, maps expert ids to positions 0..k-1 (a monotone map, so every
+     implementation visits experts and sums in the same order as with all experts), tells the module it holds k
+     experts, and runs its own forward (eager, grouped_mm, batched_mm: whichever the config selects).
+Nothing ever reads an expert that was not loaded: the parameters only span loaded experts.
+peft LoRA on expert tensors (`target_parameters`, `lora.ParamWrapper`) folds `W + scaling * lhs @ rhs` over the
+whole expert stack. Here the same fold runs over the loaded experts only (`lhs[order]`, `rhs[order]`), through the
+same `torch.nn.utils.parametrize` mechanism, so compute and memory scale with the experts used; unrouted experts
+get exactly zero LoRA gradient, as in ordinary training.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import compat
+
+logger = logging.getLogger(__name__)
+
+# The dtypes peft folds LoRA into directly; for others (float8) it upcasts, which the routed fold does not mirror.
+_FOLD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class ExpertGroup:
+    """One experts module of one decoder layer whose experts can be fetched by routing."""
+
+    layer_index: int
+    region: int  # its index among the layer's expert regions in the host store
+    entry: nn.Module  # the module the MoE block calls: the outermost peft ParamWrapper, or the experts module
+    base: nn.Module  # the experts module itself
+    wrappers: list[nn.Module]  # peft ParamWrappers around it, outside in
+    params: list[nn.Parameter]  # its stacked expert parameters, in packing order
+    num_experts: int
+    index_argument: str
+    signature: inspect.Signature
+    host_views: list[torch.Tensor] = field(default_factory=list)  # set once the store is built
+
+
+def _index_argument(module: nn.Module) -> str | None:
+    """The name of the routed-expert-ids argument if `module.forward` has the experts signature, else None."""
+    try:
+        names = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names[1] if len(names) >= 3 and names[1] in compat.EXPERT_INDEX_ARGUMENTS else None
+
+
+def _ineligibility(base: nn.Module, wrappers: list[nn.Module]) -> str | None:
+    """Why the experts of `base` cannot be fetched by routing, or None when they can."""
+    num_experts = getattr(base, "num_experts", None)
+    if not isinstance(num_experts, int) or num_experts < 1:
+        return "it has no integer `num_experts` attribute"
+    own = list(base.parameters(recurse=False))
+    if not own or len(own) != len(list(base.parameters())):
+        return "its expert weights are not direct parameters of the module"
+    if any(p.dim() == 0 or p.shape[0] != num_experts for p in own):
+        return f"not all of its parameters are stacked [num_experts={num_experts}, ...] tensors"
+    if any(b.dim() > 0 and b.shape[0] == num_experts for b in base.buffers()):
+        return "it holds per-expert buffers, which routed fetch would not narrow to the loaded experts"
+    if any(p.requires_grad for p in own):
+        return "its expert weights are trainable (only frozen weights are streamed)"
+    if any(p.dtype not in _FOLD_DTYPES for p in own) and wrappers:
+        return "it holds LoRA on expert weights stored in a dtype peft upcasts (float8)"
+    return None
+
+
+def find_expert_groups(layers: nn.ModuleList) -> tuple[list[list[ExpertGroup]], list[str]]:
+    """Per layer, its experts modules that can be fetched by routing; and why others cannot (one line each)."""
+    groups: list[list[ExpertGroup]] = []
+    refused: dict[tuple[str, str], list[int]] = {}  # (class, reason) -> layers
+    for index, layer in enumerate(layers):
+        inner = {id(m.base_layer) for m in layer.modules() if compat.is_param_wrapper(m)}
+        found: list[ExpertGroup] = []
+        for module in layer.modules():
+            if id(module) in inner:
+                continue  # reached through its wrapper
+            wrappers, base = compat.param_wrapper_chain(module)
+            argument = _index_argument(base)
+            if argument is None:
+                continue
+            reason = _ineligibility(base, wrappers)
+            if reason is not None:
+                refused.setdefault((type(base).__name__, reason), []).append(index)
+                continue
+            found.append(
+                ExpertGroup(
+                    layer_index=index,
+                    region=len(found),
+                    entry=module,
+                    base=base,
+                    wrappers=wrappers,
+                    params=list(base.parameters(recurse=False)),
+                    num_experts=base.num_experts,
+                    index_argument=argument,
+                    signature=inspect.signature(base.forward),
+                )
+            )
+        groups.append(found)
+    reasons = [f"{cls} in layers {', '.join(map(str, layers))}: {why}" for (cls, why), layers in refused.items()]
+    return groups, reasons
+
+
+def has_unroutable_experts(layers: nn.ModuleList) -> bool:
+    """Whether some module of the layers declares several experts (for a warning when none can be routed)."""
+    return any(isinstance(getattr(m, "num_experts", None), int) and m.num_experts > 1 for m in layers.modules())
+
+
+class RoutedExperts:
+    """Installs the routed experts call (Note: [Routed experts call]) on every group, and removes it."""
+
+    def __init__(self, groups: list[list[ExpertGroup]], streamer):
+        self.streamer = streamer
+        self.groups = [g for layer_groups in groups for g in layer_groups]
+        self._saved: list[tuple[nn.Module, Callable | None]] = []
+
+    def install(self, host_views_of: Callable[[ExpertGroup], list[torch.Tensor]]) -> None:
+        for group in self.groups:
+            group.host_views = host_views_of(group)
+            original = group.base.forward  # bound class forward (the experts implementation dispatch included)
+            self._saved.append((group.entry, group.entry.__dict__.get("forward")))
+            group.entry.forward = _routed_forward(self.streamer, group, original)
+
+    def remove(self) -> None:
+        for module, previous in self._saved:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self._saved = []
+
+
+def _routed_forward(streamer, group: ExpertGroup, original: Callable):
+    def forward(*args, **kwargs):
+        bound = group.signature.bind(*args, **kwargs)
+        expert_index = bound.arguments[group.index_argument]
+        experts = torch.unique(expert_index).tolist()  # sorted; the one host sync of routed fetch
+        if experts and (experts[0] < 0 or experts[-1] >= group.num_experts):
+            raise RuntimeError(
+                f"hf_offload: {type(group.base).__name__} of layer {group.layer_index} was routed to expert ids "
+                f"outside 0..{group.num_experts - 1} ({experts[0]}..{experts[-1]}); routed expert fetch cannot "
+                "serve them. Use OffloadConfig(expert_fetch='all') and please report this model."
+            )
+        order, views = streamer.load_experts(group.layer_index, group.region, experts)
+        device, dtype = expert_index.device, expert_index.dtype
+        positions = torch.zeros(group.num_experts, dtype=dtype, device=device)
+        positions[torch.tensor(order, device=device)] = torch.arange(len(order), dtype=dtype, device=device)
+        bound.arguments[group.index_argument] = positions[expert_index]  # expert id -> its position in the slot
+        for param, view in zip(group.params, views):
+            param.data = view
+        try:
+            with compat.experts_count(group.base, len(order)):
+                if not group.wrappers:
+                    return original(*bound.args, **bound.kwargs)
+                with _RoutedLora(group, order, device):
+                    return group.base(*bound.args, **bound.kwargs)
+        finally:
+            for param, host in zip(group.params, group.host_views):
+                param.data = host
+
+    forward.__wrapped__ = original
+    return forward
+
+
+class _LoraFold(nn.Module):
+    """A parametrization: W (the loaded experts) + the LoRA deltas of those experts."""
+
+    def __init__(self, factors: list[tuple[torch.Tensor, torch.Tensor, float]]):
+        super().__init__()
+        self.factors = factors
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        # As peft: the fold runs in the weight's dtype, outside autocast (a parametrization keeps the dtype).
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            if len(self.factors) == 1:
+                lhs, rhs, scaling = self.factors[0]
+                return torch.baddbmm(weight, lhs, rhs, alpha=scaling)
+            delta = sum(torch.bmm(lhs, rhs) * scaling for lhs, rhs, scaling in self.factors)
+            return weight + delta.to(weight.dtype)
+
+
+class _RoutedLora:
+    """Context: the LoRA adapters of `group`'s wrappers folded into its loaded experts, as peft's forward would."""
+
+    def __init__(self, group: ExpertGroup, order: list[int], device: torch.device):
+        self.group = group
+        selected = torch.tensor(order, device=device)
+        self.folds: dict[str, list] = {}
+        for wrapper in group.wrappers:
+            for lhs, rhs, scaling in compat.param_wrapper_deltas(wrapper):
+                self.folds.setdefault(wrapper.parameter_name, []).append((lhs[selected], rhs[selected], scaling))
+        self._cache = parametrize.cached()
+
+    def __enter__(self):
+        base = self.group.base
+        for name, factors in self.folds.items():
+            param = getattr(base, name)
+            requires_grad = param.requires_grad
+            parametrize.register_parametrization(base, name, _LoraFold(factors), unsafe=True)
+            base.parametrizations[name].original.requires_grad_(requires_grad)
+        self._cache.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._cache.__exit__(*exc)
+        for name in self.folds:
+            parametrize.remove_parametrizations(self.group.base, name, leave_parametrized=False)
+        return False

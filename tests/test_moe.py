@@ -1,0 +1,303 @@
+"""Mixture-of-Experts: exact training with the router aux loss, LoRA on experts, routed-expert fetch (engine/moe.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from moe_families import CORE, FAMILIES, LORA_EXCLUDE, NO_AUX_LOSS, ROUTED, VOCAB, build
+from parity import GRAD_RTOL, LOSS_RTOL, assert_same_step, eval_logits, left_padded_batch, train_step
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import hf_offload
+from hf_offload import OffloadConfig
+from hf_offload.engine import compat
+
+MODES = ("all", "routed")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread():
+    """These models are tiny: intra-op threads only add overhead, and OpenMP threads spinning on a shared 2-core
+    machine made this file ~10x slower. Restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+EXPERT_TENSORS = ["gate_up_proj", "down_proj"]
+
+
+def with_expert_lora(model, family: str | None = None):
+    """LoRA on every linear layer and on the stacked expert tensors (peft `target_parameters`).
+
+    peft's ParamWrapper refuses LoRA dropout, so adapters have none; the models keep their own dropout.
+    """
+    torch.manual_seed(123)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        target_parameters=EXPERT_TENSORS,
+        exclude_modules=LORA_EXCLUDE.get(family),
+        init_lora_weights=False,  # B non-zero: every adapter gets a gradient
+    )
+    return get_peft_model(model, config)
+
+
+def streamed_copy(reference, base, family, **options):
+    model = with_expert_lora(copy.deepcopy(base), family)
+    model.load_state_dict(reference.state_dict())
+    return hf_offload.enable_layer_streaming(model, OffloadConfig(device="cpu", **options))
+
+
+def assert_matches(reference_step, streamed, batch):
+    loss_ref, grads_ref = reference_step
+    loss, grads = train_step(streamed, batch)
+    torch.testing.assert_close(loss, loss_ref, rtol=LOSS_RTOL, atol=0)
+    assert grads.keys() == grads_ref.keys()
+    for name, g_ref in grads_ref.items():
+        assert g_ref.abs().sum() > 0, f"{name}: the reference gradient is zero, the test would prove nothing"
+        rel = (grads[name] - g_ref).norm() / g_ref.norm()
+        assert rel <= GRAD_RTOL, f"{name}: relative gradient error {rel:.2e}"
+
+
+ALL = [f if f in CORE else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_streamed_moe_training_equals_ordinary_in_both_fetch_modes(family):
+    base = build(family)
+    batch = left_padded_batch(VOCAB)
+    reference = with_expert_lora(copy.deepcopy(base), family)
+    reference_step = train_step(reference, batch)
+    reference_logits = eval_logits(reference, batch)
+    trained = {n for n in reference_step[1] if ".experts." in n}
+    if family in ROUTED:
+        assert trained, "expert LoRA is not trained: the test would not cover it"
+    if family not in NO_AUX_LOSS:
+        with torch.no_grad():
+            assert reference(**batch).aux_loss > 0
+
+    for mode in MODES:
+        streamed = streamed_copy(reference, base, family, expert_fetch=mode)
+        hf_offload.reset_stats(streamed)
+        assert_matches(reference_step, streamed, batch)
+        torch.testing.assert_close(eval_logits(streamed, batch), reference_logits, rtol=1e-5, atol=1e-6)
+        stats, summary = hf_offload.stats(streamed), hf_offload.summary(streamed)
+        if family in ROUTED:
+            assert summary["moe_layers"] > 0
+            assert stats["experts_loaded"] > 0
+            if mode == "all":
+                assert stats["experts_skipped"] == 0
+        else:  # experts hf_offload cannot route stream whole, in both modes
+            assert summary["moe_layers"] == 0 and stats["experts_loaded"] == stats["experts_skipped"] == 0
+
+
+def test_router_aux_loss_gradient_needs_the_recorded_router_logits(monkeypatch):
+    """Proves the parity tests exercise the aux loss: router logits recorded under no_grad lose its gradient."""
+    base = build("qwen3_moe")
+    batch = left_padded_batch(VOCAB)
+    reference = with_expert_lora(copy.deepcopy(base))
+    reference_step = train_step(reference, batch)
+    monkeypatch.setattr(compat, "recorded_output_keys", lambda: [])  # hooks record inside the no_grad forward
+    streamed = streamed_copy(reference, base, None)
+    with pytest.raises(AssertionError, match="relative gradient error"):
+        assert_matches(reference_step, streamed, batch)
+
+
+def test_sampling_router_needs_rng_replay():
+    """PhiMoE's router samples in training: without RNG replay the recompute routes differently."""
+    _, kwargs = FAMILIES["phimoe"]
+    config = transformers.PhimoeConfig(**dict(kwargs, attention_dropout=0.0, input_jitter_noise=0.0))
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    batch = left_padded_batch(VOCAB)
+    reference = with_expert_lora(copy.deepcopy(base), "phimoe")
+    reference_step = train_step(reference, batch)
+    assert_matches(reference_step, streamed_copy(reference, base, "phimoe"), batch)
+    unreplayed = streamed_copy(reference, base, "phimoe", preserve_rng_state=False)
+    with pytest.raises(AssertionError, match="relative gradient error"):
+        assert_matches(reference_step, unreplayed, batch)
+
+
+def _many_experts_model():
+    _, kwargs = FAMILIES["qwen3_moe"]
+    config = transformers.Qwen3MoeConfig(**dict(kwargs, num_experts=64, num_experts_per_tok=2))
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def record_expert_copies(streamer) -> list[tuple[int, int, tuple[int, ...]]]:
+    """From now on, every routed expert copy of `streamer` as (layer, first slot position, experts)."""
+    copies = []
+    original = streamer._copy_experts
+
+    def copy_experts(pack, slot, region, experts, start):
+        copies.append((pack.index, start, tuple(experts)))
+        original(pack, slot, region, experts, start)
+
+    streamer._copy_experts = copy_experts
+    return copies
+
+
+def test_routed_fetch_moves_only_routed_experts_with_64_experts():
+    base = _many_experts_model()
+    batch = {k: v[:1, -4:] for k, v in left_padded_batch(VOCAB).items()}  # 4 tokens, top-2: at most 8 experts
+    reference = with_expert_lora(copy.deepcopy(base))
+    reference_step = train_step(reference, batch)
+    results = {}
+    for mode in MODES:
+        streamed = streamed_copy(reference, base, None, expert_fetch=mode)
+        copies = record_expert_copies(hf_offload.api.get_runtime(streamed).streamer)
+        hf_offload.reset_stats(streamed)
+        assert_matches(reference_step, streamed, batch)
+        results[mode] = hf_offload.stats(streamed), copies
+
+    layers = 4
+    (stats_all, copies_all), (stats, copies) = results["all"], results["routed"]
+    assert copies_all == [] and stats_all["experts_loaded"] == stats_all["layer_loads"] * 64
+    fetches = (stats["experts_loaded"] + stats["experts_skipped"]) // 64
+    assert (stats["experts_loaded"] + stats["experts_skipped"]) % 64 == 0
+    assert fetches == stats["layer_loads"] == 2 * layers - 2  # turnaround: the last 2 layers are reused
+    assert all(len(experts) <= 8 for _, _, experts in copies)
+    assert stats["experts_loaded"] <= 8 * fetches
+    # the backward reuses the forward's set: it is loaded with the layer, never completed on demand
+    assert all(start == 0 for _, start, _ in copies)
+    forward = {index: experts for index, _, experts in copies[:layers]}
+    for index, _, experts in copies[layers:]:
+        assert experts == forward[index]
+    assert stats["bytes_to_device"] < stats_all["bytes_to_device"] / 2
+
+
+def test_experts_that_were_not_loaded_are_never_read():
+    """Fill the device slots with NaN bytes: a routed step must read only experts it loaded, so parity holds."""
+    base = _many_experts_model()
+    batch = {k: v[:1, -4:] for k, v in left_padded_batch(VOCAB).items()}
+    reference = with_expert_lora(copy.deepcopy(base))
+    reference_step = train_step(reference, batch)
+    for implementation in ("eager", "grouped_mm", "batched_mm"):
+        streamed = streamed_copy(reference, base, None)
+        streamed.get_base_model().set_experts_implementation(implementation)
+        train_step(streamed, batch)  # slots are allocated
+        streamer = hf_offload.api.get_runtime(streamed).streamer
+        for slot in streamer._slots:
+            slot.buffer.fill_(0xFF)  # every float32 (and bf16) made of these bytes is NaN
+        assert_matches(reference_step, streamed, batch)
+
+
+def test_expert_lora_saves_and_loads_like_ordinary_peft(tmp_path):
+    base = build("mixtral")
+    batch = left_padded_batch(VOCAB)
+    model = hf_offload.enable_layer_streaming(with_expert_lora(copy.deepcopy(base)), OffloadConfig(device="cpu"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train_step(model, batch)
+    optimizer.step()
+    model.save_pretrained(tmp_path)
+    logits = eval_logits(model, batch)
+
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(eval_logits(loaded, batch), logits, rtol=1e-5, atol=1e-6)
+    saved = {n: p for n, p in model.state_dict().items() if "lora" in n}
+    assert any(".experts." in n for n in saved)
+    for name, value in loaded.state_dict().items():
+        if name in saved:
+            torch.testing.assert_close(value, saved[name], rtol=0, atol=0, msg=name)
+
+
+def test_disable_restores_experts_modules():
+    model = with_expert_lora(build("qwen3_moe"))
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    hf_offload.enable_layer_streaming(model, OffloadConfig(device="cpu"))
+    entries = [layer.mlp.experts for layer in model.get_base_model().model.layers]
+    assert all("forward" in e.__dict__ for e in entries)
+    train_step(model, left_padded_batch(VOCAB))
+    hf_offload.disable_layer_streaming(model)
+    assert all("forward" not in e.__dict__ for e in entries)
+    after = model.state_dict()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+
+
+def test_generate_with_routed_experts_matches():
+    base = build("qwen2_moe")
+    reference = with_expert_lora(copy.deepcopy(base))
+    streamed = streamed_copy(reference, base, None)
+    reference.eval(), streamed.eval()
+    batch = left_padded_batch(VOCAB)
+    prompt = dict(input_ids=batch["input_ids"][1:], attention_mask=batch["attention_mask"][1:])
+    out_ref = reference.generate(**prompt, max_new_tokens=5, do_sample=False, output_router_logits=False)
+    out_st = streamed.generate(**prompt, max_new_tokens=5, do_sample=False, output_router_logits=False)
+    assert torch.equal(out_ref, out_st)
+
+
+def test_routed_fetch_on_a_dense_model_is_a_no_op():
+    from families import build as build_dense
+    from parity import reference_and_streamed
+
+    reference, streamed = reference_and_streamed(
+        build_dense("llama"), OffloadConfig(device="cpu", expert_fetch="routed")
+    )
+    assert_same_step(reference, streamed, left_padded_batch(VOCAB))
+    assert hf_offload.summary(streamed)["moe_layers"] == 0
+    stats = hf_offload.stats(streamed)
+    assert stats["experts_loaded"] == stats["experts_skipped"] == 0
+
+
+def test_load_experts_appends_within_one_acquisition():
+    """A second, different expert request while the layer is in use keeps the first views valid."""
+    model = with_expert_lora(build("olmoe"))
+    hf_offload.enable_layer_streaming(model, OffloadConfig(device="cpu", prefetch=0))
+    runtime = hf_offload.api.get_runtime(model)
+    streamer, pack = runtime.streamer, runtime.store.packs[0]
+    region = pack.experts[0]
+    host = [t.view_in(pack.host) for t in region.tensors]
+    streamer.acquire(0, +1)
+    order, views = streamer.load_experts(0, 0, [5, 1])
+    first = [v.clone() for v in views]
+    order2, views2 = streamer.load_experts(0, 0, [1, 6, 2])
+    streamer.release(0)
+    assert order == [1, 5] and order2 == [1, 5, 2, 6]
+    for h, v, v2, f in zip(host, views, views2, first):
+        torch.testing.assert_close(v, f, rtol=0, atol=0)
+        torch.testing.assert_close(v2, h[order2], rtol=0, atol=0)
+
+
+def test_bad_expert_fetch_is_refused():
+    with pytest.raises(ValueError, match="`expert_fetch` should be one of 'routed', 'all'"):
+        OffloadConfig(expert_fetch="some")
+
+
+def test_experts_that_cannot_be_routed_stream_whole_with_a_warning(caplog):
+    model = with_expert_lora(build("dbrx"), "dbrx")
+    with caplog.at_level("WARNING", logger="hf_offload"):
+        hf_offload.enable_layer_streaming(model, OffloadConfig(device="cpu"))
+    assert "DbrxExperts in layers 0, 1, 2, 3: its expert weights are not direct parameters" in caplog.text
+    assert hf_offload.summary(model)["moe_layers"] == 0
+
+
+def test_quantized_store_and_routed_fetch_compose():
+    """nf4 base weights (issue 6) with routed experts: the same step as nf4 with whole-layer fetch, fewer bytes."""
+    from parity import with_lora
+
+    base = build("qwen3_moe")
+    base.config.output_router_logits = True
+    results = {}
+    for mode in ("routed", "all"):
+        model = with_lora(copy.deepcopy(base), lora_dropout=0.0)
+        config = OffloadConfig(device="cpu", base_weight_dtype="nf4", expert_fetch=mode, check_host_memory=False)
+        hf_offload.enable_layer_streaming(model, config)
+        assert hf_offload.summary(model)["quantized_weights"] > 0
+        results[mode] = (*train_step(model, left_padded_batch(VOCAB)), hf_offload.stats(model))
+    (loss_r, grads_r, stats_r), (loss_a, grads_a, stats_a) = results["routed"], results["all"]
+    torch.testing.assert_close(loss_r, loss_a, rtol=LOSS_RTOL, atol=0)
+    for name, grad in grads_a.items():
+        assert (grads_r[name] - grad).norm() <= GRAD_RTOL * grad.norm(), name
+    assert stats_r["bytes_to_device"] <= stats_a["bytes_to_device"]
+    assert stats_r["experts_loaded"] + stats_r["experts_skipped"] == stats_a["experts_loaded"]
