@@ -219,6 +219,11 @@ class OffloadAccelerator(Accelerator):
         return super().prepare(*args, device_placement=device_placement)
 
     def prepare_model(self, model: nn.Module, device_placement: bool | None = None, evaluation_mode: bool = False):
+        if device_placement:
+            raise ValueError(
+                "OffloadAccelerator does not move models to the device (device_placement=True): a streamed model "
+                "keeps its decoder layers in host memory. Leave device_placement unset."
+            )
         model = self.layer_streaming_plugin.prepare_model(model, device=self.device)
         # The streamed model is placed already: resident modules on the device, decoder layers in host memory.
         # accelerate's `model.to(device)` would copy every layer to the device.

@@ -106,7 +106,13 @@ class OffloadTrainingArguments(TrainingArguments):
         self._hf_offload_optim_chosen = self.optim != "auto"
         if self.optim == "auto":
             self.optim = STREAMING_DEFAULT_OPTIM if self.layer_streaming else TRAINER_DEFAULT_OPTIM
-        self._plugin()  # a bad offload option fails here, when the arguments are parsed
+        try:
+            self._plugin()  # a bad offload option fails here, when the arguments are parsed
+        except ValueError as err:
+            message = str(err)
+            for plugin_name, our_name in _OPTION_NAMES.items():
+                message = message.replace(f"`{plugin_name}`", f"--{our_name}")
+            raise ValueError(message) from err
         super().__post_init__()
 
     def _plugin(self) -> LayerStreamingPlugin:
@@ -134,6 +140,18 @@ class OffloadTrainingArguments(TrainingArguments):
     @property
     def place_model_on_device(self) -> bool | None:
         return False if self.layer_streaming else super().place_model_on_device
+
+
+# LayerStreamingPlugin field -> OffloadTrainingArguments field, to name the option the user typed in errors.
+_OPTION_NAMES = {
+    "prefetch": "offload_prefetch",
+    "offload_activations": "offload_activations",
+    "pin_memory": "offload_pin_memory",
+    "lora_r": "offload_lora_r",
+    "lora_alpha": "offload_lora_alpha",
+    "lora_dropout": "offload_lora_dropout",
+    "lora_target_modules": "offload_lora_target_modules",
+}
 
 
 def plugin_for(args: TrainingArguments | None) -> LayerStreamingPlugin | None:
