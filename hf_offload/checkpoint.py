@@ -85,7 +85,8 @@ def check_optimizer_state(checkpoint: str, optimizer: torch.optim.Optimizer) -> 
     states = [s for s in saved.get("state", {}).values() if s]
     if not states:
         return
-    saved_is_bnb = any("state1" in s for s in states)  # bitsandbytes names its moments state1/state2
+    # bitsandbytes names its moments state1/state2 and keeps 8-bit ones under a quant-state key (bnb 0.50)
+    saved_is_bnb = any("state1" in s or any(str(k).startswith("__bnb") for k in s) for s in states)
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
     ours_is_bnb = type(inner).__module__.startswith("bitsandbytes")
     if saved_is_bnb != ours_is_bnb:

@@ -161,9 +161,9 @@ def test_model_it_cannot_stream_fails_at_construction(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--offload_prefetch", "two"], "argument --offload_prefetch: invalid int value: 'two'"),
-        (["--layer_streaming", "maybe"], "argument --layer_streaming: Truthy value expected"),
-        (["--offload_lora_dropout", "lots"], "argument --offload_lora_dropout: invalid float value"),
+        (["--offload_prefetch", "two"], "argument --offload_prefetch/--offload-prefetch: invalid int value: 'two'"),
+        (["--layer_streaming", "maybe"], "argument --layer_streaming/--layer-streaming: Truthy value expected"),
+        (["--offload_lora_dropout", "lots"], "--offload_lora_dropout/--offload-lora-dropout: invalid float value"),
     ],
 )
 def test_option_of_the_wrong_type_is_an_argument_error(tmp_path, capsys, argv, message):
@@ -205,14 +205,15 @@ def test_resume_continues_exactly_as_if_never_stopped(base, tmp_path):
     saved = set(os.listdir(checkpoint))
     assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"} <= saved
     assert not {"model.safetensors", "pytorch_model.bin"} & saved  # adapters only, never the host store
-    assert "state1" in next(iter(torch.load(checkpoint / "optimizer.pt")["state"].values()))  # 8-bit state
+    assert "__bnb_optimizer_quant_state__" in torch.load(checkpoint / "optimizer.pt")["state"][0]  # 8-bit state
 
     torch.manual_seed(123)  # a different LoRA init: resuming must overwrite it from the checkpoint
     resumed = OffloadTrainer(
         model=copy.deepcopy(base), args=tiny_args(tmp_path / "resumed", **args), train_dataset=token_dataset()
     )
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    assert logged(resumed) == {3: logged(full)[3], 4: logged(full)[4]}
+    new_steps = {step: loss for step, loss in logged(resumed).items() if step > 2}
+    assert new_steps == {3: logged(full)[3], 4: logged(full)[4]}
 
 
 def test_resume_from_an_ordinary_lora_checkpoint(base, tmp_path):
@@ -234,7 +235,8 @@ def test_resume_from_an_ordinary_lora_checkpoint(base, tmp_path):
     assert _fingerprint(checkpoint) == before
 
     resumed = resume(optim="adamw_torch")
-    assert logged(resumed) == {3: logged(plain)[3], 4: logged(plain)[4]}
+    new_steps = {step: loss for step, loss in logged(resumed).items() if step > 2}
+    assert new_steps == {3: logged(plain)[3], 4: logged(plain)[4]}
     assert _fingerprint(checkpoint) == before
 
 
