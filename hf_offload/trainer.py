@@ -38,7 +38,7 @@ from . import hub
 from .api import get_runtime, is_streaming, summary
 from .checkpoint import check_adapter_checkpoint, check_optimizer_state
 from .metrics import OffloadMetricsCallback
-from .plugin import LayerStreamingPlugin, is_peft_model
+from .plugin import ENV_VAR, LayerStreamingPlugin, is_peft_model
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +239,8 @@ def _load_optimizer_and_scheduler(call, trainer, checkpoint):
 def _log(call, trainer, logs, start_time=None):
     metrics = getattr(trainer, "_hf_offload_metrics", None)
     if metrics is not None and is_streaming(trainer.model):
-        logs.update(metrics.collect(trainer.model))
+        # the line that closes training (train_runtime, train_loss, ...) reports the whole run
+        logs.update(metrics.collect(trainer.model, whole_run="train_runtime" in logs))
     return call(logs, start_time)
 
 
@@ -255,21 +256,27 @@ def _save_model(call, trainer, output_dir=None, _internal_call=False):
         merged_dir = os.path.join(target, hub.MERGED_SUBFOLDER)
         hub.save_merged(trainer.model, merged_dir, processing_class=trainer.processing_class)
         trainer._hf_offload_merged_at = mark
-    return call(output_dir, _internal_call)
+    result = call(output_dir, _internal_call)
+    if plugin is not None and final and trainer.args.should_save and os.path.isdir(target):
+        _add_card(trainer, target)  # the saved adapter says how it was trained and how to load it
+    return result
 
 
 def _create_model_card(call, trainer, *args, **kwargs):
     result = call(*args, **kwargs)
     plugin = getattr(trainer, "_hf_offload_plugin", None)
     if plugin is not None and trainer.is_world_process_zero():
-        out = trainer.args.output_dir
-        hub.add_to_model_card(
-            out,
-            base_model=hub.base_model_name(trainer.model),
-            repo_id=trainer.hub_model_id,
-            merged=os.path.isdir(os.path.join(out, hub.MERGED_SUBFOLDER)),
-        )
+        _add_card(trainer, trainer.args.output_dir)
     return result
+
+
+def _add_card(trainer, folder: str) -> None:
+    hub.add_to_model_card(
+        folder,
+        base_model=hub.base_model_name(trainer.model),
+        repo_id=getattr(trainer, "hub_model_id", None),
+        merged=os.path.isdir(os.path.join(folder, hub.MERGED_SUBFOLDER)),
+    )
 
 
 HOOKS = {
@@ -315,7 +322,7 @@ def _use_default_optimizer(args: TrainingArguments, plugin: LayerStreamingPlugin
     logger.info(
         "hf_offload: optimizer %s instead of the default %s, to keep optimizer state small (pass --optim to choose).",
         plugin.default_optim,
-        args.optim,
+        getattr(args.optim, "value", args.optim),
     )
     args.optim = OptimizerNames(plugin.default_optim)
 
@@ -421,3 +428,9 @@ def _patched(original, hook):
         return hook(functools.partial(original, self), self, *args, **kwargs)
 
     return method
+
+
+if os.environ.get(ENV_VAR):
+    # Under `hf-offload launch`, when this module is what imports transformers.trainer, the start-up hook cannot
+    # import it half-initialised and leaves the patch to it (hf_offload/_startup/sitecustomize.py).
+    patch_trainer()

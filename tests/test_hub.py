@@ -11,23 +11,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from faces import tiny_args, token_dataset
 from families import VOCAB, build
 from parity import eval_logits, left_padded_batch, with_lora
 from peft import PeftModel
-from trainer_helpers import tiny_args, token_dataset
 from transformers import AutoModelForCausalLM
 
 import hf_offload
 from hf_offload import OffloadConfig, OffloadTrainer
 from hf_offload.hub import add_to_model_card, save_merged
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _streamed_lora(family="llama", **lora):

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-import transformers
 from accelerate import Accelerator
+from faces import tiny_t5
 from families import VOCAB, build
 from parity import left_padded_batch
 from peft import get_peft_model
@@ -16,21 +16,7 @@ import hf_offload
 from hf_offload import LayerStreamingPlugin, OffloadAccelerator, UnsupportedModelError
 from hf_offload.plugin import ENV_VAR
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 shared cores: OpenMP threads fighting other processes make tiny matmuls ~15x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_t5():
-    config = transformers.T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0
-    )
-    return transformers.T5ForConditionalGeneration(config)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

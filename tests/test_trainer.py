@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from faces import example_argv, logged, run_example, state_losses, tiny_args, tiny_t5, token_dataset
 from families import build
 from peft import get_peft_model
-from trainer_helpers import logged, tiny_args, token_dataset
 from transformers import HfArgumentParser, TrainerCallback
 
 import hf_offload
@@ -22,13 +22,7 @@ from hf_offload.trainer import TRAINER_DEFAULT_OPTIM, patch_trainer, unpatch_tra
 
 LAYERS = 4
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +144,6 @@ def test_default_optimizer_and_an_explicit_choice(base, tmp_path):
 
 
 def test_model_it_cannot_stream_fails_at_construction(tmp_path):
-    from test_plugin import tiny_t5
-
     model = tiny_t5()
     with pytest.raises(UnsupportedModelError, match="T5ForConditionalGeneration is an encoder-decoder model"):
         OffloadTrainer(model=model, args=tiny_args(tmp_path, layer_streaming=True), train_dataset=token_dataset())
@@ -315,3 +307,17 @@ def _word_tokenizer():
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+# --- the example script ------------------------------------------------------------------------------------------
+def test_example_script_with_the_flag_matches_the_ordinary_lora_run(tiny_model_dir, tmp_path, monkeypatch):
+    # the same optimizer on both sides: --layer_streaming's default is 8-bit AdamW
+    plain_argv = example_argv(tiny_model_dir, tmp_path / "plain", "--lora", "--optim", "adamw_bnb_8bit")
+    run_example("finetune.py", plain_argv, monkeypatch)
+    run_example("finetune.py", example_argv(tiny_model_dir, tmp_path / "flag", "--layer_streaming"), monkeypatch)
+    plain, flag = state_losses(tmp_path / "plain"), state_losses(tmp_path / "flag")
+    assert flag == plain and len(plain) == 3
+    with open(tmp_path / "flag" / "trainer_state.json", encoding="utf-8") as f:
+        assert "offload/h2d_GB" in f.read()  # streamed for real; the plain run has no such metric
+    assert "Trained with hf_offload" in (tmp_path / "flag" / "README.md").read_text()
+    assert (tmp_path / "flag" / "adapter_model.safetensors").is_file()

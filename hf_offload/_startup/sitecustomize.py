@@ -50,6 +50,9 @@ class _PatchingLoader(importlib.abc.Loader):
         module.__loader__ = module.__spec__.loader = self._loader  # the module looks as if loaded normally
         self._loader.exec_module(module)
         sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _PatchTrainerAfterImport)]
+        ours = sys.modules.get("hf_offload.trainer")
+        if ours is not None and not hasattr(ours, "patch_trainer"):
+            return  # hf_offload.trainer is importing transformers.trainer; it patches at the end of its import
         try:
             from hf_offload.trainer import patch_trainer
         except ImportError as err:
