@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from accelerate import Accelerator
-from faces import tiny_t5
+from faces import run_example, tiny_t5
 from families import VOCAB, build
 from parity import left_padded_batch
 from peft import get_peft_model
@@ -128,3 +128,11 @@ def test_offload_accelerator_takes_the_launcher_settings_from_the_environment(mo
     assert OffloadAccelerator(cpu=True).layer_streaming_plugin == LayerStreamingPlugin(prefetch=0, lora_r=2)
     with pytest.raises(TypeError, match="LayerStreamingPlugin"):
         OffloadAccelerator(cpu=True, layer_streaming_plugin={"prefetch": 1})
+
+
+def test_plain_loop_example_trains_and_saves_an_adapter(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    argv = ["--model", tiny_model_dir, "--output-dir", str(tmp_path / "out"), "--steps", "2", "--lora-r", "4"]
+    run_example("plain_loop.py", argv, monkeypatch)
+    out = capsys.readouterr().out
+    assert "step   2  loss" in out and "host->device so far" in out
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

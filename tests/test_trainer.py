@@ -321,3 +321,11 @@ def test_example_script_with_the_flag_matches_the_ordinary_lora_run(tiny_model_d
         assert "offload/h2d_GB" in f.read()  # streamed for real; the plain run has no such metric
     assert "Trained with hf_offload" in (tmp_path / "flag" / "README.md").read_text()
     assert (tmp_path / "flag" / "adapter_model.safetensors").is_file()
+
+
+def test_model_init_is_streamed_too(base, tmp_path):
+    args = tiny_args(tmp_path, layer_streaming=True, max_steps=1)
+    trainer = OffloadTrainer(model_init=lambda: copy.deepcopy(base), args=args, train_dataset=token_dataset())
+    assert hf_offload.is_streaming(trainer.model)
+    trainer.train()  # model_init runs again in train(): the new model is streamed as well
+    assert hf_offload.is_streaming(trainer.model) and "offload/h2d_GB" in trainer.state.log_history[0]
