@@ -247,9 +247,10 @@ def _log(call, trainer, logs, start_time=None):
 def _save_model(call, trainer, output_dir=None, _internal_call=False):
     plugin = getattr(trainer, "_hf_offload_plugin", None)
     target = output_dir if output_dir is not None else trainer.args.output_dir
-    # The final model (save_model() or push_to_hub(), not a checkpoint) gets a merged copy, once per step: written
-    # before the Trainer's own save, which may push to the Hub.
-    final = os.path.abspath(target) == os.path.abspath(trainer.args.output_dir)
+    # The final model gets a merged copy and a model card: a save the user asks for, or push_to_hub's (internal,
+    # into output_dir), but not a checkpoint's (internal, into checkpoint-N). The merged copy is written once per
+    # step and before the Trainer's own save, which may push to the Hub.
+    final = not _internal_call or output_dir is None
     mark = (os.path.abspath(target), trainer.state.global_step)
     wanted = plugin is not None and plugin.save_merged and final and trainer.args.should_save
     if wanted and trainer._hf_offload_merged_at != mark:
