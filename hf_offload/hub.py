@@ -49,21 +49,19 @@ def save_merged(
     limit = _parse_size(max_shard_size)
     base = compat.peft_base_model(model)
     os.makedirs(output_dir, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = []
+    for stale in os.listdir(output_dir):  # an earlier merged save: its shards and index must not survive
+        if stale.startswith("model") and (stale.endswith(".safetensors") or stale == "model.safetensors.index.json"):
+            os.remove(os.path.join(output_dir, stale))
+    shard_keys: list[list[str]] = []  # tensor names of each shard written so far, in order
     current: dict[str, torch.Tensor] = {}
-    current_bytes = 0
-    total_bytes = 0
-    tmp_names: list[str] = []
+    current_bytes = total_bytes = 0
 
     def flush() -> None:
         nonlocal current, current_bytes
-        if not current:
-            return
-        name = f"tmp-{len(tmp_names):05d}.safetensors"
-        save_file(current, os.path.join(output_dir, name), metadata={"format": "pt"})
-        tmp_names.append(name)
-        shards.append({key: None for key in current})
-        current, current_bytes = {}, 0
+        if current:
+            save_file(current, os.path.join(output_dir, f"tmp-{len(shard_keys):05d}.safetensors"), {"format": "pt"})
+            shard_keys.append(list(current))
+            current, current_bytes = {}, 0
 
     for name, tensor in merged_tensors(model):
         nbytes = tensor.numel() * tensor.element_size()
@@ -75,18 +73,15 @@ def save_merged(
     flush()
 
     # HF names: model.safetensors for one shard, else model-0000i-of-0000n.safetensors plus an index.
-    files = []
-    if len(tmp_names) == 1:
-        final = ["model.safetensors"]
-    else:
-        final = [f"model-{i + 1:05d}-of-{len(tmp_names):05d}.safetensors" for i in range(len(tmp_names))]
-    for tmp, name in zip(tmp_names, final):
-        os.replace(os.path.join(output_dir, tmp), os.path.join(output_dir, name))
-        files.append(name)
-    if len(final) > 1:
+    n = len(shard_keys)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for i, name in enumerate(names):
+        os.replace(os.path.join(output_dir, f"tmp-{i:05d}.safetensors"), os.path.join(output_dir, name))
+    files = list(names)
+    if n > 1:
         index = {
             "metadata": {"total_size": total_bytes},
-            "weight_map": {key: name for name, shard in zip(final, shards) for key in shard},
+            "weight_map": {key: name for name, keys in zip(names, shard_keys) for key in keys},
         }
         with open(os.path.join(output_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2, sort_keys=True)
@@ -99,9 +94,7 @@ def save_merged(
         generation_config.save_pretrained(output_dir)
     if processing_class is not None:
         processing_class.save_pretrained(output_dir)
-    logger.info(
-        "hf_offload: merged checkpoint written to %s (%d shard(s), %.2f GB)", output_dir, len(final), total_bytes / 1e9
-    )
+    logger.info("hf_offload: merged checkpoint written to %s (%d shard(s), %.2f GB)", output_dir, n, total_bytes / 1e9)
     return files
 
 

@@ -61,6 +61,16 @@ def test_merge_differs_from_the_base_model(tmp_path):
     assert not torch.allclose(eval_logits(merged, batch), eval_logits(build("llama"), batch), atol=1e-4)
 
 
+def test_a_second_merged_save_leaves_no_stale_shards(tmp_path):
+    model = _streamed_lora()
+    save_merged(model, str(tmp_path), max_shard_size=20_000)
+    assert save_merged(model, str(tmp_path)) == ["model.safetensors", "config.json"]
+    assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
+    batch = left_padded_batch(VOCAB)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(eval_logits(merged, batch), eval_logits(model, batch), rtol=1e-5, atol=1e-5)
+
+
 def test_merge_refuses_dora(tmp_path):
     model = _streamed_lora(use_dora=True)
     with pytest.raises(ValueError, match="DoRA"):
