@@ -19,6 +19,8 @@ from .api import (
 )
 from .config import OffloadConfig
 from .engine.anatomy import UnsupportedModelError
+from .engine.hostmem import HostMemoryError
+from .optimizer_state import optimizer_state_report
 from .verbosity import configure_library_logger
 
 configure_library_logger()
@@ -43,6 +45,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "HostMemoryError",
     "LayerStreamingPlugin",
     "OffloadAccelerator",
     "OffloadConfig",
@@ -52,6 +55,7 @@ __all__ = [
     "disable_layer_streaming",
     "enable_layer_streaming",
     "is_streaming",
+    "optimizer_state_report",
     "reset_stats",
     "stats",
     "summary",

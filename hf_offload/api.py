@@ -50,16 +50,22 @@ def enable_layer_streaming(model: nn.Module, config: OffloadConfig | None = None
     setattr(_owner(model), RUNTIME_ATTRIBUTE, runtime)
     summary = runtime.summary()
     logger.info(
-        "hf_offload: streaming %d decoder layers (%s) from host memory to %s: %.2f GB in host memory%s, "
-        "%.2f GB per training step, %.2f GB of device slots (prefetch=%d).",
+        "hf_offload: streaming %d decoder layers (%s) from host memory to %s: %.2f GB in host memory%s%s, "
+        "%.2f GB per training step, %.2f GB of device slots (prefetch=%d)%s.",
         summary["layers"],
         summary["layer_path"],
         summary["device"],
         summary["host_store_bytes"] / 1e9,
         " (pinned)" if summary["pinned"] else "",
+        f", {summary['quantized_weights']} linear weights in {config.base_weight_dtype}"
+        if config.base_weight_dtype
+        else "",
         summary["bytes_per_train_step"] / 1e9,
         summary["device_slot_bytes"] / 1e9,
         config.prefetch,
+        f" + {summary['device_scratch_bytes'] / 1e9:.2f} GB of dequantization scratch"
+        if summary["device_scratch_bytes"]
+        else "",
     )
     return model
 
@@ -94,5 +100,6 @@ def reset_stats(model: nn.Module) -> None:
 
 
 def summary(model: nn.Module) -> dict:
-    """Static facts of a streamed model: layers, host store bytes, device slot bytes, bytes per train step."""
+    """Static facts of a streamed model: layers, host store bytes, device slot and scratch bytes, bytes per train
+    step, base_weight_dtype and how many linear weights it quantized."""
     return _require_runtime(model).summary()

@@ -135,6 +135,18 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "olmo2": ("Olmo2Config", dict(_COMMON, num_key_value_heads=2, attention_dropout=DROPOUT)),
     "cohere": ("CohereConfig", dict(_COMMON, num_key_value_heads=2, attention_dropout=DROPOUT)),
     "granite": ("GraniteConfig", dict(_COMMON, num_key_value_heads=2, attention_dropout=DROPOUT)),
+    # an RNN whose blocks take a `state` list and return (hidden, state, attentions)
+    "rwkv": (
+        "RwkvConfig",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            attention_hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            context_length=128,
+        ),
+    ),
 }
 
 

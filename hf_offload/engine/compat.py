@@ -6,6 +6,8 @@ Each helper names the version it was checked against. Everything else in the pac
 from __future__ import annotations
 
 import logging
+import math
+import sys
 
 import torch
 from torch import nn
@@ -76,7 +78,7 @@ def peft_base_model(model: nn.Module) -> nn.Module:
 
 
 def is_quantized_parameter(param: torch.Tensor) -> bool:
-    """bitsandbytes parameters (Params4bit, Int8Params) carry quantization state the host store cannot pack yet."""
+    """bitsandbytes parameters (Params4bit, Int8Params): quantized by the model loader, streamed as they are."""
     return type(param).__module__.startswith("bitsandbytes")
 
 
@@ -94,3 +96,84 @@ def keep_checkpointing_off(layer: nn.Module) -> None:
                 "hf_offload: gradient checkpointing is off on streamed layers; layer streaming already recomputes "
                 "each layer once in backward."
             )
+
+
+# --- linear layers and peft tuner layers -----------------------------------------------------------------------------
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear (bitsandbytes layers included) or transformers' `Conv1D` (GPT-2 family; weight is (in, out))."""
+    if isinstance(module, nn.Linear):
+        return True
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, Conv1D)
+
+
+def is_peft_tuner_layer(module: nn.Module) -> bool:
+    """A peft adapter layer wrapping a base layer (peft 0.21: `BaseTunerLayer`, with `get_base_layer()`)."""
+    tuners_utils = sys.modules.get("peft.tuners.tuners_utils")  # not imported: no module can be a peft layer
+    return tuners_utils is not None and isinstance(module, tuners_utils.BaseTunerLayer)
+
+
+# --- bitsandbytes-quantized models (QLoRA) ---------------------------------------------------------------------------
+# Checked against bitsandbytes 0.50.2. A 4-bit weight (`Params4bit`) is packed codes in `.data` plus a `QuantState`
+# whose tensors (`absmax`, `code`, `offset`, and for double quantization `state2.absmax`, `state2.code`) the layer
+# reads in forward. An 8-bit `Linear8bitLt` reads `state.CB` (the same memory as `weight.data`) and `state.SCB`.
+_QUANT_STATE_TENSORS = ("absmax", "code", "offset")
+
+
+def _bnb():
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+def check_streamable_bnb_parameter(param: torch.Tensor, index: int) -> None:
+    """Refuse bitsandbytes parameters whose quantization state the host store does not know how to stream."""
+    bnb = _bnb()
+    if isinstance(param, bnb.nn.Params4bit) and param.quant_state is not None:
+        return
+    if isinstance(param, bnb.nn.Int8Params):
+        return
+    raise ValueError(
+        f"Decoder layer {index} holds a bitsandbytes parameter hf_offload cannot stream ({type(param).__name__}"
+        f"{', without its quantization state' if isinstance(param, bnb.nn.Params4bit) else ''}). Load the model in "
+        "bf16/fp16/fp32 (optionally with OffloadConfig(base_weight_dtype='nf4')), or with BitsAndBytesConfig "
+        "load_in_4bit / load_in_8bit."
+    )
+
+
+def bnb_state_tensors(module: nn.Module) -> list[tuple[object, str]]:
+    """(holder, attribute name) of every tensor a bitsandbytes linear layer reads besides its weight's `.data`.
+
+    Also normalises the layer so these are the only places it reads from while streamed: an 8-bit layer moves its
+    weight's `CB`/`SCB` into `state` on its first forward (`init_8bit_state`), done here up front; a 4-bit layer
+    repacks its weight for CPU inference kernels in eval mode (`_convert_weight_packed_for_cpu`, replacing the weight
+    and its state with private copies), which is switched off (and stays off: it is only an inference speed-up).
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not is_quantized_parameter(weight):
+        return []
+    bnb = _bnb()
+    found: list[tuple[object, str]] = []
+    if isinstance(weight, bnb.nn.Params4bit) and weight.quant_state is not None:
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+        state = weight.quant_state
+        found += [(state, n) for n in _QUANT_STATE_TENSORS if isinstance(getattr(state, n, None), torch.Tensor)]
+        nested = getattr(state, "state2", None) if getattr(state, "nested", False) else None
+        if nested is not None:
+            found += [(nested, n) for n in _QUANT_STATE_TENSORS if isinstance(getattr(nested, n, None), torch.Tensor)]
+    elif isinstance(weight, bnb.nn.Int8Params) and isinstance(getattr(module, "state", None), bnb.MatmulLtState):
+        if weight.CB is not None and hasattr(module, "init_8bit_state"):
+            module.init_8bit_state()
+        found += [(module.state, n) for n in ("CB", "SCB") if isinstance(getattr(module.state, n), torch.Tensor)]
+    return found
+
+
+def logical_numel(param: torch.Tensor) -> int:
+    """Weights a parameter stands for: a bitsandbytes 4-bit weight packs two per byte (its `quant_state.shape`)."""
+    state = getattr(param, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return math.prod(shape) if shape is not None else param.numel()

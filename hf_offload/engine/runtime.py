@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from ..config import OffloadConfig
-from . import compat
+from . import compat, hostmem
 from .anatomy import find_decoder_layers
 from .device import DeviceOps, resolve_device
 from .layer_fn import call_streamed_layer
-from .store import HostStore, validate_layers
+from .quant import make_codec
+from .store import HostStore, layout_layer, validate_layers
 from .streamer import Streamer
 
 logger = logging.getLogger(__name__)
@@ -36,10 +37,14 @@ class LayerStreamingRuntime:
         pin = config.pin_memory if config.pin_memory is not None else self.device.type == "cuda"
         if pin and self.ops.is_cpu:
             logger.info("hf_offload: pin_memory has no effect when layers compute on the CPU")
+        codec = make_codec(config.base_weight_dtype)
+        if config.check_host_memory:
+            _check_host_memory(self.anatomy.layers, config.base_weight_dtype, self.anatomy.shared_outside)
         self.store = HostStore.build(
             self.anatomy.layers,
             pin=self.ops.pin if pin else _no_pin,
             show_progress=config.show_progress,
+            codec=codec,
             keep_resident=self.anatomy.shared_outside,
         )
         self.streamer = Streamer(self.store, self.ops, config.prefetch)
@@ -47,6 +52,9 @@ class LayerStreamingRuntime:
         self._move_resident_tensors(model)
         self._saved_forwards: list[tuple[nn.Module, Any]] = []
         self._install_layer_forwards()
+        self._handles: list[Any] = []
+        self._guarded_merges: list[tuple[nn.Module, Any]] = []
+        self._install_quantized_guards()
         parent = _parent_module(model, self.anatomy.path)
         # A new forward of the stack may follow a change of the host weights (load_state_dict, merge_adapter):
         # slots are only trusted from one forward to its own backward.
@@ -89,11 +97,15 @@ class LayerStreamingRuntime:
             "bytes_per_train_step": 2 * self.store.nbytes
             - sum(p.nbytes for p in self.store.packs[max(0, n_layers - prefetch - 1) :]),
             "pinned": all(p.pinned for p in self.store.packs) if self.store.packs else False,
+            "base_weight_dtype": self.config.base_weight_dtype,
+            "quantized_weights": sum(len(p.encoded) for p in self.store.packs),
+            # dense form of the computing layer's encoded weights (0 unless base_weight_dtype is set)
+            "device_scratch_bytes": self.store.max_scratch_bytes,
         }
 
     # --- installation and removal ------------------------------------------------------------------------------------
     def _move_resident_tensors(self, model: nn.Module) -> None:
-        streamed = {id(t.param) for pack in self.store.packs for t in pack.tensors}
+        streamed = {id(t.param) for pack in self.store.packs for t in (*pack.tensors, *pack.encoded)}
         tensors = [p for p in model.parameters() if id(p) not in streamed] + list(model.buffers())
         for tensor in tensors:
             if tensor.device != self.device:
@@ -107,9 +119,29 @@ class LayerStreamingRuntime:
             compat.keep_checkpointing_off(layer)
             layer.forward = _streamed_forward(self, index, layer, original)
 
+    def _install_quantized_guards(self) -> None:
+        """See Note: [Hollow weights] in store.py: what state_dict, load_state_dict and merging see."""
+        for pack, layer in zip(self.store.packs, self.anatomy.layers):
+            if pack.encoded:
+                ids = {id(e.param) for e in pack.encoded}
+                encoded = [(n, p) for n, p in layer.named_parameters(remove_duplicate=False) if id(p) in ids]
+                self._handles.append(layer.register_state_dict_post_hook(_placeholders_in_state_dict(encoded)))
+                self._handles.append(layer.register_load_state_dict_pre_hook(_refuse_loading_into(encoded)))
+            for tuner in pack.quantized_tuners:
+                self._guarded_merges.append((tuner, tuner.__dict__.get("merge")))
+                tuner.merge = _refuse_merge
+
     def remove(self) -> None:
         """Undo everything: original forwards, weights back in their own storage on their original devices."""
         self._hook.remove()
+        for handle in self._handles:
+            handle.remove()
+        for tuner, previous in self._guarded_merges:
+            if previous is None:
+                del tuner.merge
+            else:
+                tuner.merge = previous
+        self._handles, self._guarded_merges = [], []
         self.streamer.close()
         for layer, previous in self._saved_forwards:
             if previous is None:
@@ -133,6 +165,57 @@ def _streamed_forward(runtime: LayerStreamingRuntime, index: int, layer: nn.Modu
 
 def _no_pin(tensor: torch.Tensor) -> bool:
     return False
+
+
+def _check_host_memory(layers: nn.ModuleList, chosen: str | None, keep_resident: frozenset[int]) -> None:
+    """Stop before packing when the store would not fit in host memory (see hostmem.py)."""
+    mappings = hostmem.file_mappings()
+    needs = {}
+    for dtype in (chosen, *(d for d in (None, "int8", "nf4") if d != chosen)):
+        layouts = [layout_layer(layer, make_codec(dtype), keep_resident=keep_resident) for layer in layers]
+        needs[dtype] = hostmem.layer_needs(layouts, mappings)
+    hostmem.check_fits(needs, chosen, hostmem.available_bytes())
+
+
+def _placeholders_in_state_dict(encoded: list[tuple[str, nn.Parameter]]):
+    def hook(module, state_dict, prefix, local_metadata):
+        for name, param in encoded:
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = torch.empty(param.shape, dtype=param.dtype, device="meta")
+        if not _placeholders_in_state_dict.logged:
+            _placeholders_in_state_dict.logged = True
+            logger.warning(
+                "hf_offload: state_dict() shows the quantized base weights of streamed layers as meta-device "
+                "placeholders (they exist only as nf4/int8 bytes in host memory). Adapter checkpoints (peft "
+                "save_pretrained, Trainer) are unaffected; to save full weights, call "
+                "hf_offload.disable_layer_streaming(model) first, which gives them back dequantized."
+            )
+
+    return hook
+
+
+_placeholders_in_state_dict.logged = False
+
+
+def _refuse_loading_into(encoded: list[tuple[str, nn.Parameter]]):
+    def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        loaded = [prefix + name for name, _ in encoded if prefix + name in state_dict]
+        if loaded:
+            raise RuntimeError(
+                f"hf_offload: cannot load {loaded[0]}{f' (and {len(loaded) - 1} more)' if len(loaded) > 1 else ''} "
+                "into a streamed layer whose base weights are stored quantized in host memory. Call "
+                "hf_offload.disable_layer_streaming(model), load the weights, then enable streaming again."
+            )
+
+    return hook
+
+
+def _refuse_merge(*args, **kwargs):
+    raise RuntimeError(
+        "hf_offload: cannot merge adapters into base weights that are stored quantized in host memory "
+        "(base_weight_dtype='nf4'/'int8', or a model loaded in 4/8 bits) while layers stream. Call "
+        "hf_offload.disable_layer_streaming(model) first, then merge_adapter() / merge_and_unload()."
+    )
 
 
 def _parent_module(model: nn.Module, path: str) -> nn.Module:

@@ -2,8 +2,25 @@
 
 One buffer per layer means one host-to-device copy per layer, whatever mix of dtypes the layer holds. The store
 is built layer by layer, and each parameter's old storage is released as soon as it is packed, so host memory
-never holds two copies of the model. Between uses, each frozen parameter's `.data` is a view into its layer's
-buffer, so `state_dict()` and `save_pretrained()` see the real weights.
+never holds two copies of the model.
+
+What a buffer holds, per frozen tensor:
+- dense tensors (the default; norms and biases always): the tensor's bytes. Between uses the parameter's `.data`
+  is a view into the host buffer, so `state_dict()` and `save_pretrained()` see the real weights.
+- encoded linear weights (`base_weight_dtype="nf4"` / `"int8"`, see `quant.py`): the codec's parts. Inside the
+  layer window the streamer decodes them into a dense scratch buffer on the device and binds `.data` there.
+  Between uses `.data` is a "hollow" placeholder of the right shape and dtype that costs one element and reads
+  as NaN (see Note: [Hollow weights]).
+- bitsandbytes-quantized weights of a model loaded in 4/8 bits (QLoRA): the weight's bytes as they are, plus the
+  tensors of its quantization state (`PackedAttribute`), which are bound wherever the weight is bound.
+
+Note: [Hollow weights]
+A dense copy of an encoded weight exists only in the device scratch, inside its layer's window. Keeping one on the
+host would undo the saving (nf4 host bytes are a quarter of bf16), and a parameter cannot point at the meta device
+(torch refuses to change a parameter's tensor type through `.data`). So between uses the parameter holds a NaN
+scalar expanded to its shape: no memory, loud if used, and in-place writes into it raise. The runtime shows these
+weights as meta-device placeholders in `state_dict()` (adapter checkpoints are unaffected), refuses to load into
+them and refuses to merge adapters into them; `disable_layer_streaming` gives every weight back dequantized.
 
 Layout note: a later shared store (one host copy for several ranks, or memory-mapped checkpoint files) only has to
 provide the same `LayerPack.host` byte buffers; nothing else depends on where those bytes live.
@@ -11,6 +28,7 @@ provide the same `LayerPack.host` byte buffers; nothing else depends on where th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,12 +36,29 @@ import torch
 from torch import nn
 
 from . import compat
+from .quant import Codec, linear_weights
 
 ALIGNMENT = 64  # bytes; every tensor starts on a boundary any dtype view accepts
 
 
 def _aligned(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+@dataclass(frozen=True)
+class Region:
+    """A typed tensor at a byte offset of a layer's buffer (or of the device scratch)."""
+
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def view_in(self, buffer: torch.Tensor) -> torch.Tensor:
+        return buffer[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
 
 
 @dataclass
@@ -43,6 +78,40 @@ class PackedTensor:
 
 
 @dataclass
+class EncodedTensor:
+    """A frozen linear weight kept encoded in its layer's buffer; dense only in the device scratch, in the window."""
+
+    param: nn.Parameter
+    codec: Codec
+    parts: list[Region]
+    meta: dict
+    scratch: Region  # its dense form in the scratch buffer
+    original_device: torch.device
+    hollow: torch.Tensor  # bound between uses; see Note: [Hollow weights]
+
+    def decode(self, buffer: torch.Tensor, scratch: torch.Tensor) -> None:
+        self.codec.decode([part.view_in(buffer) for part in self.parts], self.meta, self.scratch.view_in(scratch))
+
+    def dense_copy(self, buffer: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(self.scratch.shape, dtype=self.scratch.dtype, device=buffer.device)
+        self.codec.decode([part.view_in(buffer) for part in self.parts], self.meta, out)
+        return out
+
+
+@dataclass
+class PackedAttribute:
+    """A non-parameter tensor a layer reads (the quantization state of a bitsandbytes weight), streamed with it."""
+
+    holder: object
+    name: str
+    region: Region
+    original_device: torch.device
+
+    def bind(self, buffer: torch.Tensor) -> None:
+        setattr(self.holder, self.name, self.region.view_in(buffer))
+
+
+@dataclass
 class LayerPack:
     """One decoder layer's frozen tensors in one host byte buffer."""
 
@@ -50,19 +119,46 @@ class LayerPack:
     host: torch.Tensor  # uint8, nbytes long
     tensors: list[PackedTensor] = field(default_factory=list)
     pinned: bool = False
+    encoded: list[EncodedTensor] = field(default_factory=list)
+    attributes: list[PackedAttribute] = field(default_factory=list)
+    scratch_nbytes: int = 0  # dense bytes of the encoded weights, laid out in the scratch buffer
+    quantized_tuners: list[nn.Module] = field(default_factory=list)  # peft layers whose base weight is quantized
 
     @property
     def nbytes(self) -> int:
         return self.host.numel()
 
     def bind(self, buffer: torch.Tensor, views: list[torch.Tensor] | None = None) -> None:
-        """Point every packed parameter at its place in `buffer` (no copies)."""
+        """Point every packed parameter and attribute at its place in `buffer` (no copies)."""
         views = views if views is not None else [t.view_in(buffer) for t in self.tensors]
         for packed, view in zip(self.tensors, views):
             packed.param.data = view
+        for attribute in self.attributes:
+            attribute.bind(buffer)
+
+    def materialize(self, buffer: torch.Tensor, scratch: torch.Tensor, decode: bool = True) -> None:
+        """Decode the encoded weights from `buffer` (a device slot) into `scratch` and bind them there."""
+        for encoded in self.encoded:
+            if decode:
+                encoded.decode(buffer, scratch)
+            encoded.param.data = encoded.scratch.view_in(scratch)
 
     def bind_host(self) -> None:
         self.bind(self.host)
+        for encoded in self.encoded:
+            encoded.param.data = encoded.hollow
+
+
+@dataclass
+class LayerLayout:
+    """Where each frozen tensor of one layer goes in its buffer, from shapes and dtypes alone (works on meta)."""
+
+    dense: list[tuple[nn.Parameter, Region]] = field(default_factory=list)
+    encoded: list[tuple[nn.Parameter, list[Region], Region]] = field(default_factory=list)
+    attributes: list[tuple[object, str, Region, bool]] = field(default_factory=list)  # ..., aliases a dense param
+    quantized_tuners: list[nn.Module] = field(default_factory=list)
+    nbytes: int = 0
+    scratch_nbytes: int = 0
 
 
 def frozen_parameters(layer: nn.Module, keep_resident: frozenset[int] = frozenset()) -> list[nn.Parameter]:
@@ -73,6 +169,54 @@ def frozen_parameters(layer: nn.Module, keep_resident: frozenset[int] = frozense
         if not param.requires_grad and id(param) not in keep_resident:
             seen.setdefault(id(param), param)
     return list(seen.values())
+
+
+def layout_layer(
+    layer: nn.Module,
+    codec: Codec | None,
+    params: list[nn.Parameter] | None = None,
+    keep_resident: frozenset[int] = frozenset(),
+) -> LayerLayout:
+    """Plan `layer`'s buffer: `params` (default: its frozen parameters but `keep_resident`) dense or encoded with
+    `codec`, then the quantization-state tensors of bitsandbytes weights. Plans (hf-offload plan) pass every
+    parameter of a meta model."""
+    params = frozen_parameters(layer, keep_resident) if params is None else params
+    wanted = {id(p) for p in params}
+    linear = list(linear_weights(layer))
+    encode = {
+        id(w)
+        for w, _ in linear
+        if codec is not None and id(w) in wanted and not compat.is_quantized_parameter(w) and codec.accepts(w)
+    }
+    layout = LayerLayout()
+    offset = scratch = 0
+    for param in params:
+        if id(param) in encode:
+            parts = []
+            for part in codec.parts(tuple(param.shape), param.dtype):
+                parts.append(Region(offset, part.dtype, part.shape))
+                offset += _aligned(part.nbytes)
+            layout.encoded.append((param, parts, Region(scratch, param.dtype, tuple(param.shape))))
+            scratch += _aligned(param.numel() * param.element_size())
+        else:
+            layout.dense.append((param, Region(offset, param.dtype, tuple(param.shape))))
+            offset += _aligned(param.numel() * param.element_size())
+    # Tensors a bitsandbytes layer reads besides its weight; one that shares the weight's memory shares its region.
+    placed = {(p.data_ptr(), p.dtype, tuple(p.shape)): region for p, region in layout.dense if p.device.type != "meta"}
+    for module in layer.modules():
+        for holder, name in compat.bnb_state_tensors(module):
+            tensor = getattr(holder, name)
+            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+            region = placed.get(key) if tensor.device.type != "meta" else None
+            alias = region is not None
+            if not alias:
+                region = placed[key] = Region(offset, tensor.dtype, tuple(tensor.shape))
+                offset += _aligned(region.nbytes)
+            layout.attributes.append((holder, name, region, alias))
+    quantized = encode | {id(w) for w, _ in linear if compat.is_quantized_parameter(w)}
+    layout.quantized_tuners = list({id(t): t for w, t in linear if t is not None and id(w) in quantized}.values())
+    layout.nbytes, layout.scratch_nbytes = offset, scratch
+    return layout
 
 
 def validate_layers(layers: nn.ModuleList, keep_resident: frozenset[int] = frozenset()) -> None:
@@ -86,10 +230,7 @@ def validate_layers(layers: nn.ModuleList, keep_resident: frozenset[int] = froze
             )
         for param in frozen_parameters(layer, keep_resident):
             if compat.is_quantized_parameter(param):
-                raise ValueError(
-                    f"Decoder layer {index} holds a bitsandbytes-quantized parameter ({type(param).__name__}); "
-                    "streaming models loaded in 4/8 bits is not supported yet. Load the model in bf16/fp16/fp32."
-                )
+                compat.check_streamable_bnb_parameter(param, index)
             if owner.setdefault(id(param), index) != index:
                 raise ValueError(
                     f"A frozen parameter is shared by decoder layers {owner[id(param)]} and {index}; hf_offload "
@@ -104,21 +245,32 @@ def validate_layers(layers: nn.ModuleList, keep_resident: frozenset[int] = froze
 
 
 def pack_layer(
-    index: int, layer: nn.Module, pin: Callable[[torch.Tensor], bool], keep_resident: frozenset[int] = frozenset()
+    index: int,
+    layer: nn.Module,
+    pin: Callable[[torch.Tensor], bool],
+    codec: Codec | None = None,
+    keep_resident: frozenset[int] = frozenset(),
 ) -> LayerPack:
     """Move `layer`'s frozen parameters into one new host buffer and free their old storage."""
-    params = frozen_parameters(layer, keep_resident)
-    offsets, total = [], 0
-    for param in params:
-        offsets.append(total)
-        total += _aligned(param.numel() * param.element_size())
-    pack = LayerPack(index=index, host=torch.empty(total, dtype=torch.uint8))
+    layout = layout_layer(layer, codec, keep_resident=keep_resident)
+    pack = LayerPack(
+        index=index,
+        host=torch.empty(layout.nbytes, dtype=torch.uint8),
+        scratch_nbytes=layout.scratch_nbytes,
+        quantized_tuners=layout.quantized_tuners,
+    )
     pack.pinned = pin(pack.host)
-    for param, offset in zip(params, offsets):
+    # Attributes first: one that aliases a parameter is copied with it, before the parameter is rebound.
+    for holder, name, region, alias in layout.attributes:
+        tensor = getattr(holder, name)
+        if not alias:
+            region.view_in(pack.host).copy_(tensor)
+        pack.attributes.append(PackedAttribute(holder, name, region, tensor.device))
+    for param, region in layout.dense:
         packed = PackedTensor(
             param=param,
-            offset=offset,
-            nbytes=param.numel() * param.element_size(),
+            offset=region.offset,
+            nbytes=region.nbytes,
             dtype=param.dtype,
             shape=param.shape,
             original_device=param.device,
@@ -127,6 +279,15 @@ def pack_layer(
         view.copy_(param.data)
         param.data = view  # the old storage is freed here unless something else holds it
         pack.tensors.append(packed)
+    for attribute in pack.attributes:
+        attribute.bind(pack.host)
+    for param, parts, scratch in layout.encoded:
+        tensors, meta = codec.encode(param.data)
+        for part, tensor in zip(parts, tensors, strict=True):
+            part.view_in(pack.host).copy_(tensor.reshape(part.shape))
+        hollow = torch.full((), float("nan"), dtype=param.dtype).expand(param.shape)
+        pack.encoded.append(EncodedTensor(param, codec, parts, meta, scratch, param.device, hollow))
+        param.data = hollow  # see Note: [Hollow weights]
     return pack
 
 
@@ -142,6 +303,7 @@ class HostStore:
         layers: nn.ModuleList,
         pin: Callable[[torch.Tensor], bool],
         show_progress: bool | None = None,
+        codec: Codec | None = None,
         keep_resident: frozenset[int] = frozenset(),
     ) -> HostStore:
         from tqdm.auto import tqdm
@@ -149,7 +311,7 @@ class HostStore:
         progress = tqdm(
             layers, desc="hf_offload: packing layers in host memory", unit="layer", disable=_tqdm_disable(show_progress)
         )
-        packs = [pack_layer(index, layer, pin, keep_resident) for index, layer in enumerate(progress)]
+        packs = [pack_layer(index, layer, pin, codec, keep_resident) for index, layer in enumerate(progress)]
         return cls(packs)
 
     @property
@@ -160,14 +322,30 @@ class HostStore:
     def max_layer_bytes(self) -> int:
         return max((p.nbytes for p in self.packs), default=0)
 
+    @property
+    def max_scratch_bytes(self) -> int:
+        return max((p.scratch_nbytes for p in self.packs), default=0)
+
     def unpack(self, unpin: Callable[[torch.Tensor], None]) -> None:
-        """Give every parameter its own storage again, on its original device, layer by layer."""
+        """Give every parameter its own storage again, on its original device, layer by layer.
+
+        Encoded weights come back dequantized (the values the layers computed with, not the original ones)."""
         for pack in self.packs:
+            restored: dict[int, torch.Tensor] = {}  # by buffer offset, so aliases stay aliases
             for packed in pack.tensors:
                 view = packed.view_in(pack.host)
                 target = packed.original_device
                 # A pinned buffer is about to be unregistered; parameters must not keep views into it.
                 packed.param.data = view.clone() if target.type == "cpu" and pack.pinned else view.to(target)
+                restored[packed.offset] = packed.param.data
+            for attribute in pack.attributes:
+                tensor = restored.get(attribute.region.offset)
+                if tensor is None or tensor.dtype != attribute.region.dtype:
+                    tensor = attribute.region.view_in(pack.host).to(attribute.original_device, copy=True)
+                    restored[attribute.region.offset] = tensor
+                setattr(attribute.holder, attribute.name, tensor)
+            for encoded in pack.encoded:
+                encoded.param.data = encoded.dense_copy(pack.host).to(encoded.original_device)
             if pack.pinned:
                 unpin(pack.host)
             pack.host = torch.empty(0, dtype=torch.uint8)

@@ -5,6 +5,11 @@ reused. Loading a layer is one contiguous copy of its host buffer into a slot, e
 compute stream waits on the slot's `ready` event before it reads, and the copy stream waits on the slot's
 `freed` event (recorded after the last kernel that reads it) before it overwrites. No host synchronisation.
 
+Encoded (nf4/int8) weights: their parts arrive in the slot like any bytes; on acquire they are decoded on the compute
+stream into one dense scratch buffer (allocated once, as large as the largest layer's encoded weights) and the
+parameters are bound there. One scratch is enough because one layer computes at a time; it is not decoded again
+when the same layer comes back before anything else used it (the turnaround).
+
 Schedule: acquiring layer i in direction d (+1 forward, -1 backward) starts loading i+d .. i+d*prefetch into
 slots that are not in use and hold nothing in that window. Layers stay in their slot after release, so the last
 layers of the forward are found again at the start of the backward (turnaround reuse).
@@ -56,6 +61,8 @@ class Streamer:
         self.stats = StreamStats()
         self._slots: list[Slot] = []
         self._clock = 0
+        self._scratch: torch.Tensor | None = None  # dense form of the computing layer's encoded weights
+        self._scratch_layer: int | None = None  # whose decoded weights the scratch holds
 
     # --- public ------------------------------------------------------------------------------------------------
     def acquire(self, index: int, direction: int) -> None:
@@ -80,6 +87,8 @@ class Streamer:
         if views is None:
             views = slot.views[index] = [t.view_in(slot.buffer) for t in pack.tensors]
         pack.bind(slot.buffer, views)
+        if pack.encoded:
+            self._materialize(index, slot)
         self._prefetch_after(index, direction)
 
     def release(self, index: int) -> None:
@@ -95,14 +104,22 @@ class Streamer:
         for slot in self._slots:
             if not slot.in_use:
                 slot.layer = None
+        if not any(slot.in_use for slot in self._slots):
+            self._scratch_layer = None
 
     def close(self) -> None:
         self.ops.synchronize()
         self._slots = []
+        self._scratch = None
+        self._scratch_layer = None
 
     @property
     def slot_bytes(self) -> int:
         return sum(s.buffer.numel() for s in self._slots)
+
+    @property
+    def scratch_bytes(self) -> int:
+        return 0 if self._scratch is None else self._scratch.numel()
 
     # --- internals -----------------------------------------------------------------------------------------------
     def _slot_holding(self, index: int) -> Slot | None:
@@ -120,6 +137,20 @@ class Streamer:
         if not candidates:
             return None
         return min(candidates, key=lambda s: (s.layer is not None, s.last_used))
+
+    def _materialize(self, index: int, slot: Slot) -> None:
+        busy = [s.layer for s in self._slots if s.in_use and s is not slot]
+        if busy:
+            raise RuntimeError(
+                f"hf_offload: decoder layer {index} started while layer {busy[0]} is still computing; quantized base "
+                "weights decode into one scratch buffer, so decoder layers must not call each other. Please report "
+                "this model."
+            )
+        if self._scratch is None:
+            self._scratch = torch.empty(self.store.max_scratch_bytes, dtype=torch.uint8, device=self.ops.device)
+        # Ordered after the previous layer's kernels on the compute stream, so overwriting the scratch is safe.
+        self.store.packs[index].materialize(slot.buffer, self._scratch, decode=self._scratch_layer != index)
+        self._scratch_layer = index
 
     def _load(self, index: int, slot: Slot) -> None:
         pack = self.store.packs[index]

@@ -1,0 +1,162 @@
+"""Host memory: how much the host store will need while it is built, and how much this machine has available.
+
+Building the store allocates one new buffer per layer and releases the layer's old tensors as soon as it is packed.
+Tensors in anonymous memory (a model built or converted in this process) are freed then; tensors backed by a file
+mapping (transformers loads safetensors checkpoints memory-mapped) live in the page cache, which the kernel already
+counts as available, so packing them frees nothing more. Tensors on an accelerator free no host memory. The peak
+of new host memory is therefore
+
+    max over layers k of  sum(store bytes of layers 0..k) - sum(freed bytes of layers 0..k-1) + encode scratch of k
+
+and `check_fits` compares it with `available_bytes()` before anything is packed, so a store that cannot fit stops
+with a clear message instead of the process being killed by the OOM killer half-way through.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+from dataclasses import dataclass
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class HostMemoryError(MemoryError):
+    """Raised before the host store is built when it would not fit in available host memory."""
+
+    def __init__(self, message: str, needed: int, available: int):
+        super().__init__(message)
+        self.needed = needed
+        self.available = available
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def available_bytes() -> int | None:
+    """Host memory this process can still get: MemAvailable, capped by a cgroup v2 limit. None when unknown."""
+    candidates = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    candidates.append(int(line.split()[1]) * 1024)  # reported in kB
+                    break
+    except OSError:
+        pass
+    try:  # containers: the limit of this cgroup, not the machine
+        with open("/proc/self/cgroup") as f:
+            path = next((line.strip().split("::", 1)[1] for line in f if line.startswith("0::")), None)
+        if path is not None:
+            base = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
+            with open(os.path.join(base, "memory.max")) as f:
+                limit = f.read().strip()
+            if limit != "max":
+                with open(os.path.join(base, "memory.current")) as f:
+                    candidates.append(int(limit) - int(f.read().strip()))
+    except (OSError, ValueError, StopIteration):
+        pass
+    return min(candidates) if candidates else None
+
+
+class _FileMappings:
+    """Address ranges of this process's file-backed memory mappings (Linux /proc/self/maps; empty elsewhere)."""
+
+    def __init__(self) -> None:
+        starts, ends = [], []
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    fields = line.split()
+                    # address perms offset dev inode [path]; a non-zero inode is a file mapping
+                    if len(fields) >= 6 and fields[4] != "0":
+                        start, end = (int(x, 16) for x in fields[0].split("-"))
+                        starts.append(start)
+                        ends.append(end)
+        except OSError:
+            pass
+        order = sorted(range(len(starts)), key=starts.__getitem__)
+        self.starts = [starts[i] for i in order]
+        self.ends = [ends[i] for i in order]
+
+    def __contains__(self, address: int) -> bool:
+        i = bisect.bisect_right(self.starts, address) - 1
+        return i >= 0 and address < self.ends[i]
+
+
+def freed_bytes(params: list[nn.Parameter], mappings: _FileMappings) -> int:
+    """Anonymous host memory released when these tensors are packed (see the module docstring)."""
+    total = 0
+    for param in params:
+        if param.device.type == "cpu" and param.data_ptr() not in mappings:
+            total += param.numel() * param.element_size()
+    return total
+
+
+@dataclass
+class LayerNeed:
+    store_bytes: int  # its buffer in the host store
+    freed_bytes: int  # anonymous host memory its old tensors give back once packed
+    transient_bytes: int  # working memory while it is encoded
+
+
+def peak_bytes(layers: list[LayerNeed]) -> int:
+    """Most new host memory held at once while the store is built layer by layer."""
+    peak = held = 0
+    for layer in layers:
+        held += layer.store_bytes
+        peak = max(peak, held + layer.transient_bytes)
+        held -= layer.freed_bytes
+    return max(peak, 0)
+
+
+def check_fits(needs: dict[str | None, list[LayerNeed]], chosen: str | None, available: int | None) -> None:
+    """Raise `HostMemoryError` when the store for `chosen` (a base_weight_dtype) would not fit in `available`.
+
+    `needs` holds the layer needs of every base_weight_dtype worth suggesting, `chosen` included.
+    """
+    needed = peak_bytes(needs[chosen])
+    if available is None:
+        logger.debug("hf_offload: available host memory unknown; skipping the host memory check")
+        return
+    if needed <= available:
+        return
+    options = []
+    for dtype, layers in needs.items():
+        if dtype == chosen:
+            continue
+        peak = peak_bytes(layers)
+        verdict = "fits" if peak <= available else "does not fit either"
+        options.append(f"base_weight_dtype={dtype!r} would need {format_bytes(peak)} ({verdict})")
+    raise HostMemoryError(
+        f"hf_offload: building the host store with base_weight_dtype={chosen!r} needs {format_bytes(needed)} more "
+        f"host memory, but only {format_bytes(available)} is available (MemAvailable, or the cgroup limit). "
+        + ("; ".join(options) + ". " if options else "")
+        + "Free host memory, pick a smaller base_weight_dtype in OffloadConfig, or pass "
+        "OffloadConfig(check_host_memory=False) to skip this check.",
+        needed,
+        available,
+    )
+
+
+def layer_needs(layouts: list, mappings: _FileMappings | None = None) -> list[LayerNeed]:
+    """`LayerNeed` of each layer from its store layout (`store.LayerLayout`)."""
+    mappings = mappings if mappings is not None else _FileMappings()
+    needs = []
+    for layout in layouts:
+        params = [p for p, _ in layout.dense] + [p for p, _, _ in layout.encoded]
+        # quantizing one weight works on an fp32 copy of it at most
+        transient = max((p.numel() * 4 for p, _, _ in layout.encoded), default=0)
+        needs.append(LayerNeed(layout.nbytes, freed_bytes(params, mappings), transient))
+    return needs
+
+
+def file_mappings() -> _FileMappings:
+    return _FileMappings()

@@ -1,0 +1,188 @@
+"""Quantized storage of frozen linear weights: nf4 (QLoRA's double quantization) and int8 row-wise.
+
+A `Codec` turns one dense weight into a few small tensors ("parts") when the host store is packed, and turns those
+parts back into the dense weight on the compute device, inside the layer window, writing into a scratch view. The
+host store and the copy only ever see the parts, so host memory and bytes over the link shrink with them.
+
+    nf4   bitsandbytes `quantize_4bit(quant_type="nf4", blocksize=64, compress_statistics=True)`, as QLoRA:
+          packed 4-bit codes (n/2 bytes), one uint8 absmax per 64 values, one fp32 scale per 256 absmax blocks.
+          ~0.516 bytes per weight.
+    int8  bitsandbytes `int8_vectorwise_quant` (LLM.int8 row-wise absmax, no outlier columns): one int8 per weight
+          and one fp32 scale per row. ~1 byte per weight.
+
+Note: [nf4 on flattened weights]
+Weights are quantized as one flat vector. The blocks are then the same 64 consecutive values as for the 2D weight
+(bitsandbytes blocks run over the flattened tensor), and the CPU dequantize kernel of bitsandbytes 0.50.2, which
+gives wrong values for 2D shapes whose rows are not a multiple of the block size (blocks crossing rows), sees a
+single row. Weights whose size is not a multiple of 64 stay dense.
+
+Which weights are quantized: the 2D weight of every `nn.Linear` and transformers `Conv1D` in a decoder layer
+(the base layer of a peft LoRA layer included, its adapters excluded), when it is frozen and floating point.
+Norms, biases, embeddings and 3D expert tensors stay as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import compat
+
+BASE_WEIGHT_DTYPES = ("nf4", "int8")
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class Part:
+    """The dtype and shape of one tensor of an encoded weight."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class Codec:
+    """Encodes a dense weight into parts at pack time and decodes them into a dense view inside the window."""
+
+    name: str = ""
+
+    def accepts(self, weight: torch.Tensor) -> bool:
+        return weight.dim() == 2 and weight.dtype in _FLOATS
+
+    def parts(self, shape: torch.Size, dtype: torch.dtype) -> list[Part]:
+        """The layout of the encoded weight; needs only the shape, so it works on the meta device (plans)."""
+        raise NotImplementedError
+
+    def encode(self, weight: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+        """Host tensors matching `parts()`, and small Python-side metadata `decode` needs."""
+        raise NotImplementedError
+
+    def decode(self, parts: list[torch.Tensor], meta: dict, out: torch.Tensor) -> None:
+        """Write the dense weight into `out` (same device as `parts`, original shape and dtype)."""
+        raise NotImplementedError
+
+
+class NF4Codec(Codec):
+    name = "nf4"
+    blocksize = 64  # values per absmax, as QLoRA
+    nested_blocksize = 256  # absmax values per fp32 scale (double quantization; bitsandbytes' fixed choice)
+
+    def __init__(self) -> None:
+        self._nested_code: dict[torch.device, torch.Tensor] = {}  # 8-bit dynamic map of the absmax, per device
+
+    def accepts(self, weight: torch.Tensor) -> bool:
+        return super().accepts(weight) and weight.numel() % self.blocksize == 0  # Note: [nf4 on flattened weights]
+
+    def parts(self, shape, dtype):
+        n = math.prod(shape)
+        blocks = math.ceil(n / self.blocksize)
+        return [
+            Part(torch.uint8, (math.ceil(n / 2),)),  # two 4-bit codes per byte
+            Part(torch.uint8, (blocks,)),  # absmax of each block, itself 8-bit quantized
+            Part(torch.float32, (math.ceil(blocks / self.nested_blocksize),)),  # scale of each absmax block
+        ]
+
+    def encode(self, weight):
+        import bitsandbytes.functional as F
+
+        packed, state = F.quantize_4bit(
+            weight.detach().reshape(-1), blocksize=self.blocksize, compress_statistics=True, quant_type="nf4"
+        )
+        nested = state.state2
+        if nested.blocksize != self.nested_blocksize or not torch.equal(nested.code, self._code(nested.code.device)):
+            raise RuntimeError(
+                "hf_offload: bitsandbytes quantized the nf4 absmax with an unexpected nested block size or code map "
+                f"(bitsandbytes {_bnb_version()}); please report this together with your bitsandbytes version."
+            )
+        parts = [packed.reshape(-1), state.absmax, nested.absmax]
+        return parts, {"offset": float(state.offset)}
+
+    def decode(self, parts, meta, out):
+        import bitsandbytes.functional as F
+
+        packed, absmax_q, nested_absmax = parts
+        absmax = F.dequantize_blockwise(
+            absmax_q, absmax=nested_absmax, code=self._code(out.device), blocksize=self.nested_blocksize
+        )
+        absmax += meta["offset"]
+        flat = out.view(-1)
+        if out.device.type == "cpu":  # bitsandbytes 0.50.2 has no CPU kernel writing into `out`
+            dense = torch.ops.bitsandbytes.dequantize_4bit.default(
+                packed, absmax, self.blocksize, "nf4", [flat.numel()], out.dtype
+            )
+            flat.copy_(dense.view(-1))
+        else:
+            F.dequantize_4bit(packed, absmax=absmax, out=flat, blocksize=self.blocksize, quant_type="nf4")
+
+    def _code(self, device: torch.device) -> torch.Tensor:
+        code = self._nested_code.get(device)
+        if code is None:
+            import bitsandbytes.functional as F
+
+            code = self._nested_code[device] = F.create_dynamic_map(signed=True).to(device)
+        return code
+
+
+class Int8RowwiseCodec(Codec):
+    name = "int8"
+
+    def parts(self, shape, dtype):
+        rows, cols = shape
+        return [Part(torch.int8, (rows, cols)), Part(torch.float32, (rows,))]
+
+    def encode(self, weight):
+        import bitsandbytes.functional as F
+
+        codes, row_absmax, _ = F.int8_vectorwise_quant(weight.detach().contiguous(), threshold=0.0)
+        return [codes, row_absmax / 127.0], {}
+
+    def decode(self, parts, meta, out):
+        codes, scale = parts
+        torch.mul(codes, scale[:, None], out=out)  # computed in fp32, rounded once into out's dtype
+
+
+def make_codec(base_weight_dtype: str | None) -> Codec | None:
+    if base_weight_dtype is None:
+        return None
+    codecs = {"nf4": NF4Codec, "int8": Int8RowwiseCodec}
+    if base_weight_dtype not in codecs:
+        raise ValueError(
+            f"`base_weight_dtype` should be one of {', '.join(map(repr, BASE_WEIGHT_DTYPES))} or None, but the value "
+            f"passed is {base_weight_dtype!r}"
+        )
+    return codecs[base_weight_dtype]()
+
+
+def linear_weights(layer: nn.Module) -> Iterator[tuple[nn.Parameter, nn.Module | None]]:
+    """Each base linear weight of `layer` (nn.Linear, transformers Conv1D), with the peft layer wrapping it if any.
+
+    A peft tuner layer contributes only its base layer: adapter weights (lora_A, lora_B, ...) are never base weights.
+    bitsandbytes linear layers (nn.Linear subclasses) are included; their weights are already quantized, which the
+    callers check (`compat.is_quantized_parameter`).
+    """
+
+    def walk(module: nn.Module, tuner: nn.Module | None):
+        if compat.is_peft_tuner_layer(module):
+            yield from walk(module.get_base_layer(), module)
+            return
+        weight = getattr(module, "weight", None)
+        if compat.is_linear(module) and isinstance(weight, nn.Parameter):
+            yield weight, tuner
+            return
+        for child in module.children():
+            yield from walk(child, None)
+
+    yield from walk(layer, None)
+
+
+def _bnb_version() -> str:
+    import bitsandbytes
+
+    return bitsandbytes.__version__

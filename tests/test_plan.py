@@ -1,0 +1,113 @@
+"""`hf-offload plan`: host/device memory, bytes per step and break-even from a config alone."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers
+from families import FAMILIES, build
+from parity import with_lora
+
+import hf_offload
+from hf_offload import OffloadConfig
+from hf_offload.cli import main
+from hf_offload.plan import PlanError, load_config, make_plan
+
+LLAMA_70B = dict(
+    model_type="llama",
+    hidden_size=8192,
+    num_hidden_layers=80,
+    intermediate_size=28672,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    vocab_size=128256,
+)
+
+
+def llama_70b_params() -> int:
+    h, inter, layers, vocab, kv = 8192, 28672, 80, 128256, 8192 * 8 // 64
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h  # q, o; k, v; gate, up, down; two norms
+    return layers * per_layer + 2 * vocab * h + h  # untied embeddings and head, final norm
+
+
+@pytest.fixture(scope="module")
+def llama_70b(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama-70b") / "config.json"
+    path.write_text(json.dumps(LLAMA_70B))
+    return path
+
+
+@pytest.fixture(scope="module")
+def plans_70b(llama_70b):
+    config = load_config(str(llama_70b))
+    return {d: make_plan(config, gpu_mem_gb=80, host_mem_gb=1000, base_weight_dtype=d) for d in (None, "int8", "nf4")}
+
+
+def test_70b_host_memory_is_about_two_bytes_per_parameter_in_bf16(plans_70b):
+    plan, params = plans_70b[None], llama_70b_params()
+    assert plan["parameters"] == params and plan["dtype"] == "bfloat16" and plan["layers"] == 80
+    assert abs(plan["host_bytes"] - 2 * params) / (2 * params) < 0.10
+    assert plans_70b["int8"]["host_bytes"] < plan["host_bytes"] / 1.9
+    assert plans_70b["nf4"]["host_bytes"] < plan["host_bytes"] / 3.6
+
+
+def test_70b_bytes_per_step_and_break_even_follow_the_performance_model(plans_70b):
+    """DESIGN.md section 5: ~2 x the store per step; break-even ~ bytes_per_param x F / (3 x BW)."""
+    for dtype, bytes_per_param in ((None, 2.0), ("nf4", 0.516)):
+        plan = plans_70b[dtype]
+        assert plan["host_bytes"] < plan["bytes_per_step"] < 2 * plan["host_bytes"]
+        expected = bytes_per_param * 400e12 / (3 * 25e9)
+        assert abs(plan["break_even_tokens"] - expected) / expected < 0.10, (plan["break_even_tokens"], expected)
+        # 2048 tokens per micro-batch: below both break-evens, so the link is the limit and the advice says so
+        assert plan["bound"] == "transfer" and plan["tokens_per_step"] < plan["break_even_tokens"]
+        assert plan["fits"] and [line.split(":")[0] for line in plan["advice"]] == ["speed"]
+    assert plans_70b["nf4"]["tokens_per_second"] > 3.5 * plans_70b[None]["tokens_per_second"]
+
+
+def test_plan_agrees_with_the_engine_on_a_real_model(tmp_path):
+    """The plan measures a meta model with the engine's own layout: host bytes and bytes per step match exactly."""
+    name, kwargs = FAMILIES["llama"]
+    config = getattr(transformers, name)(**kwargs)
+    for dtype in (None, "nf4"):
+        plan = make_plan(config, base_weight_dtype=dtype, dtype=torch.float32)
+        model = with_lora(copy.deepcopy(build("llama")))
+        hf_offload.enable_layer_streaming(model, OffloadConfig(device="cpu", base_weight_dtype=dtype))
+        summary = hf_offload.summary(model)
+        assert plan["host_bytes"] == summary["host_store_bytes"]
+        assert plan["bytes_per_step"] == summary["bytes_per_train_step"]
+        assert plan["gpu_terms"]["layer_slots"] == summary["device_slot_bytes"]
+        assert plan["gpu_terms"]["dequant_scratch"] == summary["device_scratch_bytes"]
+
+
+def test_verdict_says_what_to_change(llama_70b):
+    config = load_config(str(llama_70b))
+    plan = make_plan(config, gpu_mem_gb=24, host_mem_gb=64, seq=8192, batch=4)
+    assert not plan["fits"] and not plan["fits_gpu"] and not plan["fits_host"]
+    host, gpu = plan["advice"][:2]
+    assert host.startswith("host memory") and "--base-weight-dtype nf4 needs" in host
+    assert gpu.startswith("GPU memory") and "tokens per micro-batch" in gpu and "--offload-activations" in gpu
+
+
+def test_cli_prints_one_json_object(llama_70b, capsys):
+    assert main(["plan", str(llama_70b), "--json", "--base-weight-dtype", "nf4", "--seq", "4096"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert {"host_bytes", "gpu_bytes", "bytes_per_step", "break_even_tokens"} <= plan.keys()
+    assert plan["base_weight_dtype"] == "nf4" and plan["tokens_per_step"] == 4096
+    assert main(["plan", str(llama_70b), "--gpu-mem", "80"]) == 0
+    assert "verdict:" in capsys.readouterr().out
+
+
+def test_hub_id_without_network_fails_clearly(monkeypatch, capsys):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(PlanError, match="could not get config.json of 'org/model'.*local model directory"):
+        load_config("org/model")
+    assert main(["plan", "org/model"]) == 2
+    assert "could not get config.json" in capsys.readouterr().err
