@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .api import is_streaming, summary
 from .engine import compat
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,14 @@ def save_merged(
 def merged_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, host tensor) of every weight of the merged model, in module order, one at a time."""
     base = compat.peft_base_model(model)
+    if (is_streaming(model) and summary(model)["quantized_weights"]) or any(
+        compat.is_quantized_parameter(p) for p in base.parameters()
+    ):
+        raise ValueError(
+            "Cannot write a merged checkpoint of a model whose base weights are quantized (a quantized host store, "
+            "base_weight_dtype, or a model loaded in 4/8 bits): there is no dense copy of them to merge into. Push "
+            "the adapter, then merge it into the dense base model with peft's merge_and_unload()."
+        )
     lora_layers, wrappers = _peft_modules(base, model)
     seen: set[int] = set()
     for key, tensor in base.state_dict(keep_vars=True).items():

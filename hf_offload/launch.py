@@ -60,6 +60,12 @@ def register(subparsers) -> None:
         default=None,
         help="Page-lock the host store (default: on with CUDA).",
     )
+    parser.add_argument(
+        "--base-weight-dtype",
+        choices=["nf4", "int8"],
+        default=None,
+        help="Keep the frozen linear weights quantized in host memory and over the link (default: as loaded).",
+    )
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank for models without adapters (default: 16).")
     parser.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha (default: 32).")
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default: 0.05).")
@@ -97,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
             prefetch=args.prefetch,
             offload_activations=args.offload_activations,
             pin_memory=args.pin_memory,
+            base_weight_dtype=args.base_weight_dtype,
             lora_r=args.lora_r,
             lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout,

@@ -62,6 +62,13 @@ class LayerStreamingPlugin:
         default=None,
         metadata={"help": "Page-lock the host store for asynchronous copies. None: on when the device is CUDA."},
     )
+    base_weight_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Keep the frozen linear weights quantized in host memory and over the link: 'nf4' or 'int8' "
+            "(see OffloadConfig.base_weight_dtype). None keeps them as loaded."
+        },
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank, used when the model is not already a peft model."})
     lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
@@ -88,7 +95,13 @@ class LayerStreamingPlugin:
     )
 
     def __post_init__(self) -> None:
-        self.offload_config()  # validates prefetch, offload_activations, pin_memory with OffloadConfig's rules
+        self.offload_config()  # validates the streaming options with OffloadConfig's rules
+        if self.save_merged and self.base_weight_dtype is not None:
+            raise ValueError(
+                f"Can't provide both `save_merged` and `base_weight_dtype` ({self.base_weight_dtype!r}): a quantized "
+                "host store keeps no dense copy of the base weights to merge into. Choose one; to merge later, load "
+                "the base model dense and use peft's merge_and_unload() on the saved adapter."
+            )
         if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r <= 0:
             raise ValueError(f"`lora_r` should be a positive integer, but the value passed is {self.lora_r!r}")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
@@ -118,6 +131,7 @@ class LayerStreamingPlugin:
             prefetch=self.prefetch,
             offload_activations=self.offload_activations,
             pin_memory=self.pin_memory,
+            base_weight_dtype=self.base_weight_dtype,
         )
 
     def target_modules(self) -> str | list[str]:

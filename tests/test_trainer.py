@@ -17,6 +17,7 @@ from transformers import HfArgumentParser, TrainerCallback
 import hf_offload
 from hf_offload import OffloadTrainer, OffloadTrainingArguments, UnsupportedModelError
 from hf_offload.checkpoint import IncompatibleCheckpointError
+from hf_offload.hub import save_merged
 from hf_offload.plugin import ENV_VAR, LayerStreamingPlugin
 from hf_offload.trainer import TRAINER_DEFAULT_OPTIM, patch_trainer, unpatch_trainer
 
@@ -329,3 +330,15 @@ def test_model_init_is_streamed_too(base, tmp_path):
     assert hf_offload.is_streaming(trainer.model)
     trainer.train()  # model_init runs again in train(): the new model is streamed as well
     assert hf_offload.is_streaming(trainer.model) and "offload/h2d_GB" in trainer.state.log_history[0]
+
+
+def test_quantized_host_store_through_the_flag(base, tmp_path):
+    args = tiny_args(tmp_path, layer_streaming=True, max_steps=2, offload_base_weight_dtype="int8")
+    trainer = _run(copy.deepcopy(base), args)
+    facts = hf_offload.summary(trainer.model)
+    assert facts["base_weight_dtype"] == "int8" and facts["quantized_weights"] > 0
+    assert all(h["loss"] == h["loss"] for h in trainer.state.log_history if "loss" in h)  # no NaN from the store
+    with pytest.raises(ValueError, match="base weights are quantized"):
+        save_merged(trainer.model, str(tmp_path / "merged"))
+    with pytest.raises(ValueError, match="both --offload_save_merged and --offload_base_weight_dtype"):
+        tiny_args(tmp_path, offload_base_weight_dtype="nf4", offload_save_merged=True)
