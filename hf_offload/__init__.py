@@ -4,6 +4,9 @@
 >>> model = enable_layer_streaming(peft_model, OffloadConfig(prefetch=1))
 >>> model(**batch).loss.backward()
 >>> stats(model)["bytes_to_device"]
+
+With `transformers.Trainer`: `OffloadTrainingArguments` + `OffloadTrainer` and `--layer_streaming`, or an unchanged
+script under `hf-offload launch -- python train.py ...`. With a plain accelerate loop: `OffloadAccelerator`.
 """
 
 from .api import (
@@ -18,12 +21,36 @@ from .config import OffloadConfig
 from .engine.anatomy import UnsupportedModelError
 from .engine.hostmem import HostMemoryError
 from .optimizer_state import optimizer_state_report
+from .verbosity import configure_library_logger
+
+configure_library_logger()
 
 __version__ = "0.1.0"
 
+# The Trainer and accelerate faces load on first use: `import hf_offload` does not import transformers.Trainer.
+_LAZY = {
+    "OffloadTrainingArguments": "trainer",
+    "OffloadTrainer": "trainer",
+    "LayerStreamingPlugin": "plugin",
+    "OffloadAccelerator": "plugin",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "HostMemoryError",
+    "LayerStreamingPlugin",
+    "OffloadAccelerator",
     "OffloadConfig",
+    "OffloadTrainer",
+    "OffloadTrainingArguments",
     "UnsupportedModelError",
     "disable_layer_streaming",
     "enable_layer_streaming",

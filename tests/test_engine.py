@@ -95,13 +95,26 @@ def test_gradient_checkpointing_request_does_not_recompute_twice():
     assert len(calls) == 2  # forward + one recompute
 
 
-def test_cpu_autocast_matches_ordinary_autocast():
+@pytest.mark.parametrize("backward_in_autocast", [True, False], ids=["backward-inside", "backward-outside"])
+def test_cpu_autocast_matches_ordinary_autocast(backward_in_autocast):
+    """Backward outside autocast is the usual AMP pattern (Trainer, accelerate): the recompute must use the forward's
+    autocast state while the backward ops must not."""
     reference, streamed = reference_and_streamed(build("llama"), lora_dropout=0.0)
     batch = left_padded_batch(VOCAB)
     losses = []
     for model in (reference, streamed):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            losses.append(train_step(model, batch))
+        if backward_in_autocast:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                losses.append(train_step(model, batch))
+        else:
+            model.train()
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(0)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(**batch).loss
+            loss.backward()
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            losses.append((loss.detach(), grads))
     (loss_ref, grads_ref), (loss_st, grads_st) = losses
     torch.testing.assert_close(loss_st, loss_ref, rtol=1e-5, atol=0)
     for name in grads_ref:

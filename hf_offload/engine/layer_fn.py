@@ -191,7 +191,11 @@ class StreamedLayerFunction(torch.autograd.Function):
         wrt = [*grad_inputs, *call.params]
 
         def recompute_and_backprop():
-            tensors = call.output_tensors(*call.run(args, kwargs))
+            # The recompute runs under the forward's autocast state; autograd.grad does not, so the backward ops
+            # run as in an ordinary backward (under the caller's state, usually none), as reentrant checkpointing
+            # does. Backward inside the forward's autocast casts gradient matmuls to bf16 as well.
+            with _autocast(call.autocast_state):
+                tensors = call.output_tensors(*call.run(args, kwargs))
             pairs = [(t, g) for t, g in zip(tensors, grad_outputs) if g is not None and t.requires_grad]
             if not pairs:
                 return [None] * len(wrt)
@@ -199,7 +203,7 @@ class StreamedLayerFunction(torch.autograd.Function):
             return torch.autograd.grad(outs, wrt, grads, allow_unused=True)
 
         rng = runtime.ops.replay_rng(call.rng_state) if call.rng_state is not None else contextlib.nullcontext()
-        with rng, torch.enable_grad(), _autocast(call.autocast_state):
+        with rng, torch.enable_grad():
             grads = runtime.run_layer(call.index, -1, recompute_and_backprop)
         ctx.call = None  # drop references to the inputs as soon as this layer is done
         # One gradient per Function input: saved inputs (None where no gradient is needed), then parameters.

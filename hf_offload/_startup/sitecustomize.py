@@ -1,0 +1,77 @@
+"""Start-up hook of `hf-offload launch`: patch `transformers.Trainer` as soon as a process imports it.
+
+Python imports `sitecustomize` at start-up from the first folder on `sys.path` that has one; `hf-offload launch`
+puts this folder first on PYTHONPATH, and child processes inherit it, so this runs in every Python the launched
+command starts (`accelerate launch` and `trl sft` re-exec Python). It imports nothing heavy: it installs an import
+hook that, once `transformers.trainer` has been executed, applies `hf_offload.trainer.patch_trainer()` to it, so
+processes that never build a Trainer pay nothing. Then it runs the `sitecustomize` it shadows, if there is one.
+"""
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+_TARGET = "transformers.trainer"
+_SETTINGS = "HF_OFFLOAD_LAYER_STREAMING"
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class _PatchTrainerAfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: wraps the real loader of `transformers.trainer` so the module is patched when loaded."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _TARGET:
+            return None
+        spec = None
+        for finder in sys.meta_path:
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        spec.loader = _PatchingLoader(spec.loader)
+        return spec
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self._loader = loader
+
+    def __getattr__(self, name):  # get_source, get_resource_reader, ...: the real loader's
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__loader__ = module.__spec__.loader = self._loader  # the module looks as if loaded normally
+        self._loader.exec_module(module)
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _PatchTrainerAfterImport)]
+        ours = sys.modules.get("hf_offload.trainer")
+        if ours is not None and not hasattr(ours, "patch_trainer"):
+            return  # hf_offload.trainer is importing transformers.trainer; it patches at the end of its import
+        try:
+            from hf_offload.trainer import patch_trainer
+        except ImportError as err:
+            raise ImportError(
+                f"hf-offload launch asked for layer streaming, but this Python ({sys.executable}) cannot import "
+                f"hf_offload ({err}). Install hf-offload in the environment the command runs in."
+            ) from err
+        patch_trainer(module.Trainer)
+
+
+def _run_shadowed_sitecustomize():
+    """Run the `sitecustomize` that this one hides (later on sys.path), as Python would have without us."""
+    rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
+    if spec is not None and spec.loader is not None:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+
+
+if os.environ.get(_SETTINGS) and not any(isinstance(f, _PatchTrainerAfterImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _PatchTrainerAfterImport())
+_run_shadowed_sitecustomize()

@@ -1,0 +1,157 @@
+"""`hf-offload launch [OPTIONS] -- COMMAND [ARGS...]`: run an unchanged command with layer streaming in every Trainer.
+
+The options become a `LayerStreamingPlugin`, carried to the command in the environment variable
+`HF_OFFLOAD_LAYER_STREAMING`. The folder `hf_offload/_startup` goes first on PYTHONPATH; its `sitecustomize`
+runs at start-up in every Python process the command starts and patches `transformers.Trainer` in place when it
+is imported (see `hf_offload.trainer.patch_trainer`). Then every `Trainer` and subclass (TRL's included) adds LoRA
+if the model has none, streams its decoder layers from host memory and uses 8-bit AdamW unless the script chose an
+optimizer.
+
+Note: [Why sitecustomize on PYTHONPATH]
+`accelerate launch` and `trl sft` start new Python processes, so patching the launcher's own process is not
+enough. The start-up hook must travel with the environment. A `.pth` file would have to be installed into
+site-packages and would then run in every Python on the machine, launched or not; PYTHONPATH is inherited by
+children, reaches only the launched command, and needs no installation step. `sitecustomize` is the one module
+Python imports at start-up from the path; ours runs the one it shadows (e.g. a distribution's) afterwards. Python
+started with `-I`, `-E` or `-S` ignores PYTHONPATH or site, and then the command runs without streaming.
+
+Example:
+    $ hf-offload launch --lora-r 32 -- python train.py --model_name_or_path meta-llama/Llama-3.1-70B ...
+    $ hf-offload launch -- accelerate launch train.py ...
+    $ hf-offload launch -- python -m trl.scripts.sft --model_name_or_path Qwen/Qwen3-32B ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+STARTUP_DIR = str(Path(__file__).resolve().parent / "_startup")
+
+_EPILOG = """examples:
+  hf-offload launch -- python train.py --output_dir out
+  hf-offload launch --prefetch 2 --lora-r 32 -- accelerate launch train.py --output_dir out
+  hf-offload launch -- python -m trl.scripts.sft --model_name_or_path Qwen/Qwen3-8B --dataset_name trl-lib/Capybara
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "launch",
+        help="Run a training command with layer streaming on for every Trainer it creates.",
+        description="Run COMMAND (python train.py ..., accelerate launch ..., python -m trl.scripts.sft ...) "
+        "unchanged, with layer streaming on for every transformers Trainer it creates, in child processes too.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--prefetch", type=int, default=1, help="Decoder layers loaded ahead (default: 1).")
+    parser.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="Keep the layer-boundary activations saved for backward in host memory (long contexts).",
+    )
+    parser.add_argument(
+        "--pin-memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Page-lock the host store (default: on with CUDA).",
+    )
+    parser.add_argument(
+        "--base-weight-dtype",
+        choices=["nf4", "int8"],
+        default=None,
+        help="Keep the frozen linear weights quantized in host memory and over the link (default: as loaded).",
+    )
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank for models without adapters (default: 16).")
+    parser.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha (default: 32).")
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default: 0.05).")
+    parser.add_argument(
+        "--lora-target-modules",
+        default="all-linear",
+        help="'all-linear' (default) or a comma-separated list of module names.",
+    )
+    parser.add_argument(
+        "--optim",
+        default="adamw_bnb_8bit",
+        help="Optimizer used when the script keeps the Trainer's default (default: adamw_bnb_8bit); "
+        "'keep' leaves the Trainer's default alone.",
+    )
+    parser.add_argument(
+        "--save-merged",
+        action="store_true",
+        help="Also write the model with the adapter merged in to <output_dir>/merged when it is saved or pushed.",
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="The command to run, after --.")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .plugin import LayerStreamingPlugin
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("hf-offload launch: no command given. Usage: hf-offload launch [OPTIONS] -- COMMAND ...", file=sys.stderr)
+        return 2
+    try:
+        plugin = LayerStreamingPlugin(
+            prefetch=args.prefetch,
+            offload_activations=args.offload_activations,
+            pin_memory=args.pin_memory,
+            base_weight_dtype=args.base_weight_dtype,
+            lora_r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            lora_target_modules=args.lora_target_modules,
+            default_optim=None if args.optim == "keep" else args.optim,
+            save_merged=args.save_merged,
+        )
+    except ValueError as err:
+        print(f"hf-offload launch: {err}", file=sys.stderr)
+        return 2
+    env = launch_environment(plugin)
+    if shutil.which(command[0], path=env.get("PATH")) is None:
+        print(
+            f"hf-offload launch: command not found: {command[0]!r}. Give the command to run after --, for example "
+            "`hf-offload launch -- python train.py`.",
+            file=sys.stderr,
+        )
+        return 127
+    return _run(command, env)
+
+
+def launch_environment(plugin, base: dict[str, str] | None = None) -> dict[str, str]:
+    """`base` (default: this process's environment) plus the plugin and the start-up hook on PYTHONPATH."""
+    env = dict(os.environ if base is None else base)
+    env.update(plugin.to_env())
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != STARTUP_DIR]
+    # The launched Python must import this hf_offload, wherever it was imported from here.
+    package_root = str(Path(__file__).resolve().parent.parent)
+    if package_root not in rest and not _installed_in_site_packages():
+        rest.append(package_root)
+    env["PYTHONPATH"] = os.pathsep.join([STARTUP_DIR, *rest])
+    return env
+
+
+def _installed_in_site_packages() -> bool:
+    import site
+    import sysconfig
+
+    here = Path(__file__).resolve()
+    roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
+    return any(here.is_relative_to(Path(root).resolve()) for root in roots if root)
+
+
+def _run(command: list[str], env: dict[str, str]) -> int:
+    """Run `command` to completion and return its exit status as a shell would (128 + signal when killed)."""
+    process = subprocess.Popen(command, env=env)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:  # the child got the same SIGINT from the terminal; let it finish
+        code = process.wait()
+    return 128 - code if code < 0 else code

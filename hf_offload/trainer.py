@@ -1,0 +1,456 @@
+"""Layer streaming inside `transformers.Trainer`: `OffloadTrainingArguments`, `OffloadTrainer`, and the Trainer patch.
+
+Note: [Where streaming enters the Trainer]
+Subclasses (TRL's `SFTTrainer` and friends) override `compute_loss` and `training_step`, and TRL wraps the model in
+peft inside its own `__init__` before calling `Trainer.__init__`. So streaming is applied where no subclass
+overrides: on entry to `Trainer.__init__` (after peft, before placement), and in `call_model_init`. A few more
+small hooks keep the Trainer from undoing it or tripping over it:
+
+- `_move_model_to_device` skips a streamed model and `_build_accelerator_args` turns off accelerate's
+  `device_placement`: either would copy every decoder layer to the device;
+- `log` adds the `offload/` metrics to every log line;
+- `_load_from_checkpoint` / `_load_optimizer_and_scheduler` refuse checkpoints a streamed run cannot resume from,
+  before loading them (see `hf_offload.checkpoint`);
+- `save_model` also writes a merged checkpoint when asked, and `create_model_card` says how the model was trained.
+
+Every hook is a function `hook(call, trainer, *args, **kwargs)` where `call` runs the Trainer's own method. The
+same functions serve `OffloadTrainer` (methods around `super()`) and `patch_trainer()`, which `hf-offload launch`
+applies in place to `transformers.Trainer` so that every subclass, defined before or after, streams.
+
+Example:
+    >>> args = OffloadTrainingArguments(output_dir="out", layer_streaming=True)
+    >>> OffloadTrainer(model=model, args=args, train_dataset=train).train()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import os
+from dataclasses import dataclass, field
+
+from transformers import Trainer, TrainingArguments
+from transformers.training_args import OptimizerNames
+
+from . import hub
+from .api import get_runtime, is_streaming, summary
+from .checkpoint import check_adapter_checkpoint, check_optimizer_state
+from .metrics import OffloadMetricsCallback
+from .plugin import ENV_VAR, LayerStreamingPlugin, is_peft_model
+
+logger = logging.getLogger(__name__)
+
+STREAMING_DEFAULT_OPTIM = "adamw_bnb_8bit"
+TRAINER_DEFAULT_OPTIM = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "optim")
+_INIT_SIGNATURE = inspect.signature(Trainer.__init__)
+
+
+@dataclass
+class OffloadTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus `--layer_streaming` and its options, parsed by `HfArgumentParser` like any other.
+
+    Example:
+        >>> parser = HfArgumentParser(OffloadTrainingArguments)
+        >>> (args,) = parser.parse_args_into_dataclasses(["--output_dir", "out", "--layer_streaming"])
+    """
+
+    layer_streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the frozen decoder-layer weights in host memory and stream them to the device one layer "
+            "at a time, training LoRA adapters (added if the model has none). For models bigger than the GPU."
+        },
+    )
+    offload_prefetch: int = field(
+        default=1,
+        metadata={"help": "Decoder layers loaded ahead of the one computing; device memory holds prefetch + 1."},
+    )
+    offload_activations: bool = field(
+        default=False,
+        metadata={"help": "Keep the layer-boundary hidden states saved for backward in host memory (long contexts)."},
+    )
+    offload_pin_memory: bool | None = field(
+        default=None,
+        metadata={"help": "Page-lock the host store for asynchronous copies. Default: on when the device is CUDA."},
+    )
+    offload_base_weight_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Keep the frozen linear weights quantized in host memory and over the link: nf4 (about 3.9x "
+            "fewer bytes than bf16) or int8 (about 2x). Default: as loaded."
+        },
+    )
+    offload_lora_r: int = field(
+        default=16, metadata={"help": "LoRA rank, used with --layer_streaming when the model is not a peft model."}
+    )
+    offload_lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
+    offload_lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    offload_lora_target_modules: str = field(
+        default="all-linear",
+        metadata={
+            "help": "Modules that get LoRA: 'all-linear' (every linear layer but the output head) or a "
+            "comma-separated list of module names such as 'q_proj,v_proj'."
+        },
+    )
+    offload_save_merged: bool = field(
+        default=False,
+        metadata={
+            "help": "When the final model is saved (save_model, push_to_hub), also write the model with the adapter "
+            "merged in to <output_dir>/merged (safetensors shards, merged layer by layer in host memory)."
+        },
+    )
+    optim: str = field(
+        default="auto",
+        metadata={
+            "help": "The optimizer to use (a transformers OptimizerNames value). 'auto': bitsandbytes 8-bit AdamW "
+            f"({STREAMING_DEFAULT_OPTIM}) with --layer_streaming, else the Trainer's default ({TRAINER_DEFAULT_OPTIM})."
+        },
+    )
+
+    def __post_init__(self):
+        self._hf_offload_optim_chosen = self.optim != "auto"
+        if self.optim == "auto":
+            self.optim = STREAMING_DEFAULT_OPTIM if self.layer_streaming else TRAINER_DEFAULT_OPTIM
+        try:
+            self._plugin()  # a bad offload option fails here, when the arguments are parsed
+        except ValueError as err:
+            message = str(err)
+            for plugin_name, our_name in _OPTION_NAMES.items():
+                message = message.replace(f"`{plugin_name}`", f"--{our_name}")
+            raise ValueError(message) from err
+        super().__post_init__()
+
+    def _plugin(self) -> LayerStreamingPlugin:
+        return LayerStreamingPlugin(
+            prefetch=self.offload_prefetch,
+            offload_activations=self.offload_activations,
+            pin_memory=self.offload_pin_memory,
+            base_weight_dtype=self.offload_base_weight_dtype,
+            lora_r=self.offload_lora_r,
+            lora_alpha=self.offload_lora_alpha,
+            lora_dropout=self.offload_lora_dropout,
+            lora_target_modules=self.offload_lora_target_modules,
+            default_optim=STREAMING_DEFAULT_OPTIM,
+            save_merged=self.offload_save_merged,
+        )
+
+    @property
+    def layer_streaming_plugin(self) -> LayerStreamingPlugin | None:
+        """The plugin these arguments describe, or None without `--layer_streaming`."""
+        return self._plugin() if self.layer_streaming else None
+
+    def lora_config(self):
+        """The `peft.LoraConfig` of the `offload_lora_*` options (what `--layer_streaming` adds to a plain model)."""
+        return self._plugin().lora_config()
+
+    @property
+    def place_model_on_device(self) -> bool | None:
+        return False if self.layer_streaming else super().place_model_on_device
+
+
+# LayerStreamingPlugin field -> OffloadTrainingArguments field, to name the option the user typed in errors.
+_OPTION_NAMES = {
+    "prefetch": "offload_prefetch",
+    "offload_activations": "offload_activations",
+    "pin_memory": "offload_pin_memory",
+    "base_weight_dtype": "offload_base_weight_dtype",
+    "save_merged": "offload_save_merged",
+    "lora_r": "offload_lora_r",
+    "lora_alpha": "offload_lora_alpha",
+    "lora_dropout": "offload_lora_dropout",
+    "lora_target_modules": "offload_lora_target_modules",
+}
+
+
+def plugin_for(args: TrainingArguments | None) -> LayerStreamingPlugin | None:
+    """The plugin a Trainer built with `args` applies: `--layer_streaming`'s own, else `hf-offload launch`'s."""
+    own = args.layer_streaming_plugin if isinstance(args, OffloadTrainingArguments) else None
+    launched = LayerStreamingPlugin.from_env()
+    if own is not None and launched is not None and own != launched:
+        logger.warning(
+            "hf_offload: this script passes --layer_streaming with its own options; they are used, and the options "
+            "given to `hf-offload launch` are not."
+        )
+    return own if own is not None else launched
+
+
+# --- the hooks (see Note: [Where streaming enters the Trainer]) ----------------------------------------------------
+def _init(call, trainer, model=None, args=None, *rest, **kwargs):
+    plugin = plugin_for(args)
+    trainer._hf_offload_plugin = plugin
+    trainer._hf_offload_metrics = None
+    trainer._hf_offload_merged_at = None
+    if plugin is None:
+        return call(model, args, *rest, **kwargs)
+    if args is None:
+        args = TrainingArguments(output_dir="tmp_trainer")  # what Trainer would create; we need its device now
+    bound = _INIT_SIGNATURE.bind(trainer, model, args, *rest, **kwargs).arguments
+    optimizer = (bound.get("optimizers") or (None, None))[0]
+    if optimizer is not None and model is not None and not is_peft_model(model) and not is_streaming(model):
+        raise ValueError(
+            "Layer streaming adds LoRA adapters to a model that is not a peft model, but the optimizer passed in "
+            "`optimizers` was created before that and would not see them. Apply peft yourself before creating the "
+            "optimizer, or let the Trainer create it (drop `optimizers`)."
+        )
+    _refuse_unsupported_arguments(args)
+    _use_default_optimizer(args, plugin, chosen=optimizer is not None or bound.get("optimizer_cls_and_kwargs"))
+    if model is not None:
+        model = plugin.prepare_model(model, device=args.device)  # raises before training for unstreamable models
+    call(model, args, *rest, **kwargs)
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        raise ValueError(
+            "Layer streaming cannot be combined with DeepSpeed or FSDP (set by the accelerate config or "
+            "environment): it does its own placement on one device per process. Remove the DeepSpeed/FSDP setting."
+        )
+    trainer._hf_offload_metrics = OffloadMetricsCallback()
+    trainer.add_callback(trainer._hf_offload_metrics)
+    if is_streaming(trainer.model):
+        trainer._hf_offload_metrics.watch(trainer.model)
+        if trainer.is_world_process_zero():
+            logger.info(startup_summary(trainer.model, args))
+
+
+def _call_model_init(call, trainer, trial=None):
+    model = call(trial)
+    plugin = getattr(trainer, "_hf_offload_plugin", None)
+    if plugin is None:
+        return model
+    return plugin.prepare_model(model, device=trainer.args.device)
+
+
+def _move_model_to_device(call, trainer, model, device):
+    if is_streaming(model):
+        return None  # resident modules are on the device already; the layers stay in host memory
+    return call(model, device)
+
+
+def _build_accelerator_args(call, trainer, **kwargs):
+    accelerator_args = call(**kwargs)
+    if getattr(trainer, "_hf_offload_plugin", None) is not None:
+        accelerator_args["device_placement"] = False
+    return accelerator_args
+
+
+def _load_from_checkpoint(call, trainer, resume_from_checkpoint, model=None):
+    target = model if model is not None else trainer.model
+    if getattr(trainer, "_hf_offload_plugin", None) is not None and is_streaming(target):
+        check_adapter_checkpoint(resume_from_checkpoint, target)
+    return call(resume_from_checkpoint, model)
+
+
+def _load_optimizer_and_scheduler(call, trainer, checkpoint):
+    if checkpoint is not None and getattr(trainer, "_hf_offload_plugin", None) is not None:
+        check_optimizer_state(checkpoint, trainer.optimizer)
+    return call(checkpoint)
+
+
+def _log(call, trainer, logs, start_time=None):
+    metrics = getattr(trainer, "_hf_offload_metrics", None)
+    if metrics is not None and is_streaming(trainer.model):
+        # the line that closes training (train_runtime, train_loss, ...) reports the whole run
+        logs.update(metrics.collect(trainer.model, whole_run="train_runtime" in logs))
+    return call(logs, start_time)
+
+
+def _save_model(call, trainer, output_dir=None, _internal_call=False):
+    plugin = getattr(trainer, "_hf_offload_plugin", None)
+    target = output_dir if output_dir is not None else trainer.args.output_dir
+    # The final model gets a merged copy and a model card: a save the user asks for, or push_to_hub's (internal,
+    # into output_dir), but not a checkpoint's (internal, into checkpoint-N). The merged copy is written once per
+    # step and before the Trainer's own save, which may push to the Hub.
+    final = not _internal_call or output_dir is None
+    mark = (os.path.abspath(target), trainer.state.global_step)
+    wanted = plugin is not None and plugin.save_merged and final and trainer.args.should_save
+    if wanted and trainer._hf_offload_merged_at != mark:
+        merged_dir = os.path.join(target, hub.MERGED_SUBFOLDER)
+        hub.save_merged(trainer.model, merged_dir, processing_class=trainer.processing_class)
+        trainer._hf_offload_merged_at = mark
+    result = call(output_dir, _internal_call)
+    if plugin is not None and final and trainer.args.should_save and os.path.isdir(target):
+        _add_card(trainer, target)  # the saved adapter says how it was trained and how to load it
+    return result
+
+
+def _create_model_card(call, trainer, *args, **kwargs):
+    result = call(*args, **kwargs)
+    plugin = getattr(trainer, "_hf_offload_plugin", None)
+    if plugin is not None and trainer.is_world_process_zero():
+        _add_card(trainer, trainer.args.output_dir)
+    return result
+
+
+def _add_card(trainer, folder: str) -> None:
+    hub.add_to_model_card(
+        folder,
+        base_model=hub.base_model_name(trainer.model),
+        repo_id=getattr(trainer, "hub_model_id", None),
+        merged=os.path.isdir(os.path.join(folder, hub.MERGED_SUBFOLDER)),
+    )
+
+
+HOOKS = {
+    "__init__": _init,
+    "call_model_init": _call_model_init,
+    "_move_model_to_device": _move_model_to_device,
+    "_build_accelerator_args": _build_accelerator_args,
+    "_load_from_checkpoint": _load_from_checkpoint,
+    "_load_optimizer_and_scheduler": _load_optimizer_and_scheduler,
+    "log": _log,
+    "save_model": _save_model,
+    "create_model_card": _create_model_card,
+}
+
+
+def _refuse_unsupported_arguments(args: TrainingArguments) -> None:
+    refusals = [
+        (args.deepspeed, "--deepspeed", "layer streaming does its own placement; drop --deepspeed"),
+        (args.fsdp, "--fsdp", "layer streaming does its own placement; drop --fsdp"),
+        (
+            args.fp16_full_eval or args.bf16_full_eval,
+            "--fp16_full_eval/--bf16_full_eval",
+            "they cast the whole model with .to(dtype); load the model in that dtype instead",
+        ),
+        (
+            args.world_size > 1,
+            f"{args.world_size} data-parallel processes",
+            "run one process; data-parallel ranks sharing one host copy of the layers are not supported yet",
+        ),
+        (
+            args.n_gpu > 1,
+            f"{args.n_gpu} GPUs in one process (nn.DataParallel)",
+            "make one GPU visible per process (CUDA_VISIBLE_DEVICES) or launch one process per GPU",
+        ),
+    ]
+    for on, what, way_out in refusals:
+        if on:
+            raise ValueError(f"Layer streaming cannot be combined with {what}: {way_out}.")
+
+
+def _use_default_optimizer(args: TrainingArguments, plugin: LayerStreamingPlugin, chosen) -> None:
+    """Swap the Trainer's default optimizer for the plugin's (8-bit AdamW) unless the script chose one."""
+    if plugin.default_optim is None or chosen or args.optim == plugin.default_optim:
+        return
+    explicit = getattr(args, "_hf_offload_optim_chosen", None)
+    if explicit or (explicit is None and args.optim != TRAINER_DEFAULT_OPTIM):
+        return
+    logger.info(
+        "hf_offload: optimizer %s instead of the default %s, to keep optimizer state small (pass --optim to choose).",
+        plugin.default_optim,
+        getattr(args.optim, "value", args.optim),
+    )
+    args.optim = OptimizerNames(plugin.default_optim)
+
+
+def startup_summary(model, args: TrainingArguments) -> str:
+    """One paragraph: what streams, what stays on the device, what a step moves."""
+    facts = summary(model)
+    layers = model.get_submodule(facts["layer_path"])
+    streamed = {id(p) for p in layers.parameters() if not p.requires_grad}
+    tensors = [*model.parameters(), *model.buffers()]
+    resident = sum(t.numel() * t.element_size() for t in tensors if id(t) not in streamed)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    prefetch = get_runtime(model).config.prefetch
+    pinned = " (pinned)" if facts["pinned"] else ""
+    if facts.get("quantized_weights"):
+        pinned += f" with {facts['quantized_weights']} linear weights in {facts['base_weight_dtype']}"
+    scratch = facts.get("device_scratch_bytes", 0)
+    scratch = f" + {_size(scratch)} of dequantization scratch" if scratch else ""
+    optim = getattr(args.optim, "value", args.optim)
+    return (
+        f"hf_offload: layer streaming is on. {facts['layers']} decoder layers ({facts['layer_path']}) stay in host "
+        f"memory, {_size(facts['host_store_bytes'])}{pinned}, and stream to {facts['device']} one at a time with "
+        f"prefetch {prefetch}; a training step moves about {_size(facts['bytes_per_train_step'])} host->device. "
+        f"Device memory budget: {_size(facts['device_slot_bytes'])} of layer slots{scratch} + {_size(resident)} "
+        f"resident (embeddings, head, norms and {trainable:,} trainable adapter parameters) + optimizer state "
+        f"({optim}) + activations."
+    )
+
+
+def _size(nbytes: int) -> str:
+    for unit, factor in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= factor:
+            return f"{nbytes / factor:.2f} {unit}"
+    return f"{nbytes} bytes"
+
+
+# --- OffloadTrainer and the in-place patch -------------------------------------------------------------------------
+class OffloadTrainer(Trainer):
+    """A `Trainer` that streams the model's decoder layers when its arguments (or `hf-offload launch`) ask for it.
+
+    Without `--layer_streaming` (and outside `hf-offload launch`) it is exactly a `Trainer`.
+
+    Example:
+        >>> args = OffloadTrainingArguments(output_dir="out", layer_streaming=True, bf16=True)
+        >>> trainer = OffloadTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
+        >>> trainer.train()
+        >>> trainer.push_to_hub()
+    """
+
+    def __init__(self, model=None, args=None, *rest, **kwargs):
+        _init(super().__init__, self, model, args, *rest, **kwargs)
+
+    def call_model_init(self, trial=None):
+        return _call_model_init(super().call_model_init, self, trial)
+
+    def _move_model_to_device(self, model, device):
+        return _move_model_to_device(super()._move_model_to_device, self, model, device)
+
+    def _build_accelerator_args(self, **kwargs):
+        return _build_accelerator_args(super()._build_accelerator_args, self, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        return _load_from_checkpoint(super()._load_from_checkpoint, self, resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        return _load_optimizer_and_scheduler(super()._load_optimizer_and_scheduler, self, checkpoint)
+
+    def log(self, logs, start_time=None):
+        return _log(super().log, self, logs, start_time)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        return _save_model(super().save_model, self, output_dir, _internal_call)
+
+    def create_model_card(self, *args, **kwargs):
+        return _create_model_card(super().create_model_card, self, *args, **kwargs)
+
+
+def patch_trainer(cls: type = Trainer) -> None:
+    """Make every `cls` (default `transformers.Trainer`) and subclass stream when a plugin is configured.
+
+    Installed in place on the class, so subclasses defined before or after (TRL's) are covered. A Trainer streams
+    when `hf-offload launch` set the environment or its arguments say `--layer_streaming`; otherwise each hook
+    calls straight through. `unpatch_trainer` restores the class exactly.
+    """
+    if "_hf_offload_originals" in cls.__dict__:
+        return
+    originals = {name: cls.__dict__[name] for name in HOOKS}
+    for name, hook in HOOKS.items():
+        setattr(cls, name, _patched(originals[name], hook))
+    cls._hf_offload_originals = originals
+
+
+def unpatch_trainer(cls: type = Trainer) -> None:
+    originals = cls.__dict__.get("_hf_offload_originals")
+    if originals is None:
+        return
+    for name, original in originals.items():
+        setattr(cls, name, original)
+    del cls._hf_offload_originals
+
+
+def _patched(original, hook):
+    @functools.wraps(original)
+    def method(self, *args, **kwargs):
+        if isinstance(self, OffloadTrainer):  # it applies the same hooks itself, around super()
+            return original(self, *args, **kwargs)
+        return hook(functools.partial(original, self), self, *args, **kwargs)
+
+    return method
+
+
+if os.environ.get(ENV_VAR):
+    # Under `hf-offload launch`, when this module is what imports transformers.trainer, the start-up hook cannot
+    # import it half-initialised and leaves the patch to it (hf_offload/_startup/sitecustomize.py).
+    patch_trainer()
