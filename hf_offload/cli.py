@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each module named here defines `register(subparsers)`, which adds its subcommand and sets `func` on it.
-SUBCOMMAND_MODULES: list[str] = []
+SUBCOMMAND_MODULES: list[str] = ["hf_offload.bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

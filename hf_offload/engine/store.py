@@ -11,6 +11,7 @@ provide the same `LayerPack.host` byte buffers; nothing else depends on where th
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +25,18 @@ ALIGNMENT = 64  # bytes; every tensor starts on a boundary any dtype view accept
 
 def _aligned(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def page_aligned_empty(nbytes: int) -> torch.Tensor:
+    """`nbytes` of host memory (uint8) that start on a page boundary and own every page they touch.
+
+    Page-locking works on whole pages, and a page can be registered only once: a layer buffer sharing a page
+    with another one (small buffers from the heap often do) could not be pinned. This costs under two pages.
+    """
+    page = mmap.PAGESIZE
+    base = torch.empty((nbytes + page - 1) // page * page + page, dtype=torch.uint8)
+    offset = -base.data_ptr() % page
+    return base[offset : offset + nbytes]
 
 
 @dataclass
@@ -109,7 +122,7 @@ def pack_layer(index: int, layer: nn.Module, pin: Callable[[torch.Tensor], bool]
     for param in params:
         offsets.append(total)
         total += _aligned(param.numel() * param.element_size())
-    pack = LayerPack(index=index, host=torch.empty(total, dtype=torch.uint8))
+    pack = LayerPack(index=index, host=page_aligned_empty(total))
     pack.pinned = pin(pack.host)
     for param, offset in zip(params, offsets):
         packed = PackedTensor(
