@@ -64,6 +64,7 @@ def test_cpu_smoke_run_reports_every_method(capsys):
     layers = doc["model"]["layers"]
     assert streamed["stats"]["layer_loads"] == 2 * layers - 2  # prefetch 1: the turnaround reuses two layers
     assert streamed["weight_bytes_per_step"] == streamed["stats"]["bytes_to_device"]
+    assert doc["performance_model"]["bytes_per_step"] == streamed["weight_bytes_per_step"]  # DESIGN.md section 5
     assert set(doc["ratios"]) == {f"hf_offload/{m} step time" for m in rows if m not in ("hf_offload", ds["method"])}
     assert doc["flops_formula"].startswith("model TFLOP/s = 6 * N * tokens_per_step")
     assert doc["settings"]["order"] == "interleaved" and doc["process_peak_host_rss_bytes"] > 0
@@ -160,3 +161,28 @@ def test_overlap_from_a_profiler_trace():
     assert overlap.copy_overlap_share == pytest.approx(50 / 300)
     assert overlap.h2d_bytes == 1000
     assert overlap_from_trace({"traceEvents": [event("cpu_op", "aten::mm", 0, 5)]}) is None
+
+
+def test_trainer_driven_timing_without_deepspeed(monkeypatch):
+    """The DeepSpeed row runs through Trainer callbacks; check that path on the CPU with DeepSpeed switched off."""
+    from hf_offload.bench import methods
+    from hf_offload.bench.measure import StepClock
+
+    monkeypatch.setattr(methods, "deepspeed_config", lambda optimizer: None)
+    config = load_config("tiny", None)
+    setup = methods.Setup(
+        config=config,
+        facts=model_facts(config, torch.float32),
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        batch=2,
+        seq=16,
+        lora_r=4,
+        prefetch=1,
+        offload_activations=False,
+    )
+    clock = StepClock(setup.device, warmup=1, steps=2, profile=False)
+    outcome = methods.DeepSpeedZero3Offload().run(setup, clock)
+    assert len(clock.times) == 2 and all(t > 0 for t in clock.times)
+    assert len(clock.losses) == 3 and all(math.isfinite(x) for x in clock.losses)
+    assert "ZeRO-3" in outcome.notes[0]

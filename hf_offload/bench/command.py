@@ -49,6 +49,12 @@ def register(subparsers) -> None:
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank, on all linear layers")
     parser.add_argument("--prefetch", type=int, default=1, help="hf_offload: layers loaded ahead")
     parser.add_argument("--offload-activations", action="store_true", help="hf_offload: boundary states on host")
+    parser.add_argument(
+        "--deepspeed-optimizer",
+        choices=["deepspeed", "torch"],
+        default="deepspeed",
+        help="deepspeed-zero3-offload: DeepSpeedCPUAdam (usual; compiled on first use) or torch AdamW",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per method (the median is reported)")
     parser.add_argument("--no-profile", action="store_true", help="CUDA: skip the profiled step (no overlap columns)")
@@ -106,6 +112,7 @@ def _main(args: argparse.Namespace) -> int:
         lora_r=args.lora_r,
         prefetch=args.prefetch,
         offload_activations=args.offload_activations,
+        deepspeed_optimizer=args.deepspeed_optimizer,
     )
     model_bytes = sum(facts.layer_bytes) + facts.resident_bytes
     document = {
@@ -166,6 +173,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"[bench] {row.method}: {row.status}" + (f" ({row.reason})" if row.reason else ""), file=sys.stderr)
     document["rows"] = [row_dict(r) for r in rows]
     document["ratios"] = ratios(rows)
+    document["performance_model"] = performance_model(setup, rows, document["h2d_peak_gbps"])
 
     if args.json:
         print(json.dumps(document, indent=2))
@@ -312,12 +320,33 @@ def _does_not_fit(name: str, setup: Setup, model_bytes: int) -> str | None:
     return None
 
 
+def performance_model(setup: Setup, rows: list[Row], h2d_peak_gbps: float | None) -> dict:
+    """DESIGN.md section 5 applied to this run: what the link and the compute each allow hf_offload.
+
+    Bytes per step = 2 x layer bytes - the layers reused at the turnaround. Streaming cannot beat either the time
+    the link needs for those bytes (at the pinned-copy peak) or the time the same recompute takes with the model
+    resident (the resident-checkpointed row). Compute covers the transfer from `break_even_tokens` tokens/step on.
+    """
+    layers = setup.facts.layer_bytes
+    model = {"bytes_per_step": 2 * sum(layers) - sum(layers[-(setup.prefetch + 1) :])}
+    if not h2d_peak_gbps:
+        return model
+    model["transfer_s"] = model["bytes_per_step"] / (h2d_peak_gbps * 1e9)
+    compute = next((r for r in rows if r.method == "resident-checkpointed" and r.step_time_s), None)
+    if compute is not None:
+        model["compute_s"] = compute.step_time_s
+        model["best_step_s"] = max(compute.step_time_s, model["transfer_s"])
+        model["break_even_tokens"] = round(setup.tokens * model["transfer_s"] / compute.step_time_s)
+    return model
+
+
 def machine(device: torch.device) -> dict:
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
@@ -360,6 +389,24 @@ def footer(doc: dict, rows: list[Row]) -> str:
     lines = []
     for key, value in doc["ratios"].items():
         lines.append(f"{key}: {value:.3f}x")
+    hw = doc["machine"]
+    if doc["settings"]["device"] == "cpu" and (hw.get("load_average_1min") or 0) > (hw["cpu_count"] or 1) / 2:
+        lines.append(
+            f"note: the machine was busy (load average {hw['load_average_1min']:.1f} on {hw['cpu_count']} cores) "
+            "when the run started; with several torch threads, spinning threads then slow every method "
+            "erratically. Interleaving keeps the ratios fair; --threads 1 keeps them stable."
+        )
+    model = doc["performance_model"]
+    line = f"performance model: {model['bytes_per_step'] / 1e9:.3g} GB of layer weights per step"
+    if "transfer_s" in model:
+        line += f" = {model['transfer_s']:.3f} s at the pinned peak"
+    if "compute_s" in model:
+        line += (
+            f"; the same recompute with the model resident takes {model['compute_s']:.3f} s, so hf_offload's best "
+            f"step is {model['best_step_s']:.3f} s; compute hides the transfer from ~{model['break_even_tokens']:,} "
+            "tokens/step"
+        )
+    lines.append(line)
     for row in rows:
         for note in row.notes:
             lines.append(f"{row.method}: {note}")

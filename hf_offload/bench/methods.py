@@ -35,6 +35,7 @@ class Setup:
     lora_r: int
     prefetch: int
     offload_activations: bool
+    deepspeed_optimizer: str = "deepspeed"  # "deepspeed" (CPU Adam op) or "torch" (AdamW, nothing to compile)
     lr: float = 1e-4
     seed: int = 0
 
@@ -219,28 +220,32 @@ class DeepSpeedZero3Offload(Method):
                 if logs and "loss" in logs:
                     losses.append(float(logs["loss"]))
 
+        # The model is built before TrainingArguments turns ZeRO-3 on: transformers would otherwise construct it
+        # under deepspeed.zero.Init, which does not mix with meta-device construction. DeepSpeed partitions the
+        # finished module when the Trainer initialises its engine (the path of any model built before Trainer).
+        model = lora_model(setup, "cpu")
+        dataset = _RepeatedBatch(_batch(setup, "cpu"), setup.batch * clock.total_steps)
         with tempfile.TemporaryDirectory() as output_dir:
-            args = TrainingArguments(
-                output_dir=output_dir,
-                per_device_train_batch_size=setup.batch,
-                max_steps=clock.total_steps,
-                learning_rate=setup.lr,
-                lr_scheduler_type="constant",
-                bf16=setup.dtype == torch.bfloat16,
-                fp16=setup.dtype == torch.float16,
-                # Users of ZeRO-3 offload on models this size turn checkpointing on, as streaming recomputes too.
-                activation_checkpointing=True,
-                activation_checkpointing_kwargs={"use_reentrant": False},
-                deepspeed=deepspeed_config(),
-                logging_steps=1,
-                save_strategy="no",
-                report_to="none",
-                disable_tqdm=True,
-                remove_unused_columns=False,
-            )
             try:
-                model = lora_model(setup, "cpu")
-                dataset = _RepeatedBatch(_batch(setup, "cpu"), setup.batch * clock.total_steps)
+                args = TrainingArguments(
+                    output_dir=output_dir,
+                    per_device_train_batch_size=setup.batch,
+                    max_steps=clock.total_steps,
+                    learning_rate=setup.lr,
+                    lr_scheduler_type="constant",
+                    bf16=setup.dtype == torch.bfloat16,
+                    fp16=setup.dtype == torch.float16,
+                    # Users of ZeRO-3 offload on models this size turn checkpointing on; streaming recomputes too.
+                    activation_checkpointing=True,
+                    activation_checkpointing_kwargs={"use_reentrant": False},
+                    deepspeed=deepspeed_config(setup.deepspeed_optimizer),
+                    optim="adamw_torch",  # used only with --deepspeed-optimizer torch
+                    logging_steps=1,
+                    save_strategy="no",
+                    report_to="none",
+                    disable_tqdm=True,
+                    remove_unused_columns=False,
+                )
                 trainer = Trainer(
                     model=model,
                     args=args,
@@ -252,14 +257,28 @@ class DeepSpeedZero3Offload(Method):
                 destroy = getattr(trainer.model_wrapped, "destroy", None)
                 if callable(destroy):
                     destroy()
+                trainer.accelerator.free_memory()
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:
+                hint = ""
+                if setup.deepspeed_optimizer == "deepspeed":
+                    hint = " (if DeepSpeedCPUAdam failed to build, try --deepspeed-optimizer torch)"
+                raise RuntimeError(f"{type(err).__name__}: {err}{hint}") from err
             finally:
                 unset_hf_deepspeed_config()
-        return Outcome(notes=["ZeRO-3, offload_param+offload_optimizer to CPU (pinned), HF gradient checkpointing on"])
+        optimizer = "DeepSpeedCPUAdam" if setup.deepspeed_optimizer == "deepspeed" else "torch AdamW on CPU"
+        note = f"ZeRO-3, parameters and optimizer ({optimizer}) offloaded to pinned CPU memory, HF checkpointing on"
+        return Outcome(notes=[note])
 
 
-def deepspeed_config() -> dict:
-    """A standard ZeRO-3 CPU-offload config; "auto" values are filled in by transformers from TrainingArguments."""
-    return {
+def deepspeed_config(optimizer: str = "deepspeed") -> dict:
+    """A standard ZeRO-3 CPU-offload config; "auto" values are filled in by transformers from TrainingArguments.
+
+    optimizer "deepspeed": DeepSpeed's CPU Adam (its usual setup; a C++ op DeepSpeed compiles on first use).
+    optimizer "torch": the Trainer's torch AdamW runs on the offloaded fp32 partition instead (no compilation).
+    """
+    config = {
         "zero_optimization": {
             "stage": 3,
             "offload_param": {"device": "cpu", "pin_memory": True},
@@ -283,6 +302,12 @@ def deepspeed_config() -> dict:
         "train_micro_batch_size_per_gpu": "auto",
         "wall_clock_breakdown": False,
     }
+    if optimizer == "torch":
+        del config["optimizer"]
+        config["zero_force_ds_cpu_optimizer"] = False
+    elif optimizer != "deepspeed":
+        raise ValueError(f"the DeepSpeed optimizer should be 'deepspeed' or 'torch', not {optimizer!r}")
+    return config
 
 
 class _RepeatedBatch(torch.utils.data.Dataset):
