@@ -79,9 +79,11 @@ def test_sequential_order_measures_memory_per_method(capsys):
     assert rows["hf_offload"]["extra"]["stats"]["peak_resident_layers"] == 1
 
 
-def test_unknown_method_is_refused(capsys):
+def test_unknown_or_repeated_methods_are_refused():
     with pytest.raises(SystemExit, match="unknown method"):
         cli.main(["bench", "--device", "cpu", "--methods", "resident,zero4"])
+    with pytest.raises(SystemExit, match="names a method twice"):
+        cli.main(["bench", "--device", "cpu", "--methods", "resident,hf_offload,resident"])
 
 
 def test_config_errors_name_the_problem(tmp_path):

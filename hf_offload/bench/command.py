@@ -89,6 +89,8 @@ def _main(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise SystemExit(f"hf-offload bench: unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
+    if len(set(methods)) != len(methods):
+        raise SystemExit(f"hf-offload bench: --methods names a method twice ({args.methods}); name each once.")
     for name in ("batch", "seq", "lora_r", "steps"):
         value = getattr(args, name)
         if value is not None and value < 1:

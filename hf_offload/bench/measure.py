@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..engine.device import DeviceOps
+from ..engine.store import page_aligned_empty
+
 # --- steps -----------------------------------------------------------------------------------------------------------
 
 
@@ -250,8 +253,15 @@ def current_peak_rss() -> int | None:
 
 
 def pinned_copy_peak(device: torch.device, nbytes: int, repeats: int = 8) -> float:
-    """Host->device GB/s of a plain copy of `nbytes` from page-locked memory (the link's practical peak)."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    """Host->device GB/s of a plain copy of `nbytes` from page-locked memory (the link's practical peak).
+
+    The host buffer is page-locked the way the engine locks its store (cudaHostRegister on a page-aligned
+    buffer), so the peak and the engine's copies come from the same kind of memory.
+    """
+    ops = DeviceOps(device)
+    host = page_aligned_empty(nbytes)
+    if not ops.pin(host):
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     target = torch.empty(nbytes, dtype=torch.uint8, device=device)
     target.copy_(host, non_blocking=True)  # warm up: first-touch costs, context, allocator
     torch.cuda.synchronize(device)
@@ -262,5 +272,5 @@ def pinned_copy_peak(device: torch.device, nbytes: int, repeats: int = 8) -> flo
     end.record()
     end.synchronize()
     seconds = start.elapsed_time(end) / 1e3
-    del host, target
+    ops.unpin(host)
     return nbytes * repeats / seconds / 1e9
