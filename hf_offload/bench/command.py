@@ -31,7 +31,6 @@ def register(subparsers) -> None:
             "tokens/s, model TFLOP/s (6*N*tokens / step time), step time, host->device GB/s against a plain "
             "pinned copy, copy/compute overlap, peak GPU memory and peak host RSS. Nothing is downloaded."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--preset", choices=list(PRESETS), help="model shape (default: tiny on CPU, 8b on CUDA)")
@@ -40,23 +39,23 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--methods",
         default=",".join(METHODS),
-        help=f"comma-separated, from: {', '.join(METHODS)}",
+        help=f"comma-separated, from (default: all): {', '.join(METHODS)}",
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), help="model dtype (default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: 2 on cpu, 4 on cuda)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: 64 on cpu, 4096 on cuda)")
-    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank, on all linear layers")
-    parser.add_argument("--prefetch", type=int, default=1, help="hf_offload: layers loaded ahead")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank, on all linear layers (default: 16)")
+    parser.add_argument("--prefetch", type=int, default=1, help="hf_offload: layers loaded ahead (default: 1)")
     parser.add_argument("--offload-activations", action="store_true", help="hf_offload: boundary states on host")
     parser.add_argument(
         "--deepspeed-optimizer",
         choices=["deepspeed", "torch"],
         default="deepspeed",
-        help="deepspeed-zero3-offload: DeepSpeedCPUAdam (usual; compiled on first use) or torch AdamW",
+        help="deepspeed-zero3-offload: DeepSpeedCPUAdam (the default; compiled on first use) or torch AdamW",
     )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per method (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method (default: 1)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per method, median reported (default: 3)")
     parser.add_argument("--no-profile", action="store_true", help="CUDA: skip the profiled step (no overlap columns)")
     parser.add_argument(
         "--order",

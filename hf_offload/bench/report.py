@@ -77,16 +77,20 @@ COLUMNS = [
 
 
 def table(rows: list[Row]) -> str:
-    cells = [[name for name, _ in COLUMNS]]
+    """Aligned text table; columns no row has a value for (the CUDA ones on a CPU run) are left out."""
+    ok = [row for row in rows if row.status == "ok"]
+    columns = [(n, get) for i, (n, get) in enumerate(COLUMNS) if i == 0 or any(get(r) != "-" for r in ok)]
+    cells = [[name for name, _ in columns]]
     for row in rows:
         if row.status == "ok":
-            cells.append([get(row) for _, get in COLUMNS])
+            cells.append([get(row) for _, get in columns])
         else:
             cells.append([row.method, f"{row.status}: {row.reason}"])
-    widths = [max(len(c[i]) for c in cells if len(c) == len(COLUMNS) or i == 0) for i in range(len(COLUMNS))]
+    full = [c for c in cells if len(c) == len(columns)]
+    widths = [max(len(c[i]) for c in full) if i else max(len(c[0]) for c in cells) for i in range(len(columns))]
     lines = []
     for k, c in enumerate(cells):
-        if len(c) == len(COLUMNS):
+        if len(c) == len(columns):
             lines.append("  ".join(c[0].ljust(widths[0]) if i == 0 else x.rjust(widths[i]) for i, x in enumerate(c)))
         else:
             lines.append(f"{c[0].ljust(widths[0])}  {c[1]}")
