@@ -103,9 +103,12 @@ class Method:
 
 
 def lora_model(setup: Setup, device: torch.device | str):
+    return add_lora(build_model(setup.config, setup.dtype, device, seed=setup.seed), setup)
+
+
+def add_lora(model, setup: Setup):
     from peft import LoraConfig, get_peft_model
 
-    model = build_model(setup.config, setup.dtype, device, seed=setup.seed)
     torch.manual_seed(setup.seed)  # LoRA A is drawn from the global generator: the same adapters for every method
     lora = LoraConfig(r=setup.lora_r, lora_alpha=2 * setup.lora_r, lora_dropout=0.0, target_modules="all-linear")
     return get_peft_model(model, lora)
@@ -203,10 +206,15 @@ class DeepSpeedZero3Offload(Method):
         return None
 
     def run(self, setup, clock):
-        from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+        from transformers import (
+            AutoModelForCausalLM,
+            Trainer,
+            TrainerCallback,
+            TrainingArguments,
+            default_data_collator,
+        )
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        _single_process_distributed_env()
         losses = clock.losses
 
         class Clock(TrainerCallback):
@@ -220,12 +228,9 @@ class DeepSpeedZero3Offload(Method):
                 if logs and "loss" in logs:
                     losses.append(float(logs["loss"]))
 
-        # The model is built before TrainingArguments turns ZeRO-3 on: transformers would otherwise construct it
-        # under deepspeed.zero.Init, which does not mix with meta-device construction. DeepSpeed partitions the
-        # finished module when the Trainer initialises its engine (the path of any model built before Trainer).
-        model = lora_model(setup, "cpu")
         dataset = _RepeatedBatch(_batch(setup, "cpu"), setup.batch * clock.total_steps)
-        with tempfile.TemporaryDirectory() as output_dir:
+        with tempfile.TemporaryDirectory() as output_dir, _restored_environment():
+            _single_process_distributed_env()
             try:
                 args = TrainingArguments(
                     output_dir=output_dir,
@@ -246,6 +251,11 @@ class DeepSpeedZero3Offload(Method):
                     disable_tqdm=True,
                     remove_unused_columns=False,
                 )
+                # As DeepSpeed users do: TrainingArguments first, then the model, which transformers then builds
+                # under deepspeed.zero.Init (each module partitioned to CPU as it is created, so it never has to fit
+                # on the GPU), then peft. Its weights come from transformers' own init, not the shared random fill;
+                # the values do not change a dense model's speed.
+                model = add_lora(AutoModelForCausalLM.from_config(setup.config, dtype=setup.dtype), setup)
                 trainer = Trainer(
                     model=model,
                     args=args,
@@ -322,6 +332,17 @@ class _RepeatedBatch(torch.utils.data.Dataset):
     def __getitem__(self, i):
         row = i % self.batch["input_ids"].shape[0]
         return {k: v[row] for k, v in self.batch.items()}
+
+
+@contextlib.contextmanager
+def _restored_environment():
+    """Environment variables set for DeepSpeed (world of one, ACCELERATE_USE_DEEPSPEED) do not outlive its row."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _single_process_distributed_env() -> None:
