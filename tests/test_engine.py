@@ -231,3 +231,23 @@ def test_training_through_a_prefilled_cache_is_refused():
     assert isinstance(cache, DynamicCache) and cache.get_seq_length() > 0
     with pytest.raises(NotImplementedError, match="pre-filled KV cache"):
         model(input_ids=ids[:, :2], past_key_values=cache, use_cache=True).logits.sum().backward()
+
+
+def test_host_buffers_are_page_aligned_and_own_their_pages():
+    """CUDA page-locks whole pages, once each: every layer buffer starts a page and no two share one."""
+    import mmap
+
+    from hf_offload.api import get_runtime
+
+    model = with_lora(build("llama"))
+    hf_offload.enable_layer_streaming(model, OffloadConfig(device="cpu"))
+    pages = set()
+    for pack in get_runtime(model).store.packs:
+        start = pack.host.data_ptr()
+        assert start % mmap.PAGESIZE == 0
+        storage = pack.host.untyped_storage()
+        end = start + -(-pack.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        assert end <= storage.data_ptr() + storage.nbytes()  # the last page is ours too
+        owned = set(range(start // mmap.PAGESIZE, end // mmap.PAGESIZE))
+        assert not owned & pages
+        pages |= owned
