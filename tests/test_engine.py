@@ -259,3 +259,23 @@ def test_layer_weight_tied_to_a_resident_module_stays_resident():
     assert id(extra) not in streamed_ids
     assert extra is streamed.get_base_model().model.layers[1].mlp.down_proj.base_layer.weight
     assert_same_step(reference, streamed, left_padded_batch(VOCAB))
+
+
+def test_host_buffers_are_page_aligned_and_own_their_pages():
+    """CUDA page-locks whole pages, once each: every layer buffer starts a page and no two share one."""
+    import mmap
+
+    from hf_offload.api import get_runtime
+
+    model = with_lora(build("llama"))
+    hf_offload.enable_layer_streaming(model, OffloadConfig(device="cpu"))
+    pages = set()
+    for pack in get_runtime(model).store.packs:
+        start = pack.host.data_ptr()
+        assert start % mmap.PAGESIZE == 0
+        storage = pack.host.untyped_storage()
+        end = start + -(-pack.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        assert end <= storage.data_ptr() + storage.nbytes()  # the last page is ours too
+        owned = set(range(start // mmap.PAGESIZE, end // mmap.PAGESIZE))
+        assert not owned & pages
+        pages |= owned

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
+import weakref
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+PAGE_SIZE = mmap.PAGESIZE
 
 
 def resolve_device(requested: torch.device | str | None) -> torch.device:
@@ -38,6 +42,8 @@ class DeviceOps:
         self._module = None if self.is_cpu else torch.get_device_module(device.type)
         # comms stream: host->device layer copies run here, overlapping the compute stream's kernels.
         self.copy_stream = None if self.is_cpu else self._module.Stream(device=device)
+        # data_ptr -> finalizer that unregisters it; see `pin`.
+        self._registered: dict[int, weakref.finalize] = {}
 
     # --- streams and events -------------------------------------------------------------------------------------
     def compute_stream(self):
@@ -73,21 +79,34 @@ class DeviceOps:
 
         The caching host allocator behind `pin_memory()` rounds every block up to a power of two, which can
         nearly double host memory for a store of many layer-sized buffers. Registering memory we already own
-        costs exactly its size.
+        costs exactly its size. CUDA locks whole pages, and a page can be registered only once: a buffer that
+        shares a page with another registered buffer fails, so the store allocates page-aligned buffers
+        (`store.page_aligned_empty`) and the whole pages they own are registered here.
+        The registration is undone by `unpin`, or when `host` is garbage-collected: memory freed while still
+        registered would stay locked until the process exits.
         """
-        if self.is_cpu or host.numel() == 0:
+        if self.is_cpu or host.numel() == 0 or self.device.type != "cuda":
             return False
-        if self.device.type == "cuda":
-            err = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel() * host.element_size(), 0)
-            if int(err) != 0:
-                logger.warning("cudaHostRegister failed (error %s); this layer's copies will be synchronous", err)
-                return False
-            return True
-        return False
+        ptr = host.data_ptr()
+        size = host.numel() * host.element_size()
+        storage = host.untyped_storage()
+        storage_end = storage.data_ptr() + storage.nbytes()
+        if ptr % PAGE_SIZE == 0:
+            size = min(-(-size // PAGE_SIZE) * PAGE_SIZE, storage_end - ptr)
+        err = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 0))
+        if err != 0:
+            _clear_pending_cuda_error(self.device)
+            logger.warning("cudaHostRegister failed (error %s); this layer's copies will be synchronous", err)
+            return False
+        finalizer = weakref.finalize(host, _host_unregister, ptr)
+        finalizer.atexit = False  # at exit the driver releases everything; CUDA may already be shutting down
+        self._registered[ptr] = finalizer
+        return True
 
     def unpin(self, host: torch.Tensor) -> None:
-        if self.device.type == "cuda" and host.numel():
-            torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
+        finalizer = self._registered.pop(host.data_ptr(), None)
+        if finalizer is not None:
+            finalizer()  # unregisters once; the finalizer is dead afterwards
 
     # --- RNG state, for replaying dropout in the recompute ----------------------------------------------------------
     def get_rng_state(self):
@@ -110,3 +129,21 @@ class DeviceOps:
         if self.is_cpu:
             return None
         return self._module.max_memory_allocated(self.device)
+
+
+def _host_unregister(ptr: int) -> None:
+    err = int(torch.cuda.cudart().cudaHostUnregister(ptr))
+    if err != 0:
+        _clear_pending_cuda_error(None)
+        logger.warning("cudaHostUnregister failed (error %s)", err)
+
+
+def _clear_pending_cuda_error(device: torch.device | None) -> None:
+    """Consume the error a failed CUDA runtime call leaves pending in this thread.
+
+    The CUDA runtime reports an error again from the next `cudaGetLastError`, which torch calls after every
+    kernel launch: a failed cudaHostRegister would make some unrelated later kernel raise. torch exposes no
+    `cudaGetLastError`; a tiny kernel launch runs torch's own check, which consumes the pending error.
+    """
+    with contextlib.suppress(RuntimeError):
+        torch.empty(1, device=device if device is not None else "cuda").fill_(0)

@@ -36,6 +36,7 @@ provide the same `LayerPack.host` byte buffers; nothing else depends on where th
 from __future__ import annotations
 
 import math
+import mmap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -66,6 +67,18 @@ class Region:
 
     def view_in(self, buffer: torch.Tensor) -> torch.Tensor:
         return buffer[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+
+def page_aligned_empty(nbytes: int) -> torch.Tensor:
+    """`nbytes` of host memory (uint8) that start on a page boundary and own every page they touch.
+
+    Page-locking works on whole pages, and a page can be registered only once: a layer buffer sharing a page
+    with another one (small buffers from the heap often do) could not be pinned. This costs under two pages.
+    """
+    page = mmap.PAGESIZE
+    base = torch.empty((nbytes + page - 1) // page * page + page, dtype=torch.uint8)
+    offset = -base.data_ptr() % page
+    return base[offset : offset + nbytes]
 
 
 @dataclass
@@ -305,7 +318,7 @@ def pack_layer(
     layout = layout_layer(layer, codec, keep_resident=keep_resident, expert_groups=expert_groups)
     pack = LayerPack(
         index=index,
-        host=torch.empty(layout.nbytes, dtype=torch.uint8),
+        host=page_aligned_empty(layout.nbytes),
         scratch_nbytes=layout.scratch_nbytes,
         quantized_tuners=layout.quantized_tuners,
         base_nbytes=layout.base_nbytes,

@@ -183,7 +183,10 @@ class Streamer:
     def _free_slot(self, protected: set[int]) -> Slot | None:
         if len(self._slots) < self.prefetch + 1:
             buffer = torch.empty(self.store.max_layer_bytes, dtype=torch.uint8, device=self.ops.device)
-            self._slots.append(Slot(buffer=buffer))
+            # The caching allocator may hand out memory that kernels already queued on the compute stream still
+            # read (freed there, reusable in that stream's order). The copy stream must not write it before they
+            # finish: the first load into the slot waits for this event like any later one waits for `freed`.
+            self._slots.append(Slot(buffer=buffer, freed=self.ops.record_event()))
             return self._slots[-1]
         candidates = [s for s in self._slots if not s.in_use and s.layer not in protected]
         if not candidates:

@@ -1,0 +1,426 @@
+"""`hf-offload bench`: parse the options, run every method side by side in this process, print the results."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import sys
+import traceback
+
+import torch
+
+from .measure import StepClock, current_peak_rss, memory_peaks, overlap_from_trace, pinned_copy_peak
+from .methods import METHODS, Setup
+from .models import PRESETS, load_config, model_facts
+from .report import Row, ratios, row_dict, table
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MiB = 1 << 20
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="Measure training speed: hf_offload against resident training, DeepSpeed ZeRO-3 and accelerate.",
+        description=(
+            "Train LoRA steps on a random-weight model with each method side by side in one process and print "
+            "tokens/s, model TFLOP/s (6*N*tokens / step time), step time, host->device GB/s against a plain "
+            "pinned copy, copy/compute overlap, peak GPU memory and peak host RSS. Nothing is downloaded."
+        ),
+    )
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--preset", choices=list(PRESETS), help="model shape (default: tiny on CPU, 8b on CUDA)")
+    model.add_argument("--config", help="a transformers config.json instead of a preset")
+    parser.add_argument("--layers", type=int, help="override the number of decoder layers (fit a model in memory)")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated, from (default: all): {', '.join(METHODS)}",
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="model dtype (default: bf16 on cuda, fp32 on cpu)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: 2 on cpu, 4 on cuda)")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: 64 on cpu, 4096 on cuda)")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank, on all linear layers (default: 16)")
+    parser.add_argument("--prefetch", type=int, default=1, help="hf_offload: layers loaded ahead (default: 1)")
+    parser.add_argument("--offload-activations", action="store_true", help="hf_offload: boundary states on host")
+    parser.add_argument(
+        "--deepspeed-optimizer",
+        choices=["deepspeed", "torch"],
+        default="deepspeed",
+        help="deepspeed-zero3-offload: DeepSpeedCPUAdam (the default; compiled on first use) or torch AdamW",
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method (default: 1)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per method, median reported (default: 3)")
+    parser.add_argument("--no-profile", action="store_true", help="CUDA: skip the profiled step (no overlap columns)")
+    parser.add_argument(
+        "--order",
+        choices=["auto", "interleaved", "sequential"],
+        default="auto",
+        help="interleaved: all models built at once, their steps alternating (fair on a shared machine; peak memory "
+        "not per method); sequential: one method after the other. auto: interleaved on cpu, sequential on cuda",
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    threads = torch.get_num_threads()
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(threads)  # main() also runs in-process (tests): leave the process as it was
+
+
+def _main(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("hf-offload bench: --device cuda, but torch sees no CUDA device.")
+        device = torch.device("cuda", torch.cuda.current_device())
+    on_cpu = device.type == "cpu"
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise SystemExit(f"hf-offload bench: unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
+    if len(set(methods)) != len(methods):
+        raise SystemExit(f"hf-offload bench: --methods names a method twice ({args.methods}); name each once.")
+    for name in ("batch", "seq", "lora_r", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"hf-offload bench: --{name.replace('_', '-')} should be at least 1, not {value}.")
+    if args.warmup < 0 or args.prefetch < 0:
+        raise SystemExit("hf-offload bench: --warmup and --prefetch should be non-negative.")
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    preset = args.preset or (None if args.config else ("tiny" if on_cpu else "8b"))
+    config = load_config(preset, args.config, args.layers)
+    dtype = DTYPES[args.dtype or ("fp32" if on_cpu else "bf16")]
+    facts = model_facts(config, dtype)
+    setup = Setup(
+        config=config,
+        facts=facts,
+        dtype=dtype,
+        device=device,
+        batch=args.batch or (2 if on_cpu else 4),
+        seq=args.seq or (64 if on_cpu else 4096),
+        lora_r=args.lora_r,
+        prefetch=args.prefetch,
+        offload_activations=args.offload_activations,
+        deepspeed_optimizer=args.deepspeed_optimizer,
+    )
+    model_bytes = sum(facts.layer_bytes) + facts.resident_bytes
+    document = {
+        "command": "hf-offload bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
+        "machine": machine(device),
+        "model": {
+            "preset": preset,
+            "config": args.config,
+            "model_type": config.model_type,
+            "layers": facts.num_layers,
+            "hidden_size": facts.hidden_size,
+            "parameters": facts.parameters,
+            "active_parameters": facts.active_parameters,
+            "bytes": model_bytes,
+            "max_layer_bytes": max(facts.layer_bytes),
+        },
+        "settings": {
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "batch": setup.batch,
+            "seq": setup.seq,
+            "tokens_per_step": setup.tokens,
+            "lora_r": setup.lora_r,
+            "prefetch": setup.prefetch,
+            "offload_activations": setup.offload_activations,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "order": args.order if args.order != "auto" else ("interleaved" if on_cpu else "sequential"),
+        },
+        "flops_formula": "model TFLOP/s = 6 * N * tokens_per_step / step_time / 1e12, N = "
+        + ("active parameters per token (MoE)" if facts.active_parameters != facts.parameters else "parameters"),
+        "flops_parameters": facts.active_parameters,
+        "h2d_peak_gbps": None,
+    }
+    say = lambda text: print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
+    say(header(document))
+
+    if device.type == "cuda":
+        size = min(max(max(facts.layer_bytes), 64 * MiB), 1024 * MiB)
+        document["h2d_peak_gbps"] = pinned_copy_peak(device, size)
+        document["h2d_peak_copy_bytes"] = size
+        say(f"pinned host->device copy peak: {document['h2d_peak_gbps']:.1f} GB/s ({size / MiB:.0f} MiB copies)")
+
+    order = document["settings"]["order"]
+    peak = document["h2d_peak_gbps"]
+    together = [m for m in methods if METHODS[m].interleavable] if order == "interleaved" else []
+    rows = {}
+    if together:
+        print(f"[bench] interleaved: {', '.join(together)} ...", file=sys.stderr, flush=True)
+        rows.update((r.method, r) for r in run_interleaved(together, setup, args, model_bytes, peak))
+        document["process_peak_host_rss_bytes"] = current_peak_rss()
+    for name in methods:
+        if name not in rows:
+            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+            rows[name] = run_sequential(name, setup, args, model_bytes, peak)
+    rows = [rows[m] for m in methods]
+    for row in rows:
+        print(f"[bench] {row.method}: {row.status}" + (f" ({row.reason})" if row.reason else ""), file=sys.stderr)
+    document["rows"] = [row_dict(r) for r in rows]
+    document["ratios"] = ratios(rows)
+    document["performance_model"] = performance_model(setup, rows, document["h2d_peak_gbps"])
+
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        print()
+        print(table(rows))
+        print()
+        print(footer(document, rows))
+    return 1 if any(r.status == "error" for r in rows) else 0
+
+
+def run_sequential(name: str, setup: Setup, args, model_bytes: int, h2d_peak: float | None) -> Row:
+    """One method alone: build, warm up, time, profile, clean up; its peak memory is its own."""
+    method = METHODS[name]
+    reason = method.unavailable(setup) or _does_not_fit(name, setup, model_bytes)
+    if reason:
+        return Row(method=name, status="skipped", reason=reason)
+    clock = _clock(setup, args)
+    row = Row(method=name, status="ok")
+    outcome = None
+    with memory_peaks(setup.device) as peaks:
+        try:
+            outcome = method.run(setup, clock)
+        except Exception as err:  # one failing baseline must not lose the other rows
+            _failed(row, err)
+        finally:
+            _release_memory(setup.device)
+    row.peak_gpu_bytes, row.peak_host_rss_bytes, row.host_rss_scope = (
+        peaks.device_bytes,
+        peaks.host_rss_bytes,
+        peaks.host_rss_scope,
+    )
+    return _finish(row, clock, outcome, setup, h2d_peak)
+
+
+def run_interleaved(names: list[str], setup: Setup, args, model_bytes: int, h2d_peak: float | None) -> list[Row]:
+    """All methods set up at once, their steps alternating: step k of every method runs before step k+1 of any.
+
+    On a machine shared with other work, load changes then hit every method alike, so the ratios stay meaningful.
+    Peak memory cannot be told apart per method in this mode; the process peak is reported in the footer.
+    """
+    rows, sessions, clocks, outcomes = {}, {}, {}, {}
+    for name in names:
+        rows[name] = Row(method=name, status="ok")
+        reason = METHODS[name].unavailable(setup) or _does_not_fit(name, setup, model_bytes)
+        if reason:
+            rows[name].status, rows[name].reason = "skipped", reason
+            continue
+        clocks[name] = _clock(setup, args)
+        try:
+            sessions[name] = METHODS[name].prepare(setup, clocks[name])
+        except Exception as err:
+            _failed(rows[name], err)
+    total = max((c.total_steps for c in clocks.values()), default=0)
+    for _ in range(total):
+        for name in list(sessions):
+            clock = clocks[name]
+            try:
+                clock.begin()
+                loss = sessions[name].step()
+                clock.end(loss)
+            except Exception as err:
+                _failed(rows[name], err)
+                outcomes[name] = None
+                with contextlib.suppress(Exception):
+                    sessions.pop(name).close()
+    for name, session in sessions.items():
+        try:
+            outcomes[name] = session.close()
+        except Exception as err:
+            _failed(rows[name], err)
+    _release_memory(setup.device)
+    for name in names:
+        rows[name].host_rss_scope = "process (interleaved: not per method)"
+        _finish(rows[name], clocks.get(name), outcomes.get(name), setup, h2d_peak)
+    return [rows[name] for name in names]
+
+
+def _clock(setup: Setup, args) -> StepClock:
+    profile = setup.device.type == "cuda" and not args.no_profile
+    return StepClock(setup.device, args.warmup, args.steps, profile=profile)
+
+
+def _failed(row: Row, err: Exception) -> None:
+    if isinstance(err, torch.OutOfMemoryError):
+        row.status, row.reason = "oom", f"out of device memory ({str(err).splitlines()[0][:160]})"
+        return
+    traceback.print_exc()
+    message = str(err).splitlines()[0][:200] if str(err) else ""
+    row.status, row.reason = "error", f"{type(err).__name__}: {message}"
+
+
+def _release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _finish(row: Row, clock: StepClock | None, outcome, setup: Setup, h2d_peak: float | None) -> Row:
+    if clock is not None:
+        row.step_times_s, row.losses = clock.times, clock.losses
+    if row.status != "ok" or outcome is None:
+        return row
+    on_cuda = setup.device.type == "cuda"
+    h2d_bytes = outcome.h2d_bytes_per_step
+    if clock.trace is not None:
+        overlap = overlap_from_trace(clock.trace)
+        if overlap is None:
+            row.notes.append("the profiled step recorded no GPU activity (CUPTI unavailable?): no overlap columns")
+        else:
+            row.copy_overlap_share = overlap.copy_overlap_share
+            row.copy_hidden_share = overlap.copy_hidden_share
+            row.gpu_busy_share = overlap.gpu_busy_share
+            row.extra["profiled_step"] = vars(overlap)
+            if h2d_bytes is None:
+                h2d_bytes = overlap.h2d_bytes  # methods that do not count their copies: from the profile
+    elif clock.profile_error:
+        row.notes.append(clock.profile_error)
+    row.finish(setup.tokens, setup.facts.active_parameters, h2d_bytes if on_cuda else None, h2d_peak)
+    if not on_cuda and h2d_bytes is not None:
+        row.extra["weight_bytes_per_step"] = h2d_bytes  # on the CPU a "load" is a memory copy, not a link transfer
+    row.notes += outcome.notes
+    row.extra.update(outcome.extra)
+    return row
+
+
+def _does_not_fit(name: str, setup: Setup, model_bytes: int) -> str | None:
+    try:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    except ImportError:  # pragma: no cover - psutil comes with accelerate
+        available = None
+    on_host = setup.device.type == "cpu" or name != "resident" and name != "resident-checkpointed"
+    if on_host and available is not None and model_bytes > 0.95 * available:
+        return (
+            f"the model needs {model_bytes / 1e9:.1f} GB of host memory, {available / 1e9:.1f} GB available "
+            "(use --layers to build a shallower model)"
+        )
+    if setup.device.type == "cuda" and name.startswith("resident"):
+        free, _ = torch.cuda.mem_get_info(setup.device)
+        if model_bytes > free:
+            return f"the model ({model_bytes / 1e9:.1f} GB) does not fit in device memory ({free / 1e9:.1f} GB free)"
+    return None
+
+
+def performance_model(setup: Setup, rows: list[Row], h2d_peak_gbps: float | None) -> dict:
+    """DESIGN.md section 5 applied to this run: what the link and the compute each allow hf_offload.
+
+    Bytes per step = 2 x layer bytes - the layers reused at the turnaround. Streaming cannot beat either the time
+    the link needs for those bytes (at the pinned-copy peak) or the time the same recompute takes with the model
+    resident (the resident-checkpointed row). Compute covers the transfer from `break_even_tokens` tokens/step on.
+    """
+    layers = setup.facts.layer_bytes
+    model = {"bytes_per_step": 2 * sum(layers) - sum(layers[-(setup.prefetch + 1) :])}
+    if not h2d_peak_gbps:
+        return model
+    model["transfer_s"] = model["bytes_per_step"] / (h2d_peak_gbps * 1e9)
+    compute = next((r for r in rows if r.method == "resident-checkpointed" and r.step_time_s), None)
+    if compute is not None:
+        model["compute_s"] = compute.step_time_s
+        model["best_step_s"] = max(compute.step_time_s, model["transfer_s"])
+        model["break_even_tokens"] = round(setup.tokens * model["transfer_s"] / compute.step_time_s)
+    return model
+
+
+def machine(device: torch.device) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        import psutil
+
+        info["host_memory_bytes"] = psutil.virtual_memory().total
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import peft
+        import transformers
+
+        info["transformers"], info["peft"] = transformers.__version__, peft.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["gpu_memory_bytes"] = props.total_memory
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def header(doc: dict) -> str:
+    m, s, hw = doc["model"], doc["settings"], doc["machine"]
+    name = m["preset"] or m["config"]
+    where = hw.get("gpu", f"CPU only, {hw['cpu_count']} cores, {hw['torch_threads']} torch threads")
+    return (
+        f"hf-offload bench: {name} ({m['model_type']}, {m['layers']} layers, {m['parameters'] / 1e9:.3g}B parameters, "
+        f"{m['bytes'] / 1e9:.3g} GB; largest layer {m['max_layer_bytes'] / 1e6:.1f} MB)\n"
+        f"device {s['device']} [{where}], {s['dtype']}, batch {s['batch']} x seq {s['seq']} = "
+        f"{s['tokens_per_step']} tokens/step, LoRA r={s['lora_r']} on all linear layers, prefetch {s['prefetch']}, "
+        f"{s['warmup']} warm-up + {s['steps']} timed steps per method (median reported), methods {s['order']}\n"
+        f"{doc['flops_formula']} = {doc['flops_parameters']:,}"
+    )
+
+
+def footer(doc: dict, rows: list[Row]) -> str:
+    lines = []
+    for key, value in doc["ratios"].items():
+        lines.append(f"{key}: {value:.3f}x")
+    hw = doc["machine"]
+    if doc["settings"]["device"] == "cpu" and (hw.get("load_average_1min") or 0) > (hw["cpu_count"] or 1) / 2:
+        lines.append(
+            f"note: the machine was busy (load average {hw['load_average_1min']:.1f} on {hw['cpu_count']} cores) "
+            "when the run started; with several torch threads, spinning threads then slow every method "
+            "erratically. Interleaving keeps the ratios fair; --threads 1 keeps them stable."
+        )
+    model = doc["performance_model"]
+    line = f"performance model: {model['bytes_per_step'] / 1e9:.3g} GB of layer weights per step"
+    if "transfer_s" in model:
+        line += f" = {model['transfer_s']:.3f} s at the pinned peak"
+    if "compute_s" in model:
+        line += (
+            f"; the same recompute with the model resident takes {model['compute_s']:.3f} s, so hf_offload's best "
+            f"step is {model['best_step_s']:.3f} s; compute hides the transfer from ~{model['break_even_tokens']:,} "
+            "tokens/step"
+        )
+    lines.append(line)
+    for row in rows:
+        for note in row.notes:
+            lines.append(f"{row.method}: {note}")
+    if doc.get("process_peak_host_rss_bytes"):
+        lines.append(
+            f"peak host RSS of the process (methods interleaved, so not per method): "
+            f"{doc['process_peak_host_rss_bytes'] / 1e9:.2f} GB"
+        )
+    lines.append(
+        "columns: step s = median step time (forward+backward+optimizer); H2D GB/s = weight bytes moved "
+        "host->device per step / step time (CUDA); % of peak = against the pinned copy above; copy||compute = "
+        "share of the profiled step in which a host->device copy ran while a kernel ran; copy hidden = share of "
+        "copy time overlapped by compute; GPU busy = share of the step with a kernel running; peak RSS = peak host "
+        "resident memory while the method ran, model build included"
+    )
+    return "\n".join(lines)
