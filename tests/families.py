@@ -150,13 +150,17 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 }
 
 
-def build(family: str, seed: int = 0):
-    """A randomly initialised fp32 causal LM of `family` (same weights for the same seed)."""
+def instantiate(config_class: str, kwargs: dict, seed: int = 0):
+    """A randomly initialised fp32 causal LM from a transformers config class name and its arguments."""
     import torch
 
-    config_class, kwargs = FAMILIES[family]
     config = getattr(transformers, config_class)(**kwargs)
     # Special tokens inside the tiny vocabulary (the families' defaults point past it).
     config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def build(family: str, seed: int = 0):
+    """A randomly initialised fp32 causal LM of `family` (same weights for the same seed)."""
+    return instantiate(*FAMILIES[family], seed=seed)

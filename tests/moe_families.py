@@ -7,6 +7,7 @@ aux loss on (`output_router_logits=True`, a non-zero coefficient) and dropout wh
 from __future__ import annotations
 
 import transformers
+from families import instantiate
 
 VOCAB = 96
 DROPOUT = 0.1
@@ -288,10 +289,4 @@ CORE = ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "qwen2_moe", "gpt_oss", 
 
 def build(family: str, seed: int = 0):
     """A randomly initialised fp32 MoE causal LM of `family` (same weights for the same seed)."""
-    import torch
-
-    config_class, kwargs = FAMILIES[family]
-    config = getattr(transformers, config_class)(**kwargs)
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
-    torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return instantiate(*FAMILIES[family], seed=seed)

@@ -18,14 +18,8 @@ from hf_offload.engine import compat
 MODES = ("all", "routed")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """These models are tiny: intra-op threads only add overhead, and OpenMP threads spinning on a shared 2-core
-    machine made this file ~10x slower. Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: intra-op threads only add overhead (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 EXPERT_TENSORS = ["gate_up_proj", "down_proj"]
