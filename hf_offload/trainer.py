@@ -290,6 +290,8 @@ def _add_card(trainer, folder: str) -> None:
     )
 
 
+# Trainer methods wrapped, private ones included (`_move_model_to_device`, `_build_accelerator_args`,
+# `_load_from_checkpoint`, `_load_optimizer_and_scheduler`): checked against transformers 5.23 and TRL 1.16.
 HOOKS = {
     "__init__": _init,
     "call_model_init": _call_model_init,
