@@ -86,15 +86,17 @@ class PackedTensor:
     """Where one frozen parameter lives inside its layer's buffer."""
 
     param: nn.Parameter
-    offset: int
-    nbytes: int
-    dtype: torch.dtype
-    shape: torch.Size
+    region: Region
     original_device: torch.device
+
+    offset = property(lambda self: self.region.offset)
+    nbytes = property(lambda self: self.region.nbytes)
+    dtype = property(lambda self: self.region.dtype)
+    shape = property(lambda self: self.region.shape)
 
     def view_in(self, buffer: torch.Tensor) -> torch.Tensor:
         """This tensor as a view into `buffer` (a host buffer or a device slot of the same layout)."""
-        return buffer[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
+        return self.region.view_in(buffer)
 
 
 @dataclass
@@ -331,14 +333,7 @@ def pack_layer(
             region.view_in(pack.host).copy_(tensor)
         pack.attributes.append(PackedAttribute(holder, name, region, tensor.device))
     for param, region in layout.dense:
-        packed = PackedTensor(
-            param=param,
-            offset=region.offset,
-            nbytes=region.nbytes,
-            dtype=param.dtype,
-            shape=param.shape,
-            original_device=param.device,
-        )
+        packed = PackedTensor(param=param, region=region, original_device=param.device)
         view = packed.view_in(pack.host)
         view.copy_(param.data)
         param.data = view  # the old storage is freed here unless something else holds it
