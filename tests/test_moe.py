@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-import transformers
+from families import instantiate
 from moe_families import CORE, FAMILIES, LORA_EXCLUDE, NO_AUX_LOSS, ROUTED, VOCAB, build
 from parity import GRAD_RTOL, LOSS_RTOL, assert_same_step, eval_logits, left_padded_batch, train_step
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -106,11 +106,8 @@ def test_router_aux_loss_gradient_needs_the_recorded_router_logits(monkeypatch):
 
 def test_sampling_router_needs_rng_replay():
     """PhiMoE's router samples in training: without RNG replay the recompute routes differently."""
-    _, kwargs = FAMILIES["phimoe"]
-    config = transformers.PhimoeConfig(**dict(kwargs, attention_dropout=0.0, input_jitter_noise=0.0))
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
-    torch.manual_seed(0)
-    base = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    config_class, kwargs = FAMILIES["phimoe"]
+    base = instantiate(config_class, dict(kwargs, attention_dropout=0.0, input_jitter_noise=0.0))
     batch = left_padded_batch(VOCAB)
     reference = with_expert_lora(copy.deepcopy(base), "phimoe")
     reference_step = train_step(reference, batch)
@@ -121,11 +118,8 @@ def test_sampling_router_needs_rng_replay():
 
 
 def _many_experts_model():
-    _, kwargs = FAMILIES["qwen3_moe"]
-    config = transformers.Qwen3MoeConfig(**dict(kwargs, num_experts=64, num_experts_per_tok=2))
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    config_class, kwargs = FAMILIES["qwen3_moe"]
+    return instantiate(config_class, dict(kwargs, num_experts=64, num_experts_per_tok=2))
 
 
 def record_expert_copies(streamer) -> list[tuple[int, int, tuple[int, ...]]]:
