@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -117,22 +118,23 @@ def peak_bytes(layers: list[LayerNeed]) -> int:
     return max(peak, 0)
 
 
-def check_fits(needs: dict[str | None, list[LayerNeed]], chosen: str | None, available: int | None) -> None:
+def check_fits(needs_of: Callable[[str | None], list[LayerNeed]], chosen: str | None, available: int | None) -> None:
     """Raise `HostMemoryError` when the store for `chosen` (a base_weight_dtype) would not fit in `available`.
 
-    `needs` holds the layer needs of every base_weight_dtype worth suggesting, `chosen` included.
+    `needs_of(dtype)` gives the layer needs of the store with that base_weight_dtype; the other dtypes are only
+    laid out when `chosen` does not fit, to say which of them would.
     """
-    needed = peak_bytes(needs[chosen])
     if available is None:
         logger.debug("hf_offload: available host memory unknown; skipping the host memory check")
         return
+    needed = peak_bytes(needs_of(chosen))
     if needed <= available:
         return
     options = []
-    for dtype, layers in needs.items():
+    for dtype in (None, "int8", "nf4"):
         if dtype == chosen:
             continue
-        peak = peak_bytes(layers)
+        peak = peak_bytes(needs_of(dtype))
         verdict = "fits" if peak <= available else "does not fit either"
         options.append(f"base_weight_dtype={dtype!r} would need {format_bytes(peak)} ({verdict})")
     raise HostMemoryError(

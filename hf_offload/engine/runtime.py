@@ -204,11 +204,12 @@ def _no_pin(tensor: torch.Tensor) -> bool:
 def _check_host_memory(layers: nn.ModuleList, chosen: str | None, keep_resident: frozenset[int]) -> None:
     """Stop before packing when the store would not fit in host memory (see hostmem.py)."""
     mappings = hostmem.file_mappings()
-    needs = {}
-    for dtype in (chosen, *(d for d in (None, "int8", "nf4") if d != chosen)):
+
+    def needs_of(dtype: str | None) -> list[hostmem.LayerNeed]:
         layouts = [layout_layer(layer, make_codec(dtype), keep_resident=keep_resident) for layer in layers]
-        needs[dtype] = hostmem.layer_needs(layouts, mappings)
-    hostmem.check_fits(needs, chosen, hostmem.available_bytes())
+        return hostmem.layer_needs(layouts, mappings)
+
+    hostmem.check_fits(needs_of, chosen, hostmem.available_bytes())
 
 
 def _placeholders_in_state_dict(encoded: list[tuple[str, nn.Parameter]]):
