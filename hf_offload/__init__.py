@@ -7,56 +7,49 @@
 
 With `transformers.Trainer`: `OffloadTrainingArguments` + `OffloadTrainer` and `--layer_streaming`, or an unchanged
 script under `hf-offload launch -- python train.py ...`. With a plain accelerate loop: `OffloadAccelerator`.
+
+Every public name loads on first use, so `import hf_offload` (and `hf-offload --help`) imports neither torch nor
+transformers until something needs them.
 """
 
-from .api import (
-    disable_layer_streaming,
-    enable_layer_streaming,
-    is_streaming,
-    reset_stats,
-    stats,
-    summary,
-)
-from .config import OffloadConfig
-from .engine.anatomy import UnsupportedModelError
-from .engine.hostmem import HostMemoryError
-from .optimizer_state import optimizer_state_report
-from .verbosity import configure_library_logger
+from __future__ import annotations
+
+import importlib
+
+from .verbosity import configure_library_logger, drop_third_party_noise
 
 configure_library_logger()
+drop_third_party_noise()
 
 __version__ = "0.1.0"
 
-# The Trainer and accelerate faces load on first use: `import hf_offload` does not import transformers.Trainer.
+# public name -> the module (relative to this package) that defines it
 _LAZY = {
-    "OffloadTrainingArguments": "trainer",
-    "OffloadTrainer": "trainer",
-    "LayerStreamingPlugin": "plugin",
-    "OffloadAccelerator": "plugin",
+    "disable_layer_streaming": "api",
+    "enable_layer_streaming": "api",
+    "is_streaming": "api",
+    "reset_stats": "api",
+    "stats": "api",
+    "summary": "api",
+    "OffloadConfig": "config",
+    "UnsupportedModelError": "engine.anatomy",
+    "HostMemoryError": "engine.hostmem",
+    "optimizer_state_report": "optimizer_state",
+    "OffloadTrainingArguments": "integrations.trainer",
+    "OffloadTrainer": "integrations.trainer",
+    "LayerStreamingPlugin": "integrations.plugin",
+    "OffloadAccelerator": "integrations.accelerator",
 }
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "HostMemoryError",
-    "LayerStreamingPlugin",
-    "OffloadAccelerator",
-    "OffloadConfig",
-    "OffloadTrainer",
-    "OffloadTrainingArguments",
-    "UnsupportedModelError",
-    "disable_layer_streaming",
-    "enable_layer_streaming",
-    "is_streaming",
-    "optimizer_state_report",
-    "reset_stats",
-    "stats",
-    "summary",
-]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = sorted(_LAZY)

@@ -8,6 +8,7 @@ from torch import nn
 
 from .config import OffloadConfig
 from .engine import compat
+from .engine.facts import StreamingSummary
 from .engine.runtime import RUNTIME_ATTRIBUTE, LayerStreamingRuntime
 
 logger = logging.getLogger(__name__)
@@ -48,35 +49,7 @@ def enable_layer_streaming(model: nn.Module, config: OffloadConfig | None = None
         )
     runtime = LayerStreamingRuntime(model, config)
     setattr(_owner(model), RUNTIME_ATTRIBUTE, runtime)
-    summary = runtime.summary()
-    logger.info(
-        "hf_offload: streaming %d decoder layers (%s) from host memory to %s: %.2f GB in host memory%s%s, "
-        "%.2f GB per training step, %.2f GB of device slots (prefetch=%d)%s.",
-        summary["layers"],
-        summary["layer_path"],
-        summary["device"],
-        summary["host_store_bytes"] / 1e9,
-        " (pinned)" if summary["pinned"] else "",
-        f", {summary['quantized_weights']} linear weights in {config.base_weight_dtype}"
-        if config.base_weight_dtype
-        else "",
-        summary["bytes_per_train_step"] / 1e9,
-        summary["device_slot_bytes"] / 1e9,
-        config.prefetch,
-        f" + {summary['device_scratch_bytes'] / 1e9:.2f} GB of dequantization scratch"
-        if summary["device_scratch_bytes"]
-        else "",
-    )
-    if summary["moe_layers"]:
-        logger.info(
-            "hf_offload: %d Mixture-of-Experts layers hold %.2f GB of experts; expert_fetch=%r%s.",
-            summary["moe_layers"],
-            summary["expert_bytes"] / 1e9,
-            config.expert_fetch,
-            " (only routed experts move; the bytes per step above are the bound)"
-            if config.expert_fetch == "routed"
-            else "",
-        )
+    logger.info(runtime.summary().describe())
     return model
 
 
@@ -109,8 +82,15 @@ def reset_stats(model: nn.Module) -> None:
     streamer.stats = type(streamer.stats)()
 
 
-def summary(model: nn.Module) -> dict:
+def summary(model: nn.Module) -> StreamingSummary:
     """Static facts of a streamed model: layers, host store bytes, device slot and scratch bytes, bytes per train
     step, base_weight_dtype and how many linear weights it quantized, and for Mixture-of-Experts models
-    expert_fetch, moe_layers (layers whose experts can be fetched by routing) and expert_bytes."""
+    expert_fetch, moe_layers (layers whose experts can be fetched by routing) and expert_bytes.
+
+    Returns:
+        A frozen `StreamingSummary`; `.as_dict()` for a plain dict.
+
+    Raises:
+        RuntimeError: streaming is not on for `model`.
+    """
     return _require_runtime(model).summary()

@@ -1,119 +1,118 @@
-"""`OffloadConfig`: every option of layer streaming, documented once and validated at construction."""
+"""`OffloadConfig`: how the engine streams a model, each option declared once (see `hf_offload.options`).
+
+The options declared here show on the Python API, the plugin, the Trainer's `--offload_*` flags, `hf-offload
+launch` and, where they change what is modelled, `hf-offload plan` and `bench`. Add an option here and every face
+shows it; `docs/options.md` is generated from these declarations.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .engine.quant import BASE_WEIGHT_DTYPES
+from .options import (
+    TRAINING_FACES,
+    OptionError,
+    boolean,
+    non_negative_int,
+    option,
+    optional_boolean,
+    validate,
+)
 
 EXPERT_FETCH_MODES = ("routed", "all")
+
+
+def _device(value):
+    if value is None:
+        return None
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError):
+        raise OptionError("a torch device such as 'cuda', 'cuda:1' or 'cpu'") from None
 
 
 @dataclass
 class OffloadConfig:
     """How `enable_layer_streaming` keeps a model's decoder layers in host memory and streams them.
 
+    Every field is an option (see `docs/options.md`); a bad value raises `ValueError` naming it.
+
     Example:
         >>> from hf_offload import OffloadConfig, enable_layer_streaming
         >>> model = enable_layer_streaming(model, OffloadConfig(prefetch=2))
     """
 
-    device: str | torch.device | None = field(
-        default=None,
-        metadata={"help": "Where layers compute. None: the accelerator if one is present, else the CPU."},
+    device: str | torch.device | None = option(
+        None,
+        "Where layers compute. None: the accelerator if one is present, else the CPU.",
+        faces={"config"},
+        check=_device,
     )
-    prefetch: int = field(
-        default=1,
-        metadata={
-            "help": "Decoder layers loaded ahead of the one computing. 1 (the default) is double buffering; "
-            "0 loads each layer only when it is needed. Device memory holds prefetch + 1 layers."
-        },
+    prefetch: int = option(
+        1,
+        "Decoder layers loaded ahead of the one computing. 1 (the default) is double buffering; 0 loads each layer "
+        "only when it is needed. Device memory holds prefetch + 1 layers.",
+        faces=TRAINING_FACES | {"plan", "bench"},
+        check=non_negative_int,
     )
-    offload_activations: bool = field(
-        default=False,
-        metadata={
-            "help": "Keep the layer-boundary hidden states saved for backward in host memory instead of on "
-            "the device (for long contexts; costs one extra round trip of activations per step)."
-        },
+    offload_activations: bool = option(
+        False,
+        "Keep the layer-boundary hidden states saved for backward in host memory instead of on the device (for "
+        "long contexts; costs one extra round trip of activations per step).",
+        faces=TRAINING_FACES | {"plan", "bench"},
+        check=boolean,
     )
-    pin_memory: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Page-lock the host store so copies run asynchronously at full link speed. "
-            "None: on when the device is CUDA. Needs as much lockable host memory as the frozen layers."
-        },
+    pin_memory: bool | None = option(
+        None,
+        "Page-lock the host store so copies run asynchronously at full link speed. None: on when the device is "
+        "CUDA. Needs as much lockable host memory as the frozen layers.",
+        faces=TRAINING_FACES,
+        check=optional_boolean,
     )
-    preserve_rng_state: bool = field(
-        default=True,
-        metadata={
-            "help": "Replay the random state when a layer is recomputed in backward, so dropout masks match "
-            "the forward. Turn off only for layers that draw no random numbers."
-        },
+    preserve_rng_state: bool = option(
+        True,
+        "Replay the random state when a layer is recomputed in backward, so dropout masks match the forward. Turn "
+        "off only for layers that draw no random numbers.",
+        faces=TRAINING_FACES,
+        check=boolean,
     )
-    show_progress: bool | None = field(
-        default=None,
-        metadata={"help": "Progress bar while the host store is built. None: only on a terminal."},
+    show_progress: bool | None = option(
+        None,
+        "Progress bar while the host store is built. None: only on a terminal.",
+        faces=TRAINING_FACES,
+        check=optional_boolean,
     )
-    base_weight_dtype: str | None = field(
-        default=None,
-        metadata={
-            "help": "Keep the frozen linear weights of the decoder layers quantized in host memory and over the "
-            "link: 'nf4' (4-bit NormalFloat with double quantization, as QLoRA; about 3.9x fewer bytes than bf16) "
-            "or 'int8' (row-wise absmax; about 2x fewer). They are dequantized on the device inside the layer's "
-            "window. Norms, biases and embeddings stay as they are. None (the default) keeps weights as loaded."
-        },
+    base_weight_dtype: str | None = option(
+        None,
+        "Keep the frozen linear weights of the decoder layers quantized in host memory and over the link: 'nf4' "
+        "(4-bit NormalFloat with double quantization, as QLoRA; about 3.9x fewer bytes than bf16) or 'int8' "
+        "(row-wise absmax; about 2x fewer). They are dequantized on the device inside the layer's window. Norms, "
+        "biases and embeddings stay as they are. None (the default) keeps weights as loaded.",
+        faces=TRAINING_FACES | {"plan"},
+        choices=BASE_WEIGHT_DTYPES,
     )
-    check_host_memory: bool = field(
-        default=True,
-        metadata={
-            "help": "Before building the host store, compare the host memory it needs with what is available and "
-            "stop with a clear message (and the base_weight_dtype that would fit) instead of being OOM-killed."
-        },
+    check_host_memory: bool = option(
+        True,
+        "Before building the host store, compare the host memory it needs with what is available and stop with a "
+        "clear message (and the base_weight_dtype that would fit) instead of being OOM-killed.",
+        faces=TRAINING_FACES,
+        check=boolean,
     )
-    expert_fetch: str = field(
-        default="routed",
-        metadata={
-            "help": "Mixture-of-Experts layers: 'routed' (the default) moves a layer's attention, router and "
-            "shared weights, computes the routing, then moves only the experts that received at least one token; "
-            "the backward reuses that set. 'all' moves every expert with its layer. Dense models and dense layers "
-            "have no experts to route: both values stream them whole."
-        },
+    expert_fetch: str = option(
+        "routed",
+        "Mixture-of-Experts layers: 'routed' (the default) moves a layer's attention, router and shared weights, "
+        "computes the routing, then moves only the experts that received at least one token; the backward reuses "
+        "that set. 'all' moves every expert with its layer. Dense models and dense layers have no experts to "
+        "route: both values stream them whole.",
+        faces=TRAINING_FACES,
+        choices=EXPERT_FETCH_MODES,
     )
 
     def __post_init__(self) -> None:
-        if self.device is not None:
-            try:
-                self.device = torch.device(self.device)
-            except (RuntimeError, TypeError) as err:
-                raise ValueError(
-                    f"`device` should be a torch device such as 'cuda', 'cuda:1' or 'cpu', but the value passed "
-                    f"is {self.device!r}"
-                ) from err
-        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
-            raise ValueError(
-                f"`prefetch` should be a non-negative integer (layers loaded ahead), but the value passed is "
-                f"{self.prefetch!r}"
-            )
-        if self.base_weight_dtype is not None and self.base_weight_dtype not in BASE_WEIGHT_DTYPES:
-            raise ValueError(
-                f"`base_weight_dtype` should be one of {', '.join(map(repr, BASE_WEIGHT_DTYPES))} or None, but the "
-                f"value passed is {self.base_weight_dtype!r}"
-            )
-        for name in ("offload_activations", "preserve_rng_state", "check_host_memory"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise ValueError(f"`{name}` should be True or False, but the value passed is {value!r}")
-        if self.expert_fetch not in EXPERT_FETCH_MODES:
-            raise ValueError(
-                f"`expert_fetch` should be one of {', '.join(repr(m) for m in EXPERT_FETCH_MODES)}, but the value "
-                f"passed is {self.expert_fetch!r}"
-            )
-        for name in ("pin_memory", "show_progress"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, bool):
-                raise ValueError(f"`{name}` should be True, False or None, but the value passed is {value!r}")
+        validate(self, "config")
 
     @property
     def slots(self) -> int:

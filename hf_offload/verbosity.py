@@ -30,3 +30,31 @@ def configure_library_logger() -> logging.Logger:
     logger.propagate = False
     logger._hf_offload_configured = True
     return logger
+
+
+# Note: [Third-party noise]
+# Lines other libraries log while hf_offload imports or uses them that tell a user of hf_offload nothing they can act
+# on. Each is dropped by a filter on the logger that emits it, matched by the start of its message, so every other
+# line of that logger still shows. Logger name -> message prefix.
+THIRD_PARTY_NOISE = {
+    # bitsandbytes >= 0.48 on CPUs with AVX512-BF16, at import (peft and transformers import it): an optional 4-bit
+    # CPU matmul kernel it could not download. hf_offload dequantizes nf4 weights itself and never calls that kernel.
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+}
+
+
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def drop_third_party_noise() -> None:
+    """Install the filters of Note: [Third-party noise], once per process."""
+    for name, prefix in THIRD_PARTY_NOISE.items():
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefix) and f.prefix == prefix for f in target.filters):
+            target.addFilter(_DropPrefix(prefix))

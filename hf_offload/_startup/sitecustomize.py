@@ -3,8 +3,9 @@
 Python imports `sitecustomize` at start-up from the first folder on `sys.path` that has one; `hf-offload launch`
 puts this folder first on PYTHONPATH, and child processes inherit it, so this runs in every Python the launched
 command starts (`accelerate launch` and `trl sft` re-exec Python). It imports nothing heavy: it installs an import
-hook that, once `transformers.trainer` has been executed, applies `hf_offload.trainer.patch_trainer()` to it, so
-processes that never build a Trainer pay nothing. Then it runs the `sitecustomize` it shadows, if there is one.
+hook that, once `transformers.trainer` has been executed, applies `hf_offload.integrations.trainer.patch_trainer()`
+to it, so processes that never build a Trainer pay nothing. Then it runs the `sitecustomize` it shadows, if there is
+one.
 """
 
 import importlib.abc
@@ -50,11 +51,11 @@ class _PatchingLoader(importlib.abc.Loader):
         module.__loader__ = module.__spec__.loader = self._loader  # the module looks as if loaded normally
         self._loader.exec_module(module)
         sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _PatchTrainerAfterImport)]
-        ours = sys.modules.get("hf_offload.trainer")
+        ours = sys.modules.get("hf_offload.integrations.trainer")
         if ours is not None and not hasattr(ours, "patch_trainer"):
-            return  # hf_offload.trainer is importing transformers.trainer; it patches at the end of its import
+            return  # our trainer module is importing transformers.trainer; it patches at the end of its own import
         try:
-            from hf_offload.trainer import patch_trainer
+            from hf_offload.integrations.trainer import patch_trainer
         except ImportError as err:
             raise ImportError(
                 f"hf-offload launch asked for layer streaming, but this Python ({sys.executable}) cannot import "
@@ -72,6 +73,16 @@ def _run_shadowed_sitecustomize():
         spec.loader.exec_module(module)
 
 
+def _drop_third_party_noise():
+    """hf_offload's log filters (cheap: `import hf_offload` loads nothing heavy), before the command imports peft."""
+    try:
+        from hf_offload.verbosity import drop_third_party_noise
+    except ImportError:
+        return  # the patch reports a missing hf_offload clearly when the Trainer is imported
+    drop_third_party_noise()
+
+
 if os.environ.get(_SETTINGS) and not any(isinstance(f, _PatchTrainerAfterImport) for f in sys.meta_path):
     sys.meta_path.insert(0, _PatchTrainerAfterImport())
+    _drop_third_party_noise()
 _run_shadowed_sitecustomize()

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..units import format_bytes
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,13 +34,6 @@ class HostMemoryError(MemoryError):
         super().__init__(message)
         self.needed = needed
         self.available = available
-
-
-def format_bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} bytes"
 
 
 def available_bytes() -> int | None:

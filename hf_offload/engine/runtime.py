@@ -17,6 +17,7 @@ from ..config import OffloadConfig
 from . import compat, hostmem
 from .anatomy import find_decoder_layers
 from .device import DeviceOps, resolve_device
+from .facts import StreamingSummary, bytes_per_train_step
 from .layer_fn import call_streamed_layer
 from .moe import RoutedExperts, find_expert_groups, has_unroutable_experts
 from .quant import make_codec
@@ -96,30 +97,25 @@ class LayerStreamingRuntime:
         return host.to(self.device, non_blocking=True)
 
     # --- description -----------------------------------------------------------------------------------------------
-    def summary(self) -> dict[str, Any]:
-        n_layers = len(self.store.packs)
-        prefetch = self.config.prefetch
-        return {
-            "device": str(self.device),
-            "layers": n_layers,
-            "layer_path": self.anatomy.path,
-            "host_store_bytes": self.store.nbytes,
-            "max_layer_bytes": self.store.max_layer_bytes,
-            "device_slot_bytes": (prefetch + 1) * self.store.max_layer_bytes,
-            # forward loads every layer, backward every layer but those still in slots at the turnaround
-            "bytes_per_train_step": 2 * self.store.nbytes
-            - sum(p.nbytes for p in self.store.packs[max(0, n_layers - prefetch - 1) :]),
-            "pinned": all(p.pinned for p in self.store.packs) if self.store.packs else False,
-            "base_weight_dtype": self.config.base_weight_dtype,
-            "quantized_weights": sum(len(p.encoded) for p in self.store.packs),
-            # dense form of the computing layer's encoded weights (0 unless base_weight_dtype is set)
-            "device_scratch_bytes": self.store.max_scratch_bytes,
-            "expert_fetch": self.config.expert_fetch,
-            # layers whose experts the streamer can fetch by routing (in both modes), and their experts' bytes;
-            # with expert_fetch="routed", bytes_per_train_step is the bound reached when every expert is routed to
-            "moe_layers": sum(bool(p.experts) for p in self.store.packs),
-            "expert_bytes": sum(p.nbytes - p.base_nbytes for p in self.store.packs),
-        }
+    def summary(self) -> StreamingSummary:
+        packs = self.store.packs
+        return StreamingSummary(
+            device=str(self.device),
+            layers=len(packs),
+            layer_path=self.anatomy.path,
+            prefetch=self.config.prefetch,
+            host_store_bytes=self.store.nbytes,
+            max_layer_bytes=self.store.max_layer_bytes,
+            device_slot_bytes=self.config.slots * self.store.max_layer_bytes,
+            bytes_per_train_step=bytes_per_train_step([p.nbytes for p in packs], self.config.prefetch),
+            pinned=all(p.pinned for p in packs) if packs else False,
+            base_weight_dtype=self.config.base_weight_dtype,
+            quantized_weights=sum(len(p.encoded) for p in packs),
+            device_scratch_bytes=self.store.max_scratch_bytes,
+            expert_fetch=self.config.expert_fetch,
+            moe_layers=sum(bool(p.experts) for p in packs),
+            expert_bytes=sum(p.nbytes - p.base_nbytes for p in packs),
+        )
 
     # --- installation and removal ------------------------------------------------------------------------------------
     def _move_resident_tensors(self, model: nn.Module) -> None:

@@ -20,8 +20,8 @@ from peft import LoraConfig, get_peft_model
 import hf_offload
 from hf_offload import OffloadConfig
 from hf_offload.api import get_runtime
-from hf_offload.bench.measure import overlap_from_trace
-from hf_offload.bench.models import build_model
+from hf_offload.commands.bench.measure import overlap_from_trace
+from hf_offload.commands.bench.models import build_model
 
 pytestmark = pytest.mark.gpu
 
@@ -338,7 +338,7 @@ def test_one_pinned_copy_per_layer_overlapping_compute():
 
 def test_bench_runs_on_cuda(capsys):
     """The bench's CUDA columns: pinned peak, H2D GB/s, overlap and peak GPU memory, on the tiny preset."""
-    from hf_offload import cli
+    from hf_offload.commands import cli
 
     methods = "resident,resident-checkpointed,hf_offload,accelerate-cpu-offload"
     argv = ["bench", "--device", "cuda", "--preset", "tiny", "--steps", "2", "--warmup", "1", "--methods", methods]

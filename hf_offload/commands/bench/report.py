@@ -6,7 +6,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-GB = 1e9
+from ...units import GB
 
 
 @dataclass

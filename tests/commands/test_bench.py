@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from hf_offload import cli
-from hf_offload.bench.measure import intersect, overlap_from_trace, union
-from hf_offload.bench.methods import METHODS
-from hf_offload.bench.models import PRESETS, build_model, load_config, model_facts
+from hf_offload.commands import cli
+from hf_offload.commands.bench.measure import intersect, overlap_from_trace, union
+from hf_offload.commands.bench.methods import METHODS
+from hf_offload.commands.bench.models import PRESETS, build_model, load_config, model_facts
 
 ROW_FIELDS = {
     "method",
@@ -167,8 +167,8 @@ def test_overlap_from_a_profiler_trace():
 
 def test_trainer_driven_timing_without_deepspeed(monkeypatch):
     """The DeepSpeed row runs through Trainer callbacks; check that path on the CPU with DeepSpeed switched off."""
-    from hf_offload.bench import methods
-    from hf_offload.bench.measure import StepClock
+    from hf_offload.commands.bench import methods
+    from hf_offload.commands.bench.measure import StepClock
 
     monkeypatch.setattr(methods, "deepspeed_config", lambda optimizer: None)
     config = load_config("tiny", None)

@@ -3,9 +3,9 @@
 The options become a `LayerStreamingPlugin`, carried to the command in the environment variable
 `HF_OFFLOAD_LAYER_STREAMING`. The folder `hf_offload/_startup` goes first on PYTHONPATH; its `sitecustomize`
 runs at start-up in every Python process the command starts and patches `transformers.Trainer` in place when it
-is imported (see `hf_offload.trainer.patch_trainer`). Then every `Trainer` and subclass (TRL's included) adds LoRA
-if the model has none, streams its decoder layers from host memory and uses 8-bit AdamW unless the script chose an
-optimizer.
+is imported (see `hf_offload.integrations.trainer.patch_trainer`). Then every `Trainer` and subclass (TRL's
+included) adds LoRA if the model has none, streams its decoder layers from host memory and uses 8-bit AdamW unless
+the script chose an optimizer.
 
 Note: [Why sitecustomize on PYTHONPATH]
 `accelerate launch` and `trl sft` start new Python processes, so patching the launcher's own process is not
@@ -16,7 +16,7 @@ Python imports at start-up from the path; ours runs the one it shadows (e.g. a d
 started with `-I`, `-E` or `-S` ignores PYTHONPATH or site, and then the command runs without streaming.
 
 Example:
-    $ hf-offload launch --lora-r 32 -- python train.py --model_name_or_path meta-llama/Llama-3.1-70B ...
+    $ hf-offload launch --lora_r 32 -- python train.py --model_name_or_path meta-llama/Llama-3.1-70B ...
     $ hf-offload launch -- accelerate launch train.py ...
     $ hf-offload launch -- python -m trl.scripts.sft --model_name_or_path Qwen/Qwen3-32B ...
 """
@@ -30,11 +30,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-STARTUP_DIR = str(Path(__file__).resolve().parent / "_startup")
+from .. import options
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+STARTUP_DIR = str(PACKAGE_DIR / "_startup")
 
 _EPILOG = """examples:
   hf-offload launch -- python train.py --output_dir out
-  hf-offload launch --prefetch 2 --lora-r 32 -- accelerate launch train.py --output_dir out
+  hf-offload launch --prefetch 2 --lora_r 32 -- accelerate launch train.py --output_dir out
   hf-offload launch -- python -m trl.scripts.sft --model_name_or_path Qwen/Qwen3-8B --dataset_name trl-lib/Capybara
 """
 
@@ -48,49 +51,15 @@ def register(subparsers) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--prefetch", type=int, default=1, help="Decoder layers loaded ahead (default: 1).")
-    parser.add_argument(
-        "--offload-activations",
-        action="store_true",
-        help="Keep the layer-boundary activations saved for backward in host memory (long contexts).",
-    )
-    parser.add_argument(
-        "--pin-memory",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="Page-lock the host store (default: on with CUDA).",
-    )
-    parser.add_argument(
-        "--base-weight-dtype",
-        choices=["nf4", "int8"],
-        default=None,
-        help="Keep the frozen linear weights quantized in host memory and over the link (default: as loaded).",
-    )
-    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank for models without adapters (default: 16).")
-    parser.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha (default: 32).")
-    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default: 0.05).")
-    parser.add_argument(
-        "--lora-target-modules",
-        default="all-linear",
-        help="'all-linear' (default) or a comma-separated list of module names.",
-    )
-    parser.add_argument(
-        "--optim",
-        default="adamw_bnb_8bit",
-        help="Optimizer used when the script keeps the Trainer's default (default: adamw_bnb_8bit); "
-        "'keep' leaves the Trainer's default alone.",
-    )
-    parser.add_argument(
-        "--save-merged",
-        action="store_true",
-        help="Also write the model with the adapter merged in to <output_dir>/merged when it is saved or pushed.",
-    )
+    from ..integrations.plugin import LayerStreamingPlugin
+
+    options.add_arguments(parser, options.declared(LayerStreamingPlugin), "launch")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="The command to run, after --.")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .plugin import LayerStreamingPlugin
+    from ..integrations.plugin import LayerStreamingPlugin, check_combinations
 
     command = list(args.command)
     if command and command[0] == "--":
@@ -99,18 +68,9 @@ def run(args: argparse.Namespace) -> int:
         print("hf-offload launch: no command given. Usage: hf-offload launch [OPTIONS] -- COMMAND ...", file=sys.stderr)
         return 2
     try:
-        plugin = LayerStreamingPlugin(
-            prefetch=args.prefetch,
-            offload_activations=args.offload_activations,
-            pin_memory=args.pin_memory,
-            base_weight_dtype=args.base_weight_dtype,
-            lora_r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            lora_target_modules=args.lora_target_modules,
-            default_optim=None if args.optim == "keep" else args.optim,
-            save_merged=args.save_merged,
-        )
+        values = options.values_from(args, options.declared(LayerStreamingPlugin), "launch")
+        check_combinations(values, "launch")
+        plugin = LayerStreamingPlugin(**values)
     except ValueError as err:
         print(f"hf-offload launch: {err}", file=sys.stderr)
         return 2
@@ -131,7 +91,7 @@ def launch_environment(plugin, base: dict[str, str] | None = None) -> dict[str, 
     env.update(plugin.to_env())
     rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != STARTUP_DIR]
     # The launched Python must import this hf_offload, wherever it was imported from here.
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(PACKAGE_DIR.parent)
     if package_root not in rest and not _installed_in_site_packages():
         rest.append(package_root)
     env["PYTHONPATH"] = os.pathsep.join([STARTUP_DIR, *rest])

@@ -13,8 +13,8 @@ from parity import with_lora
 
 import hf_offload
 from hf_offload import OffloadConfig
-from hf_offload.cli import main
-from hf_offload.plan import PlanError, load_config, make_plan
+from hf_offload.commands.cli import main
+from hf_offload.commands.plan import PlanError, load_config, make_plan
 
 LLAMA_70B = dict(
     model_type="llama",

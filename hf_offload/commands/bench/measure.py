@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine.device import DeviceOps
-from ..engine.store import page_aligned_empty
+from ...engine.device import DeviceOps
+from ...engine.store import page_aligned_empty
 
 # --- steps -----------------------------------------------------------------------------------------------------------
 

@@ -16,10 +16,10 @@ from transformers import HfArgumentParser, TrainerCallback
 
 import hf_offload
 from hf_offload import OffloadTrainer, OffloadTrainingArguments, UnsupportedModelError
-from hf_offload.checkpoint import IncompatibleCheckpointError
-from hf_offload.hub import save_merged
-from hf_offload.plugin import ENV_VAR, LayerStreamingPlugin
-from hf_offload.trainer import TRAINER_DEFAULT_OPTIM, patch_trainer, unpatch_trainer
+from hf_offload.integrations.checkpoint import IncompatibleCheckpointError
+from hf_offload.integrations.hub import save_merged
+from hf_offload.integrations.plugin import ENV_VAR, LayerStreamingPlugin
+from hf_offload.integrations.trainer import TRAINER_DEFAULT_OPTIM, patch_trainer, unpatch_trainer
 
 LAYERS = 4
 

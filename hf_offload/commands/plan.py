@@ -23,13 +23,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .engine import hostmem
-from .engine.anatomy import UnsupportedModelError, find_decoder_layers
-from .engine.quant import BASE_WEIGHT_DTYPES, linear_weights, make_codec
-from .engine.store import layout_layer
-from .optimizer_state import adamw8bit_state_bytes
+from ..engine import hostmem
+from ..engine.anatomy import UnsupportedModelError, find_decoder_layers
+from ..engine.quant import BASE_WEIGHT_DTYPES, linear_weights, make_codec
+from ..engine.store import layout_layer
+from ..optimizer_state import adamw8bit_state_bytes
+from ..units import GB
 
-GB = 1e9
 DEFAULT_PCIE_GBPS = 25.0  # pinned host-to-device copies on PCIe 4.0 x16; PCIe 5.0 reaches ~50
 DEFAULT_GPU_TFLOPS = 400.0  # bf16 dense matmul throughput a training step achieves on an H100-class GPU
 GPU_HEADROOM = 0.9  # share of GPU memory the estimate may use; the rest is CUDA context, workspaces, fragmentation

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .. import api
-from ..config import OffloadConfig
+from ... import api
+from ...config import OffloadConfig
 from .measure import StepClock
 from .models import ModelFacts, build_model, random_batch
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from faces import EXAMPLES, example_argv, run_example, state_losses
 
-from hf_offload import cli
-from hf_offload.launch import STARTUP_DIR, launch_environment
-from hf_offload.plugin import ENV_VAR, LayerStreamingPlugin
+from hf_offload.commands import cli
+from hf_offload.commands.launch import STARTUP_DIR, launch_environment
+from hf_offload.integrations.plugin import ENV_VAR, LayerStreamingPlugin
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each module named here defines `register(subparsers)`, which adds its subcommand and sets `func` on it.
-SUBCOMMAND_MODULES: list[str] = ["hf_offload.launch", "hf_offload.plan", "hf_offload.bench"]
+SUBCOMMAND_MODULES: list[str] = ["hf_offload.commands.launch", "hf_offload.commands.plan", "hf_offload.commands.bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,9 +22,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .api import get_runtime, stats
-
-GB = 1e9
+from ..api import get_runtime, stats
+from ..units import GB
 
 
 class OffloadMetricsCallback(TrainerCallback):

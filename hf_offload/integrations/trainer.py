@@ -10,7 +10,7 @@ small hooks keep the Trainer from undoing it or tripping over it:
   `device_placement`: either would copy every decoder layer to the device;
 - `log` adds the `offload/` metrics to every log line;
 - `_load_from_checkpoint` / `_load_optimizer_and_scheduler` refuse checkpoints a streamed run cannot resume from,
-  before loading them (see `hf_offload.checkpoint`);
+  before loading them (see `hf_offload.integrations.checkpoint`);
 - `save_model` also writes a merged checkpoint when asked, and `create_model_card` says how the model was trained.
 
 Every hook is a function `hook(call, trainer, *args, **kwargs)` where `call` runs the Trainer's own method. The
@@ -34,22 +34,27 @@ from dataclasses import dataclass, field
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
+from ..api import is_streaming, summary
+from ..options import declared, trainer_flag, validate, with_options
+from ..units import format_bytes
 from . import hub
-from .api import get_runtime, is_streaming, summary
 from .checkpoint import check_adapter_checkpoint, check_optimizer_state
 from .metrics import OffloadMetricsCallback
-from .plugin import ENV_VAR, LayerStreamingPlugin, is_peft_model
+from .plugin import ENV_VAR, STREAMING_DEFAULT_OPTIM, LayerStreamingPlugin, check_combinations, is_peft_model
 
 logger = logging.getLogger(__name__)
 
-STREAMING_DEFAULT_OPTIM = "adamw_bnb_8bit"
 TRAINER_DEFAULT_OPTIM = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "optim")
 _INIT_SIGNATURE = inspect.signature(Trainer.__init__)
 
 
 @dataclass
+@with_options(LayerStreamingPlugin, "trainer", rename=trainer_flag)
 class OffloadTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus `--layer_streaming` and its options, parsed by `HfArgumentParser` like any other.
+
+    Every option of `LayerStreamingPlugin` that shows on the Trainer is a field here, named `offload_<option>`
+    (`--offload_prefetch`, `--offload_lora_r`, ...; see `docs/options.md`).
 
     Example:
         >>> parser = HfArgumentParser(OffloadTrainingArguments)
@@ -61,44 +66,6 @@ class OffloadTrainingArguments(TrainingArguments):
         metadata={
             "help": "Keep the frozen decoder-layer weights in host memory and stream them to the device one layer "
             "at a time, training LoRA adapters (added if the model has none). For models bigger than the GPU."
-        },
-    )
-    offload_prefetch: int = field(
-        default=1,
-        metadata={"help": "Decoder layers loaded ahead of the one computing; device memory holds prefetch + 1."},
-    )
-    offload_activations: bool = field(
-        default=False,
-        metadata={"help": "Keep the layer-boundary hidden states saved for backward in host memory (long contexts)."},
-    )
-    offload_pin_memory: bool | None = field(
-        default=None,
-        metadata={"help": "Page-lock the host store for asynchronous copies. Default: on when the device is CUDA."},
-    )
-    offload_base_weight_dtype: str | None = field(
-        default=None,
-        metadata={
-            "help": "Keep the frozen linear weights quantized in host memory and over the link: nf4 (about 3.9x "
-            "fewer bytes than bf16) or int8 (about 2x). Default: as loaded."
-        },
-    )
-    offload_lora_r: int = field(
-        default=16, metadata={"help": "LoRA rank, used with --layer_streaming when the model is not a peft model."}
-    )
-    offload_lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
-    offload_lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
-    offload_lora_target_modules: str = field(
-        default="all-linear",
-        metadata={
-            "help": "Modules that get LoRA: 'all-linear' (every linear layer but the output head) or a "
-            "comma-separated list of module names such as 'q_proj,v_proj'."
-        },
-    )
-    offload_save_merged: bool = field(
-        default=False,
-        metadata={
-            "help": "When the final model is saved (save_model, push_to_hub), also write the model with the adapter "
-            "merged in to <output_dir>/merged (safetensors shards, merged layer by layer in host memory)."
         },
     )
     optim: str = field(
@@ -113,28 +80,19 @@ class OffloadTrainingArguments(TrainingArguments):
         self._hf_offload_optim_chosen = self.optim != "auto"
         if self.optim == "auto":
             self.optim = STREAMING_DEFAULT_OPTIM if self.layer_streaming else TRAINER_DEFAULT_OPTIM
-        try:
-            self._plugin()  # a bad offload option fails here, when the arguments are parsed
-        except ValueError as err:
-            message = str(err)
-            for plugin_name, our_name in _OPTION_NAMES.items():
-                message = message.replace(f"`{plugin_name}`", f"--{our_name}")
-            raise ValueError(message) from err
+        validate(self, "trainer")  # a bad offload option fails here, when the arguments are parsed
+        check_combinations(self._option_values(), "trainer")
         super().__post_init__()
 
+    def _option_values(self) -> dict:
+        return {
+            opt.name: getattr(self, trainer_flag(opt.name))
+            for opt in declared(LayerStreamingPlugin)
+            if opt.on("trainer")
+        }
+
     def _plugin(self) -> LayerStreamingPlugin:
-        return LayerStreamingPlugin(
-            prefetch=self.offload_prefetch,
-            offload_activations=self.offload_activations,
-            pin_memory=self.offload_pin_memory,
-            base_weight_dtype=self.offload_base_weight_dtype,
-            lora_r=self.offload_lora_r,
-            lora_alpha=self.offload_lora_alpha,
-            lora_dropout=self.offload_lora_dropout,
-            lora_target_modules=self.offload_lora_target_modules,
-            default_optim=STREAMING_DEFAULT_OPTIM,
-            save_merged=self.offload_save_merged,
-        )
+        return LayerStreamingPlugin(**self._option_values(), default_optim=STREAMING_DEFAULT_OPTIM)
 
     @property
     def layer_streaming_plugin(self) -> LayerStreamingPlugin | None:
@@ -148,20 +106,6 @@ class OffloadTrainingArguments(TrainingArguments):
     @property
     def place_model_on_device(self) -> bool | None:
         return False if self.layer_streaming else super().place_model_on_device
-
-
-# LayerStreamingPlugin field -> OffloadTrainingArguments field, to name the option the user typed in errors.
-_OPTION_NAMES = {
-    "prefetch": "offload_prefetch",
-    "offload_activations": "offload_activations",
-    "pin_memory": "offload_pin_memory",
-    "base_weight_dtype": "offload_base_weight_dtype",
-    "save_merged": "offload_save_merged",
-    "lora_r": "offload_lora_r",
-    "lora_alpha": "offload_lora_alpha",
-    "lora_dropout": "offload_lora_dropout",
-    "lora_target_modules": "offload_lora_target_modules",
-}
 
 
 def plugin_for(args: TrainingArguments | None) -> LayerStreamingPlugin | None:
@@ -346,35 +290,18 @@ def _use_default_optimizer(args: TrainingArguments, plugin: LayerStreamingPlugin
 
 
 def startup_summary(model, args: TrainingArguments) -> str:
-    """One paragraph: what streams, what stays on the device, what a step moves."""
-    facts = summary(model)
-    layers = model.get_submodule(facts["layer_path"])
+    """What the Trainer adds to the engine's own start-up line: what stays on the device, and the optimizer."""
+    layers = model.get_submodule(summary(model).layer_path)
     streamed = {id(p) for p in layers.parameters() if not p.requires_grad}
     tensors = [*model.parameters(), *model.buffers()]
     resident = sum(t.numel() * t.element_size() for t in tensors if id(t) not in streamed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    prefetch = get_runtime(model).config.prefetch
-    pinned = " (pinned)" if facts["pinned"] else ""
-    if facts.get("quantized_weights"):
-        pinned += f" with {facts['quantized_weights']} linear weights in {facts['base_weight_dtype']}"
-    scratch = facts.get("device_scratch_bytes", 0)
-    scratch = f" + {_size(scratch)} of dequantization scratch" if scratch else ""
     optim = getattr(args.optim, "value", args.optim)
     return (
-        f"hf_offload: layer streaming is on. {facts['layers']} decoder layers ({facts['layer_path']}) stay in host "
-        f"memory, {_size(facts['host_store_bytes'])}{pinned}, and stream to {facts['device']} one at a time with "
-        f"prefetch {prefetch}; a training step moves about {_size(facts['bytes_per_train_step'])} host->device. "
-        f"Device memory budget: {_size(facts['device_slot_bytes'])} of layer slots{scratch} + {_size(resident)} "
-        f"resident (embeddings, head, norms and {trainable:,} trainable adapter parameters) + optimizer state "
-        f"({optim}) + activations."
+        f"hf_offload: the Trainer keeps {format_bytes(resident)} resident on the device (embeddings, head, norms and "
+        f"{trainable:,} trainable adapter parameters) and trains them with {optim}; device memory also holds the "
+        "layer slots above, the optimizer state and the activations."
     )
-
-
-def _size(nbytes: int) -> str:
-    for unit, factor in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= factor:
-            return f"{nbytes / factor:.2f} {unit}"
-    return f"{nbytes} bytes"
 
 
 # --- OffloadTrainer and the in-place patch -------------------------------------------------------------------------

@@ -8,7 +8,7 @@ and host memory holds at most one shard beyond the model itself. The host weight
 place and unmerging would round them).
 
 Example:
-    >>> from hf_offload.hub import save_merged
+    >>> from hf_offload.integrations.hub import save_merged
     >>> save_merged(trainer.model, "out/merged", processing_class=tokenizer)
     >>> AutoModelForCausalLM.from_pretrained("out/merged")
 """
@@ -23,8 +23,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .api import is_streaming, summary
-from .engine import compat
+from ..api import is_streaming, summary
+from ..engine import compat
 
 logger = logging.getLogger(__name__)
 

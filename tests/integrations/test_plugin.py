@@ -14,7 +14,7 @@ from peft import get_peft_model
 
 import hf_offload
 from hf_offload import LayerStreamingPlugin, OffloadAccelerator, UnsupportedModelError
-from hf_offload.plugin import ENV_VAR
+from hf_offload.integrations.plugin import ENV_VAR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_offload
 from hf_offload import OffloadConfig, OffloadTrainer
-from hf_offload.hub import add_to_model_card, save_merged
+from hf_offload.integrations.hub import add_to_model_card, save_merged
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

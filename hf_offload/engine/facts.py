@@ -1,0 +1,72 @@
+"""What streaming a model costs, computed in one place: bytes per training step and the typed `summary()`.
+
+`bytes_per_train_step` is the performance model's transfer term; the runtime's summary, `hf-offload plan` and
+`hf-offload bench` all call it, so their figures agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..units import format_bytes
+
+
+def bytes_per_train_step(layer_bytes: Sequence[int], prefetch: int) -> int:
+    """Host->device bytes of one training step: the forward loads every layer, the backward every layer but the
+    `prefetch + 1` last ones, still in their slots when the backward starts (the turnaround)."""
+    kept = len(layer_bytes) - min(len(layer_bytes), prefetch + 1)
+    return 2 * sum(layer_bytes) - sum(layer_bytes[kept:])
+
+
+@dataclass(frozen=True)
+class StreamingSummary:
+    """Static facts of a streamed model (`hf_offload.summary(model)`). `as_dict()` gives a plain dict;
+    `summary["layers"]` still works for code written against the dict this used to be."""
+
+    device: str
+    layers: int
+    layer_path: str
+    prefetch: int
+    host_store_bytes: int
+    max_layer_bytes: int
+    device_slot_bytes: int
+    bytes_per_train_step: int  # with expert_fetch="routed": the bound reached when every expert is routed to
+    pinned: bool
+    base_weight_dtype: str | None
+    quantized_weights: int  # linear weights the store keeps encoded
+    device_scratch_bytes: int  # dense form of the computing layer's encoded weights (0 without base_weight_dtype)
+    expert_fetch: str
+    moe_layers: int  # layers whose experts the streamer can fetch by routing
+    expert_bytes: int  # their experts' bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def describe(self) -> str:
+        """One paragraph for the log: what streams, where it lives, what a step moves."""
+        store = format_bytes(self.host_store_bytes) + (" (pinned)" if self.pinned else "")
+        if self.quantized_weights:
+            store += f", {self.quantized_weights} linear weights in {self.base_weight_dtype}"
+        scratch = self.device_scratch_bytes
+        scratch = f" + {format_bytes(scratch)} of dequantization scratch" if scratch else ""
+        text = (
+            f"hf_offload: streaming {self.layers} decoder layers ({self.layer_path}) from host memory to "
+            f"{self.device}: {store} in host memory, {format_bytes(self.bytes_per_train_step)} per training step, "
+            f"{format_bytes(self.device_slot_bytes)} of device slots (prefetch={self.prefetch}){scratch}."
+        )
+        if self.moe_layers:
+            routed = self.expert_fetch == "routed"
+            text += (
+                f" {self.moe_layers} Mixture-of-Experts layers hold {format_bytes(self.expert_bytes)} of experts; "
+                f"expert_fetch={self.expert_fetch!r}"
+                + (" (only routed experts move; the bytes per step are the bound)." if routed else ".")
+            )
+        return text

@@ -1,0 +1,209 @@
+"""`LayerStreamingPlugin`: the offload settings, Accelerate-style, and how they prepare a model.
+
+accelerate has no registry for third-party plugins (`Accelerator(...)` rejects unknown keywords and kwargs
+handlers), so the plugin is applied by us: by `OffloadTrainer`, by every `Trainer` under `hf-offload launch`, and
+by `OffloadAccelerator.prepare()`. Applying it to a model means: add LoRA adapters if the model has none, then
+stream its decoder layers from host memory (`enable_layer_streaming`), leaving the model where it is otherwise.
+
+The plugin also declares the options the integrations add to the engine's (LoRA, the default optimizer, merged
+exports); `OffloadTrainingArguments` and `hf-offload launch` derive theirs from it (see `hf_offload.options`).
+
+Example:
+    >>> plugin = LayerStreamingPlugin(prefetch=2, lora_r=32)
+    >>> model = plugin.prepare_model(model, device="cuda")  # LoRA + streaming; the weights stay in host memory
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..api import enable_layer_streaming, is_streaming
+from ..config import OffloadConfig
+from ..engine import compat
+from ..engine.anatomy import find_decoder_layers
+from ..options import (
+    TRAINING_FACES,
+    OptionError,
+    boolean,
+    declared,
+    option,
+    positive_int,
+    positive_number,
+    probability,
+    spelled,
+    validate,
+    with_options,
+)
+
+logger = logging.getLogger(__name__)
+
+# `hf-offload launch` carries the plugin to every Python process the command starts in this variable (JSON).
+ENV_VAR = "HF_OFFLOAD_LAYER_STREAMING"
+
+# The optimizer the integrations pick when a script keeps the Trainer's default: 8-bit AdamW state for the adapters.
+STREAMING_DEFAULT_OPTIM = "adamw_bnb_8bit"
+# The options of LoRA and of the integrations show on every face that trains but the engine's own config.
+ADAPTER_FACES = TRAINING_FACES - {"config"}
+
+
+def check_combinations(values: dict, face: str) -> None:
+    """Rules between options, with each option spelled as `face` spells it.
+
+    Raises:
+        ValueError: two options that cannot go together, both named.
+    """
+    if values.get("save_merged") and values.get("base_weight_dtype") is not None:
+        raise ValueError(
+            f"Can't provide both {spelled('save_merged', face)} and {spelled('base_weight_dtype', face)} "
+            f"({values['base_weight_dtype']!r}): a quantized host store keeps no dense copy of the base weights to "
+            "merge into. Choose one; to merge later, load the base model dense and use peft's merge_and_unload() on "
+            "the saved adapter."
+        )
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether `model` is a peft wrapper (whose adapters we train as they are)."""
+    return compat.peft_base_model(model) is not model
+
+
+def _lora_targets(value):
+    if not isinstance(value, str) or not [name for name in value.split(",") if name.strip()]:
+        raise OptionError("'all-linear' or a comma-separated list of module names")
+    return value
+
+
+def _optimizer_name(value):
+    """A `TrainingArguments.optim` name; 'none' / 'keep' (from a command line) mean None: the Trainer's default."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "keep")):
+        return None
+    from transformers.training_args import OptimizerNames
+
+    try:
+        return OptimizerNames(value).value
+    except ValueError:
+        raise OptionError("a TrainingArguments `optim` name such as 'adamw_bnb_8bit', or None") from None
+
+
+@dataclass
+@with_options(OffloadConfig, "plugin")
+class LayerStreamingPlugin:
+    """How a model is prepared for layer streaming: the offload options and the LoRA used when it has no adapters.
+
+    Besides the fields below, every `OffloadConfig` option but `device` is a field (`prefetch`,
+    `base_weight_dtype`, ...; see `docs/options.md`).
+
+    Example:
+        >>> plugin = LayerStreamingPlugin(prefetch=2, lora_r=32, lora_alpha=64)
+        >>> model = plugin.prepare_model(model, device="cuda")
+    """
+
+    lora_r: int = option(
+        16,
+        "LoRA rank, used when the model is not already a peft model.",
+        faces=ADAPTER_FACES | {"plan", "bench"},
+        check=positive_int,
+    )
+    lora_alpha: float = option(32, "LoRA alpha (scaling = alpha / r).", faces=ADAPTER_FACES, check=positive_number)
+    lora_dropout: float = option(0.05, "Dropout on the LoRA branch.", faces=ADAPTER_FACES, check=probability)
+    lora_target_modules: str = option(
+        "all-linear",
+        "Modules that get LoRA adapters: 'all-linear' (every linear layer but the output head) or a comma-separated "
+        "list of module names such as 'q_proj,v_proj'.",
+        faces=ADAPTER_FACES,
+        check=_lora_targets,
+    )
+    default_optim: str | None = option(
+        STREAMING_DEFAULT_OPTIM,
+        "Optimizer used in place of the Trainer's default when the script did not choose one (a TrainingArguments "
+        "`optim` name). None ('none' on a command line) keeps the Trainer's default. The Trainer's own face is its "
+        "`--optim` flag, whose 'auto' means this.",
+        faces={"plugin", "launch"},
+        check=_optimizer_name,
+        aliases=("optim",),
+    )
+    save_merged: bool = option(
+        False,
+        "When the final model is saved (save_model, push_to_hub), also write a merged full checkpoint "
+        "(safetensors shards, merged layer by layer in host memory) to `<output_dir>/merged`.",
+        faces=ADAPTER_FACES,
+        check=boolean,
+    )
+
+    def __post_init__(self) -> None:
+        validate(self, "plugin")
+        check_combinations(vars(self), "plugin")
+
+    # --- what the plugin configures ------------------------------------------------------------------------------
+    def offload_config(self, device: str | torch.device | None = None) -> OffloadConfig:
+        """The engine's options among the plugin's fields, for `device`."""
+        names = [opt.name for opt in declared(OffloadConfig) if opt.on("plugin")]
+        return OffloadConfig(device=device, **{name: getattr(self, name) for name in names})
+
+    def target_modules(self) -> str | list[str]:
+        names = [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
+        return "all-linear" if names == ["all-linear"] else names
+
+    def lora_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            task_type="CAUSAL_LM",
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=self.target_modules(),
+        )
+
+    def prepare_model(self, model: nn.Module, device: str | torch.device | None = None) -> nn.Module:
+        """Add LoRA if `model` has no peft adapters, then stream its decoder layers. Returns the model to train.
+
+        A model that is already streamed is returned unchanged. A model that cannot be streamed raises
+        `UnsupportedModelError` before anything about it is changed.
+        """
+        if is_streaming(model):
+            return model
+        find_decoder_layers(model)  # refuse an unstreamable model before LoRA changes it
+        if not is_peft_model(model):
+            from peft import get_peft_model
+
+            model = get_peft_model(model, self.lora_config())
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            logger.info(
+                "hf_offload: %s is not a peft model, so LoRA adapters were added (r=%d, alpha=%g, dropout=%g, "
+                "targets=%s): %s trainable parameters; the base weights are frozen.",
+                type(compat.peft_base_model(model)).__name__,
+                self.lora_r,
+                self.lora_alpha,
+                self.lora_dropout,
+                self.lora_target_modules,
+                f"{trainable:,}",
+            )
+        return enable_layer_streaming(model, self.offload_config(device))
+
+    # --- carrying the plugin to child processes ------------------------------------------------------------------
+    def to_env(self) -> dict[str, str]:
+        """Environment variables that make `from_env()` rebuild this plugin in another process."""
+        return {ENV_VAR: json.dumps(dataclasses.asdict(self))}
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> LayerStreamingPlugin | None:
+        """The plugin `hf-offload launch` set for this process, or None when streaming was not asked for."""
+        environ = os.environ if environ is None else environ
+        raw = environ.get(ENV_VAR)
+        if not raw:
+            return None
+        try:
+            values = json.loads(raw)
+            return cls(**values)
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"The environment variable {ENV_VAR} (set by `hf-offload launch`) does not hold valid layer-streaming "
+                f"settings: {err}. Unset it, or start the command through `hf-offload launch` again."
+            ) from err
