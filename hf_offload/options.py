@@ -241,7 +241,7 @@ def positive_number(value: Any) -> float:
 
 def probability(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise OptionError("a number in [0, 1)")
+        raise OptionError("in [0, 1)")
     return value
 
 
