@@ -48,7 +48,7 @@ class OffloadConfig:
     device: str | torch.device | None = option(
         None,
         "Where layers compute. None: the accelerator if one is present, else the CPU.",
-        faces={"config"},
+        faces={"config", "bench"},
         check=_device,
     )
     prefetch: int = option(

@@ -178,6 +178,16 @@ def with_options(source: type, face: str, rename: Callable[[str], str] = str) ->
     return decorate
 
 
+def all_options() -> list[Option]:
+    """Every declared option once: the engine's (`OffloadConfig`), then the integrations' (`LayerStreamingPlugin`)."""
+    from .config import OffloadConfig
+    from .integrations.plugin import LayerStreamingPlugin
+
+    engine = declared(OffloadConfig)
+    names = {opt.name for opt in engine}
+    return engine + [opt for opt in declared(LayerStreamingPlugin) if opt.name not in names]
+
+
 # --- command lines ------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser, options: Iterable[Option], face: str) -> None:
     """Add the options that show on `face` to an argparse parser (dest = the option's name).
@@ -187,8 +197,8 @@ def add_arguments(parser: argparse.ArgumentParser, options: Iterable[Option], fa
     for opt in options:
         if not opt.on(face):
             continue
-        kwargs: dict[str, Any] = {"dest": opt.name}
-        base = _base_type(opt.type)
+        kwargs: dict[str, Any] = {}
+        base = base_type(opt.type)
         if base is bool and opt.default is False:
             kwargs["action"] = "store_true"
         elif base is bool:
@@ -198,11 +208,22 @@ def add_arguments(parser: argparse.ArgumentParser, options: Iterable[Option], fa
             if opt.choices:
                 kwargs["choices"] = opt.choices
         help_text = f"{opt.help} (default: {opt.default})".replace("%", "%%")
-        parser.add_argument(f"--{opt.name}", default=opt.default, help=help_text, **kwargs)
-        spellings = (name for alias in [opt.name, *opt.aliases] for name in (alias, alias.replace("_", "-")))
-        hidden = [f"--{name}" for name in dict.fromkeys(spellings) if name != opt.name]
-        if hidden:
-            parser.add_argument(*hidden, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+        add_flag(parser, opt.name, *opt.aliases, default=opt.default, help=help_text, **kwargs)
+
+
+def add_flag(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs: Any) -> None:
+    """`parser.add_argument(f"--{name}", ...)`, also accepting the dashed spelling and `aliases`, hidden from help.
+
+    Every command-line option of hf_offload is spelled this way: `--gpu_mem` shown, `--gpu-mem` accepted.
+    """
+    kwargs.setdefault("dest", name)
+    parser.add_argument(f"--{name}", **kwargs)
+    spellings = (spelling for alias in [name, *aliases] for spelling in (alias, alias.replace("_", "-")))
+    hidden = [f"--{spelling}" for spelling in dict.fromkeys(spellings) if spelling != name]
+    if hidden:
+        kwargs.update(default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        kwargs.pop("metavar", None)
+        parser.add_argument(*hidden, **kwargs)
 
 
 def values_from(namespace: argparse.Namespace, options: Iterable[Option], face: str) -> dict[str, Any]:
@@ -214,8 +235,8 @@ def values_from(namespace: argparse.Namespace, options: Iterable[Option], face: 
     return {opt.name: checked(opt, getattr(namespace, opt.name), face) for opt in options if opt.on(face)}
 
 
-def _base_type(annotation: Any) -> type:
-    """`int` of `int`, `bool` of `bool | None`."""
+def base_type(annotation: Any) -> type:
+    """The type a command line parses: `int` of `int`, `bool` of `bool | None`."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     return args[0] if args else annotation
 
@@ -258,8 +279,15 @@ def optional_boolean(value: Any) -> bool | None:
 
 
 # --- the reference page -------------------------------------------------------------------------------------------
-def reference_markdown(sections: list[tuple[str, type]]) -> str:
+def reference_markdown() -> str:
     """docs/options.md: every option, its default, its spelling on each face, and its help."""
+    from .config import OffloadConfig
+
+    engine = {opt.name for opt in declared(OffloadConfig)}
+    sections = [
+        ("Streaming: `OffloadConfig`", [opt for opt in all_options() if opt.name in engine]),
+        ("Integrations: `LayerStreamingPlugin`", [opt for opt in all_options() if opt.name not in engine]),
+    ]
     lines = [
         "# Options reference",
         "",
@@ -270,9 +298,9 @@ def reference_markdown(sections: list[tuple[str, type]]) -> str:
         "(`hf-offload launch`, `plan`, `bench`) take `--<name>`, with underscores or dashes.",
         "",
     ]
-    for title, cls in sections:
+    for title, section in sections:
         lines += [f"## {title}", ""]
-        for opt in declared(cls):
+        for opt in section:
             faces = ", ".join(f"{face} `{_face_spelling(opt.name, face)}`" for face in FACES if opt.on(face))
             default = f"`{opt.default!r}`"
             lines += [f"### `{opt.name}`", "", f"Default {default}. Faces: {faces}.", "", opt.help, ""]
@@ -281,3 +309,12 @@ def reference_markdown(sections: list[tuple[str, type]]) -> str:
 
 def _face_spelling(name: str, face: str) -> str:
     return spelled(name, face).strip("`")
+
+
+def main() -> None:
+    """Print docs/options.md: `python -m hf_offload.options > docs/options.md`."""
+    print(reference_markdown(), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,7 @@ follows DESIGN.md section 5: (prefetch + 1) x the largest layer + resident modul
 their gradients and 8-bit AdamW state, and the logits of the loss. The activation terms are estimates.
 
 Example:
-    hf-offload plan meta-llama/Llama-3.1-70B --gpu-mem 80 --seq 4096 --batch 2 --base-weight-dtype nf4
+    hf-offload plan meta-llama/Llama-3.1-70B --gpu_mem 80 --seq 4096 --batch 2 --base_weight_dtype nf4
     hf-offload plan ./my-model/config.json --json
 """
 
@@ -28,7 +28,8 @@ from ..engine.anatomy import UnsupportedModelError, find_decoder_layers
 from ..engine.quant import BASE_WEIGHT_DTYPES, linear_weights, make_codec
 from ..engine.store import layout_layer
 from ..optimizer_state import adamw8bit_state_bytes
-from ..units import GB
+from ..options import add_arguments, add_flag, all_options, values_from
+from ..units import GB, parse_dtype
 
 DEFAULT_PCIE_GBPS = 25.0  # pinned host-to-device copies on PCIe 4.0 x16; PCIe 5.0 reaches ~50
 DEFAULT_GPU_TFLOPS = 400.0  # bf16 dense matmul throughput a training step achieves on an H100-class GPU
@@ -37,7 +38,6 @@ GPU_HEADROOM = 0.9  # share of GPU memory the estimate may use; the rest is CUDA
 # MLP gate/up/activation/product); a rough count for a Llama-style layer with LoRA on every linear layer.
 LAYER_ACTIVATIONS_PER_TOKEN = (10, 4)  # x hidden_size, x intermediate_size
 LOGIT_EXTRA_BYTES = 8  # the loss upcasts logits to fp32 and keeps fp32 log-probabilities, per logit
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class PlanError(ValueError):
@@ -222,7 +222,7 @@ def make_plan(
     base_weight_dtype = options.get("base_weight_dtype")
     if base_weight_dtype is not None and base_weight_dtype not in BASE_WEIGHT_DTYPES:
         raise PlanError(
-            f"--base-weight-dtype should be one of {', '.join(BASE_WEIGHT_DTYPES)}, not {base_weight_dtype!r}"
+            f"--base_weight_dtype should be one of {', '.join(BASE_WEIGHT_DTYPES)}, not {base_weight_dtype!r}"
         )
     sizes = measure(config, dtype)
     plan = estimate(sizes, **options)
@@ -238,7 +238,7 @@ def make_plan(
         parameters=sizes.total_params,
         gpu_budget_bytes=gpu_budget,
         host_available_bytes=host_available,
-        host_available_source="--host-mem" if host_mem_gb else "this machine (MemAvailable)",
+        host_available_source="--host_mem" if host_mem_gb else "this machine (MemAvailable)",
         fits_gpu=fits_gpu,
         fits_host=fits_host,
         fits=fits_gpu and fits_host,
@@ -256,7 +256,7 @@ def _advice(plan: dict, others: dict, gpu_budget, host_available, options: dict)
         advice.append(
             f"host memory: needs {plan['host_bytes'] / GB:.1f} GB, {host_available / GB:.1f} GB available; "
             + (
-                f"--base-weight-dtype {fitting[0]} needs {others[fitting[0]]['host_bytes'] / GB:.1f} GB"
+                f"--base_weight_dtype {fitting[0]} needs {others[fitting[0]]['host_bytes'] / GB:.1f} GB"
                 if fitting
                 else "no base_weight_dtype fits: more host memory is needed"
             )
@@ -274,9 +274,9 @@ def _advice(plan: dict, others: dict, gpu_budget, host_available, options: dict)
         else:
             line += "even one token does not fit"
         if not options.get("offload_activations") and terms["boundary_activations"]:
-            line += f"; --offload-activations moves {terms['boundary_activations'] / GB:.1f} GB to host memory"
+            line += f"; --offload_activations moves {terms['boundary_activations'] / GB:.1f} GB to host memory"
         if chosen != "nf4" and others["nf4"]["gpu_bytes"] < plan["gpu_bytes"]:
-            line += f"; --base-weight-dtype nf4 needs {others['nf4']['gpu_bytes'] / GB:.1f} GB"
+            line += f"; --base_weight_dtype nf4 needs {others['nf4']['gpu_bytes'] / GB:.1f} GB"
         advice.append(line)
     if plan["unquantized_matrix_bytes"] > plan["host_bytes"] / 4:
         advice.append(
@@ -289,7 +289,7 @@ def _advice(plan: dict, others: dict, gpu_budget, host_available, options: dict)
             f"compute); the GPU is busy from {plan['break_even_tokens']} tokens per micro-batch"
         )
         if chosen != "nf4":
-            line += f", or from {others['nf4']['break_even_tokens']} with --base-weight-dtype nf4"
+            line += f", or from {others['nf4']['break_even_tokens']} with --base_weight_dtype nf4"
         advice.append(line)
     return advice
 
@@ -329,43 +329,44 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("model", help="Hub id (downloads config.json only), local model directory, or config.json")
-    parser.add_argument("--gpu-mem", type=float, default=None, metavar="GB", help="GPU memory to plan for")
-    parser.add_argument("--host-mem", type=float, default=None, metavar="GB", help="host memory (default: available)")
-    parser.add_argument("--seq", type=int, default=2048, help="sequence length (default: 2048)")
-    parser.add_argument("--batch", type=int, default=1, help="micro-batch size (default: 1)")
-    parser.add_argument("--base-weight-dtype", choices=BASE_WEIGHT_DTYPES, default=None)
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="weights' dtype (default: config's)")
-    parser.add_argument("--pcie-gbps", type=float, default=DEFAULT_PCIE_GBPS, help="host-to-device GB/s achieved")
-    parser.add_argument("--gpu-tflops", type=float, default=DEFAULT_GPU_TFLOPS, help="TFLOP/s a step achieves")
-    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank on every linear layer (default: 16)")
-    parser.add_argument("--prefetch", type=int, default=1, help="layers loaded ahead (default: 1)")
-    parser.add_argument("--offload-activations", action="store_true", help="boundary activations in host memory")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_flag(parser, "gpu_mem", type=float, default=None, metavar="GB", help="GPU memory to plan for")
+    add_flag(parser, "host_mem", type=float, default=None, metavar="GB", help="host memory (default: available)")
+    add_flag(parser, "seq", type=int, default=2048, help="sequence length (default: 2048)")
+    add_flag(parser, "batch", type=int, default=1, help="micro-batch size (default: 1)")
+    add_flag(parser, "dtype", type=str, default=None, help="weights' dtype: bf16, fp16 or fp32 (default: config's)")
+    add_flag(parser, "pcie_gbps", type=float, default=DEFAULT_PCIE_GBPS, help="host-to-device GB/s achieved")
+    add_flag(parser, "gpu_tflops", type=float, default=DEFAULT_GPU_TFLOPS, help="TFLOP/s a step achieves")
+    add_arguments(parser, all_options(), "plan")
+    add_flag(parser, "json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    for name in ("seq", "batch", "lora_r"):
-        if getattr(args, name) < 1:
-            print(f"hf-offload plan: --{name.replace('_', '-')} should be at least 1", file=sys.stderr)
-            return 2
+def _dtype(name: str | None):
     try:
+        return parse_dtype(name) if name else None
+    except ValueError as err:
+        raise PlanError(f"--dtype {err}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        for name in ("seq", "batch"):
+            if getattr(args, name) < 1:
+                raise PlanError(f"--{name} should be at least 1, but the value passed is {getattr(args, name)}")
+        options = values_from(args, all_options(), "plan")
         config = load_config(args.model)
         plan = make_plan(
             config,
             gpu_mem_gb=args.gpu_mem,
             host_mem_gb=args.host_mem,
-            dtype=_DTYPES[args.dtype] if args.dtype else None,
-            base_weight_dtype=args.base_weight_dtype,
+            dtype=_dtype(args.dtype),
             seq=args.seq,
             batch=args.batch,
             pcie_gbps=args.pcie_gbps,
             gpu_tflops=args.gpu_tflops,
-            lora_r=args.lora_r,
-            prefetch=args.prefetch,
-            offload_activations=args.offload_activations,
+            **options,
         )
-    except (PlanError, UnsupportedModelError) as err:
+    except (ValueError, UnsupportedModelError) as err:  # PlanError is a ValueError
         print(f"hf-offload plan: {err}", file=sys.stderr)
         return 2
     print(json.dumps(plan) if args.json else format_plan(plan))

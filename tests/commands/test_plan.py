@@ -87,8 +87,8 @@ def test_verdict_says_what_to_change(llama_70b):
     plan = make_plan(config, gpu_mem_gb=24, host_mem_gb=64, seq=8192, batch=4)
     assert not plan["fits"] and not plan["fits_gpu"] and not plan["fits_host"]
     host, gpu = plan["advice"][:2]
-    assert host.startswith("host memory") and "--base-weight-dtype nf4 needs" in host
-    assert gpu.startswith("GPU memory") and "tokens per micro-batch" in gpu and "--offload-activations" in gpu
+    assert host.startswith("host memory") and "--base_weight_dtype nf4 needs" in host
+    assert gpu.startswith("GPU memory") and "tokens per micro-batch" in gpu and "--offload_activations" in gpu
 
 
 def test_cli_prints_one_json_object(llama_70b, capsys):

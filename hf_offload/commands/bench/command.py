@@ -13,12 +13,13 @@ import traceback
 
 import torch
 
+from ...options import add_arguments, add_flag, all_options, values_from
+from ...units import parse_dtype
 from .measure import StepClock, current_peak_rss, memory_peaks, overlap_from_trace, pinned_copy_peak
 from .methods import METHODS, Setup
 from .models import PRESETS, load_config, model_facts
 from .report import Row, ratios, row_dict, table
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MiB = 1 << 20
 
 
@@ -33,39 +34,36 @@ def register(subparsers) -> None:
         ),
     )
     model = parser.add_mutually_exclusive_group()
-    model.add_argument("--preset", choices=list(PRESETS), help="model shape (default: tiny on CPU, 8b on CUDA)")
-    model.add_argument("--config", help="a transformers config.json instead of a preset")
-    parser.add_argument("--layers", type=int, help="override the number of decoder layers (fit a model in memory)")
-    parser.add_argument(
-        "--methods",
-        default=",".join(METHODS),
-        help=f"comma-separated, from (default: all): {', '.join(METHODS)}",
+    add_flag(model, "preset", choices=list(PRESETS), help="model shape (default: tiny on CPU, 8b on CUDA)")
+    add_flag(model, "config", help="a transformers config.json instead of a preset")
+    add_flag(parser, "layers", type=int, help="override the number of decoder layers (fit a model in memory)")
+    add_flag(
+        parser, "methods", default=",".join(METHODS), help=f"comma-separated, from (default: all): {', '.join(METHODS)}"
     )
-    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="model dtype (default: bf16 on cuda, fp32 on cpu)")
-    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: 2 on cpu, 4 on cuda)")
-    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: 64 on cpu, 4096 on cuda)")
-    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank, on all linear layers (default: 16)")
-    parser.add_argument("--prefetch", type=int, default=1, help="hf_offload: layers loaded ahead (default: 1)")
-    parser.add_argument("--offload-activations", action="store_true", help="hf_offload: boundary states on host")
-    parser.add_argument(
-        "--deepspeed-optimizer",
+    add_flag(parser, "dtype", help="model dtype: bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
+    add_flag(parser, "batch", type=int, default=None, help="sequences per step (default: 2 on cpu, 4 on cuda)")
+    add_flag(parser, "seq", type=int, default=None, help="tokens per sequence (default: 64 on cpu, 4096 on cuda)")
+    add_arguments(parser, all_options(), "bench")
+    add_flag(
+        parser,
+        "deepspeed_optimizer",
         choices=["deepspeed", "torch"],
         default="deepspeed",
         help="deepspeed-zero3-offload: DeepSpeedCPUAdam (the default; compiled on first use) or torch AdamW",
     )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method (default: 1)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per method, median reported (default: 3)")
-    parser.add_argument("--no-profile", action="store_true", help="CUDA: skip the profiled step (no overlap columns)")
-    parser.add_argument(
-        "--order",
+    add_flag(parser, "warmup", type=int, default=1, help="untimed steps per method (default: 1)")
+    add_flag(parser, "steps", type=int, default=3, help="timed steps per method, median reported (default: 3)")
+    add_flag(parser, "no_profile", action="store_true", help="CUDA: skip the profiled step (no overlap columns)")
+    add_flag(
+        parser,
+        "order",
         choices=["auto", "interleaved", "sequential"],
         default="auto",
         help="interleaved: all models built at once, their steps alternating (fair on a shared machine; peak memory "
         "not per method); sequential: one method after the other. auto: interleaved on cpu, sequential on cuda",
     )
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    add_flag(parser, "threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_flag(parser, "json", action="store_true", help="print one JSON document instead of the table")
     parser.set_defaults(func=main)
 
 
@@ -90,18 +88,25 @@ def _main(args: argparse.Namespace) -> int:
         raise SystemExit(f"hf-offload bench: unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
     if len(set(methods)) != len(methods):
         raise SystemExit(f"hf-offload bench: --methods names a method twice ({args.methods}); name each once.")
-    for name in ("batch", "seq", "lora_r", "steps"):
+    for name in ("batch", "seq", "steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise SystemExit(f"hf-offload bench: --{name.replace('_', '-')} should be at least 1, not {value}.")
-    if args.warmup < 0 or args.prefetch < 0:
-        raise SystemExit("hf-offload bench: --warmup and --prefetch should be non-negative.")
+            raise SystemExit(f"hf-offload bench: --{name} should be at least 1, but the value passed is {value}")
+    if args.warmup < 0:
+        raise SystemExit(f"hf-offload bench: --warmup should be non-negative, but the value passed is {args.warmup}")
+    try:
+        values_from(args, all_options(), "bench")
+    except ValueError as err:
+        raise SystemExit(f"hf-offload bench: {err}") from None
+    try:
+        dtype = parse_dtype(args.dtype or ("fp32" if on_cpu else "bf16"))
+    except ValueError as err:
+        raise SystemExit(f"hf-offload bench: --dtype {err}") from None
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     preset = args.preset or (None if args.config else ("tiny" if on_cpu else "8b"))
     config = load_config(preset, args.config, args.layers)
-    dtype = DTYPES[args.dtype or ("fp32" if on_cpu else "bf16")]
     facts = model_facts(config, dtype)
     setup = Setup(
         config=config,
