@@ -24,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-NOT_RUN = re.compile(r"<!--\s*not-run:\s*\S.*-->")
+NOT_RUN = re.compile(r"^\s*<!--\s*not-run:\s*\S.*-->\s*$")  # a line of its own
 FENCE = re.compile(r"^```(\w*)\s*$")
 # Markdown links and images: [text](target) / ![alt](target); the target ends at whitespace or ')'.
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
@@ -45,7 +45,7 @@ def _blocks(page: Path) -> list[tuple[int, str, str, bool]]:
         end = next((j for j in range(k + 1, len(lines)) if lines[j].startswith("```")), None)
         assert end is not None, f"{page.name}:{start + 1}: a code fence is never closed"
         previous = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
-        blocks.append((start + 1, language, "\n".join(lines[start + 1 : end]), not NOT_RUN.search(previous)))
+        blocks.append((start + 1, language, "\n".join(lines[start + 1 : end]), not NOT_RUN.match(previous)))
         k = end + 1
     return blocks
 
@@ -102,7 +102,7 @@ def test_not_run_marks_precede_python_blocks(page):
     """A `not-run` mark that is not just above a ```python fence would silently mark nothing."""
     lines = page.read_text().splitlines()
     for k, text in enumerate(lines):
-        if NOT_RUN.search(text):
+        if NOT_RUN.match(text):
             following = next((lines[j] for j in range(k + 1, len(lines)) if lines[j].strip()), "")
             assert following.strip() == "```python", f"{_page_id(page)}:{k + 1}: a not-run mark with no block below"
 
