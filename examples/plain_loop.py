@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--prefetch", type=int, default=1)
-    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -18,7 +18,7 @@ from hf_offload.integrations.plugin import ENV_VAR, LayerStreamingPlugin
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[2]
-LORA = ["--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0.1"]
+LORA = ["--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.1"]
 
 
 def test_launch_is_a_registered_subcommand(capsys):
@@ -47,9 +47,9 @@ def test_missing_command_and_bad_options(capsys):
     assert cli.main(["launch", "--prefetch", "-1", "--", "python"]) == 2
     assert "--prefetch should be a non-negative integer" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["launch", "--lora-r", "sixteen", "--", "python"])
+        cli.main(["launch", "--lora_r", "sixteen", "--", "python"])
     assert exit_info.value.code == 2
-    assert "argument --lora-r: invalid int value: 'sixteen'" in capsys.readouterr().err
+    assert "argument --lora_r: invalid int value: 'sixteen'" in capsys.readouterr().err
 
 
 def test_exit_status_of_the_command_is_returned():

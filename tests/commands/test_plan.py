@@ -92,11 +92,11 @@ def test_verdict_says_what_to_change(llama_70b):
 
 
 def test_cli_prints_one_json_object(llama_70b, capsys):
-    assert main(["plan", str(llama_70b), "--json", "--base-weight-dtype", "nf4", "--seq", "4096"]) == 0
+    assert main(["plan", str(llama_70b), "--json", "--base_weight_dtype", "nf4", "--seq", "4096"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert {"host_bytes", "gpu_bytes", "bytes_per_step", "break_even_tokens"} <= plan.keys()
     assert plan["base_weight_dtype"] == "nf4" and plan["tokens_per_step"] == 4096
-    assert main(["plan", str(llama_70b), "--gpu-mem", "80"]) == 0
+    assert main(["plan", str(llama_70b), "--gpu_mem", "80"]) == 0
     assert "verdict:" in capsys.readouterr().out
 
 

@@ -131,7 +131,7 @@ def test_offload_accelerator_takes_the_launcher_settings_from_the_environment(mo
 
 
 def test_plain_loop_example_trains_and_saves_an_adapter(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    argv = ["--model", tiny_model_dir, "--output-dir", str(tmp_path / "out"), "--steps", "2", "--lora-r", "4"]
+    argv = ["--model", tiny_model_dir, "--output-dir", str(tmp_path / "out"), "--steps", "2", "--lora_r", "4"]
     run_example("plain_loop.py", argv, monkeypatch)
     out = capsys.readouterr().out
     assert "step   2  loss" in out and "host->device so far" in out

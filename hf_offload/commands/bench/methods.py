@@ -244,7 +244,7 @@ class DeepSpeedZero3Offload(Method):
                     activation_checkpointing=True,
                     activation_checkpointing_kwargs={"use_reentrant": False},
                     deepspeed=deepspeed_config(setup.deepspeed_optimizer),
-                    optim="adamw_torch",  # used only with --deepspeed-optimizer torch
+                    optim="adamw_torch",  # used only with --deepspeed_optimizer torch
                     logging_steps=1,
                     save_strategy="no",
                     report_to="none",
@@ -273,7 +273,7 @@ class DeepSpeedZero3Offload(Method):
             except Exception as err:
                 hint = ""
                 if setup.deepspeed_optimizer == "deepspeed":
-                    hint = " (if DeepSpeedCPUAdam failed to build, try --deepspeed-optimizer torch)"
+                    hint = " (if DeepSpeedCPUAdam failed to build, try --deepspeed_optimizer torch)"
                 raise RuntimeError(f"{type(err).__name__}: {err}{hint}") from err
             finally:
                 unset_hf_deepspeed_config()
