@@ -32,7 +32,7 @@ _LAZY = {
     "stats": "api",
     "summary": "api",
     "OffloadConfig": "config",
-    "UnsupportedModelError": "engine.anatomy",
+    "UnsupportedModelError": "engine.errors",
     "HostMemoryError": "engine.hostmem",
     "optimizer_state_report": "optimizer_state",
     "OffloadTrainingArguments": "integrations.trainer",

@@ -17,11 +17,13 @@ Example:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .engine import compat
+from .records import Record
 
 # bitsandbytes 0.50.2, Optimizer2State (AdamW8bit): tensors smaller than `min_8bit_size` keep fp32 state; larger ones
 # keep each moment in uint8 with one fp32 absmax per block of 256 values.
@@ -85,12 +87,33 @@ def _bnb_8bit_min_size(optimizer: torch.optim.Optimizer) -> int | None:
     return None
 
 
-def optimizer_state_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+@dataclass(frozen=True)
+class OptimizerStateReport(Record):
+    """What `optimizer_state_report` returns (definitions in the module docstring)."""
+
+    trainable_parameters: int
+    total_parameters: int  # the model without adapters: what full fine-tuning would train
+    optimizer: str | None
+    source: str  # "measured", or how it was estimated
+    optimizer_state_bytes: int
+    full_finetune_optimizer_state_bytes: int
+    optimizer_state_factor: float
+    training_state_bytes: int
+    full_finetune_training_state_bytes: int
+    training_state_factor: float
+
+
+def optimizer_state_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> OptimizerStateReport:
     """Optimizer-state and training-state bytes of `model`'s trainable parameters, and the factors by which they
     are smaller than fp32 AdamW on full fine-tuning of the same model (definitions in the module docstring).
 
-    With an optimizer that has stepped, the state is measured from it; before that (or with `optimizer=None`) it
-    is estimated for bitsandbytes 8-bit AdamW (or two fp32 moments for an optimizer that is not 8-bit).
+    Args:
+        model: the model being trained (streamed or not, peft or not).
+        optimizer: its optimizer. Once it has stepped, the state is measured from it; before that (or with None)
+            it is estimated for bitsandbytes 8-bit AdamW (or two fp32 moments for an optimizer that is not 8-bit).
+
+    Returns:
+        An `OptimizerStateReport` (`.as_dict()` for a plain dict).
     """
     params = _unique(model.parameters())
     trainable = [p for p in params if p.requires_grad]
@@ -104,15 +127,15 @@ def optimizer_state_report(model: nn.Module, optimizer: torch.optim.Optimizer | 
     full_state = 2 * 4 * total
     full_training = 4 * 4 * total
     training = sum(2 * p.numel() * p.element_size() for p in trainable) + state_bytes  # weights + grads + state
-    return {
-        "trainable_parameters": sum(p.numel() for p in trainable),
-        "total_parameters": total,  # the model without adapters: what full fine-tuning would train
-        "optimizer": type(optimizer).__name__ if optimizer is not None else None,
-        "source": source,
-        "optimizer_state_bytes": state_bytes,
-        "full_finetune_optimizer_state_bytes": full_state,
-        "optimizer_state_factor": full_state / state_bytes if state_bytes else math.inf,
-        "training_state_bytes": training,
-        "full_finetune_training_state_bytes": full_training,
-        "training_state_factor": full_training / training if training else math.inf,
-    }
+    return OptimizerStateReport(
+        trainable_parameters=sum(p.numel() for p in trainable),
+        total_parameters=total,
+        optimizer=type(optimizer).__name__ if optimizer is not None else None,
+        source=source,
+        optimizer_state_bytes=state_bytes,
+        full_finetune_optimizer_state_bytes=full_state,
+        optimizer_state_factor=full_state / state_bytes if state_bytes else math.inf,
+        training_state_bytes=training,
+        full_finetune_training_state_bytes=full_training,
+        training_state_factor=full_training / training if training else math.inf,
+    )

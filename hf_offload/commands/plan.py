@@ -2,9 +2,10 @@
 
 The model is built on the meta device (shapes and dtypes only) and measured with the same host-store layout code
 the engine uses, so host bytes and bytes per step are what `enable_layer_streaming` would report. Device memory
-follows DESIGN.md section 5: (prefetch + 1) x the largest layer + resident modules + boundary activations
-(L x tokens x hidden) + one layer's recompute activations, plus the dequantization scratch, the LoRA adapters with
-their gradients and 8-bit AdamW state, and the logits of the loss. The activation terms are estimates.
+follows the performance model (docs/how-it-works.md): (prefetch + 1) x the largest layer + resident modules +
+boundary activations (L x tokens x hidden) + one layer's recompute activations, plus the dequantization scratch,
+the LoRA adapters with their gradients and 8-bit AdamW state, and the logits of the loss. The activation terms are
+estimates.
 
 Example:
     hf-offload plan meta-llama/Llama-3.1-70B --gpu_mem 80 --seq 4096 --batch 2 --base_weight_dtype nf4
@@ -16,20 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from ..engine import hostmem
-from ..engine.anatomy import UnsupportedModelError, find_decoder_layers
-from ..engine.quant import BASE_WEIGHT_DTYPES, linear_weights, make_codec
-from ..engine.store import layout_layer
+from ..engine.errors import UnsupportedModelError
+from ..engine.facts import bytes_per_train_step
+from ..engine.quant import BASE_WEIGHT_DTYPES
 from ..optimizer_state import adamw8bit_state_bytes
 from ..options import add_arguments, add_flag, all_options, values_from
+from ..records import Record
 from ..units import GB, parse_dtype
+from .model_sizes import ConfigError, ModelSizes, load_config, measure
 
 DEFAULT_PCIE_GBPS = 25.0  # pinned host-to-device copies on PCIe 4.0 x16; PCIe 5.0 reaches ~50
 DEFAULT_GPU_TFLOPS = 400.0  # bf16 dense matmul throughput a training step achieves on an H100-class GPU
@@ -40,112 +41,44 @@ LAYER_ACTIVATIONS_PER_TOKEN = (10, 4)  # x hidden_size, x intermediate_size
 LOGIT_EXTRA_BYTES = 8  # the loss upcasts logits to fp32 and keeps fp32 log-probabilities, per logit
 
 
-class PlanError(ValueError):
-    """The model or its config cannot be planned; the message says why and what to pass instead."""
+# A plan fails for the reasons a config cannot be read or measured, and for its own options: one error class.
+PlanError = ConfigError
 
 
-# --- reading the model ------------------------------------------------------------------------------------------------
-def load_config(model: str):
-    """A transformers config from a config.json path, a local model directory, or a Hub id (downloads config.json)."""
-    from transformers import AutoConfig
+# --- the results --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Estimate(Record):
+    """One configuration's costs: host and device bytes, bytes per step and the break-even point."""
 
-    if os.path.isfile(model):
-        with open(model) as f:
-            config_dict = json.load(f)
-        model_type = config_dict.pop("model_type", None)
-        if model_type is None:
-            raise PlanError(f"{model} has no `model_type`; pass the config.json of a transformers model.")
-        try:
-            return AutoConfig.for_model(model_type, **config_dict)
-        except ValueError as err:
-            raise PlanError(f"transformers does not know model_type {model_type!r} ({err}).") from err
-    if os.path.isdir(model):
-        return AutoConfig.from_pretrained(model)
-    from huggingface_hub import hf_hub_download
-
-    try:
-        path = hf_hub_download(repo_id=model, filename="config.json")
-    except Exception as err:  # offline, unknown repo, gated repo, bad id: all end here with one message
-        raise PlanError(
-            f"could not get config.json of {model!r} from the Hugging Face Hub ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else 'no details'}). Without network access, pass a local model "
-            "directory or a config.json path; gated models need `hf auth login` first."
-        ) from err
-    return load_config(path)
+    base_weight_dtype: str | None
+    tokens_per_step: int
+    host_bytes: int
+    unquantized_matrix_bytes: int  # weight matrices the codec leaves dense (fused MoE experts, odd sizes)
+    gpu_bytes: int
+    gpu_terms: dict[str, int]
+    bytes_per_step: int
+    break_even_tokens: int
+    transfer_seconds: float
+    compute_seconds: float
+    tokens_per_second: float
+    bound: str  # "transfer" or "compute"
 
 
-def _config_dtype(config) -> torch.dtype:
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(value, str):
-        value = getattr(torch, value, None)
-    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.bfloat16
+@dataclass(frozen=True)
+class Plan(Estimate):
+    """What `hf-offload plan` prints: the chosen configuration's `Estimate`, the model, the verdict, the advice."""
 
-
-def _text_config(config):
-    get = getattr(config, "get_text_config", None)
-    return get() if callable(get) else config
-
-
-def _first(config, names: tuple[str, ...], default=None):
-    for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return default
-
-
-@dataclass
-class ModelSizes:
-    """What a plan needs from a model, measured once on the meta device."""
-
-    layers: list[nn.Module]
-    dtype: torch.dtype
-    total_params: int
-    resident_bytes: int
-    compute_params: float  # parameters a token's forward multiplies with (embeddings excluded, MoE: active experts)
-    lora_tensors: list[int]  # numel of each LoRA A and B matrix, per unit of rank
-    hidden: int
-    intermediate: int
-    vocab: int
-
-
-def measure(config, dtype: torch.dtype | None = None) -> ModelSizes:
-    """Build the model on the meta device and measure what a plan needs."""
-    from transformers import AutoModelForCausalLM
-
-    dtype = dtype or _config_dtype(config)
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except ValueError as err:
-        raise PlanError(f"{type(config).__name__} is not a causal LM transformers can build ({err}).") from err
-    layers = list(find_decoder_layers(model).layers)
-    streamed = {id(p) for layer in layers for p in layer.parameters()}
-    params = list({id(p): p for p in model.parameters()}.values())
-    total = sum(p.numel() for p in params)
-    resident = sum(p.numel() * p.element_size() for p in params if id(p) not in streamed)
-    embedding = model.get_input_embeddings().weight
-    output = model.get_output_embeddings()
-    tied = output is not None and output.weight is embedding
-    compute = float(total - (0 if tied else embedding.numel()))
-    text = _text_config(config)
-    experts = _first(text, ("num_local_experts", "num_experts", "n_routed_experts"))
-    active = _first(text, ("num_experts_per_tok", "num_experts_per_token", "moe_topk"))
-    if experts and active:
-        # Routed experts (transformers 5: parameters under an `experts` module) compute only for the tokens
-        # routed to them: a token multiplies with active / experts of them.
-        expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in f".{n}")
-        compute -= expert_params * (1 - active / experts)
-    lora = [n for layer in layers for w, _ in linear_weights(layer) for n in w.shape]
-    hidden = _first(text, ("hidden_size", "n_embd", "d_model"))
-    if hidden is None:
-        raise PlanError(f"{type(config).__name__} has no hidden_size; cannot estimate activations.")
-    moe_inter = _first(text, ("moe_intermediate_size",))
-    inter = (moe_inter * active if moe_inter and active else None) or _first(
-        text, ("intermediate_size", "n_inner", "ffn_dim", "d_ff"), 4 * hidden
-    )
-    vocab = _first(text, ("vocab_size",), embedding.shape[0])
-    return ModelSizes(layers, dtype, total, resident, compute, lora, hidden, inter, vocab)
+    model_type: str | None = None
+    dtype: str = ""
+    layers: int = 0
+    parameters: int = 0
+    gpu_budget_bytes: float | None = None
+    host_available_bytes: float | None = None
+    host_available_source: str = ""
+    fits_gpu: bool = True
+    fits_host: bool = True
+    fits: bool = True
+    advice: list[str] = field(default_factory=list)
 
 
 # --- the estimate -----------------------------------------------------------------------------------------------------
@@ -160,10 +93,9 @@ def estimate(
     lora_r: int = 16,
     prefetch: int = 1,
     offload_activations: bool = False,
-) -> dict:
+) -> Estimate:
     """Host bytes, device bytes (with their terms), bytes per step and break-even tokens for one configuration."""
-    codec = make_codec(base_weight_dtype)
-    layouts = [layout_layer(layer, codec, params=list(layer.parameters())) for layer in sizes.layers]
+    layouts = sizes.store_layouts(base_weight_dtype)
     store = [layout.nbytes for layout in layouts]
     n_layers = len(store)
     tokens = batch * seq
@@ -182,29 +114,28 @@ def estimate(
         "logits": tokens * sizes.vocab * (act + LOGIT_EXTRA_BYTES),
     }
     host_bytes = sum(store) + (boundary if offload_activations else 0)
-    # forward loads every layer; backward every layer but those still in their slots at the turnaround
-    bytes_per_step = 2 * sum(store) - sum(store[max(0, n_layers - prefetch - 1) :])
+    bytes_per_step = bytes_per_train_step(store, prefetch)
     bandwidth, flops_per_s = pcie_gbps * GB, gpu_tflops * 1e12
     flops = 6 * sizes.compute_params * tokens  # forward, recompute, input gradients
     transfer_s, compute_s = bytes_per_step / bandwidth, flops / flops_per_s
     break_even = math.ceil(bytes_per_step * flops_per_s / (6 * sizes.compute_params * bandwidth))
-    return {
-        "base_weight_dtype": base_weight_dtype,
-        "tokens_per_step": tokens,
-        "host_bytes": host_bytes,
-        # weight matrices the codec leaves dense: not nn.Linear/Conv1D (fused MoE expert tensors), or odd sizes
-        "unquantized_matrix_bytes": sum(r.nbytes for layout in layouts for p, r in layout.dense if p.dim() >= 2)
-        if codec is not None
+    return Estimate(
+        base_weight_dtype=base_weight_dtype,
+        tokens_per_step=tokens,
+        host_bytes=host_bytes,
+        # not nn.Linear/Conv1D (fused MoE expert tensors), or odd sizes
+        unquantized_matrix_bytes=sum(r.nbytes for layout in layouts for p, r in layout.dense if p.dim() >= 2)
+        if base_weight_dtype is not None
         else 0,
-        "gpu_bytes": sum(gpu_terms.values()),
-        "gpu_terms": gpu_terms,
-        "bytes_per_step": bytes_per_step,
-        "break_even_tokens": break_even,
-        "transfer_seconds": transfer_s,
-        "compute_seconds": compute_s,
-        "tokens_per_second": tokens / max(transfer_s, compute_s),
-        "bound": "transfer" if transfer_s > compute_s else "compute",
-    }
+        gpu_bytes=sum(gpu_terms.values()),
+        gpu_terms=gpu_terms,
+        bytes_per_step=bytes_per_step,
+        break_even_tokens=break_even,
+        transfer_seconds=transfer_s,
+        compute_seconds=compute_s,
+        tokens_per_second=tokens / max(transfer_s, compute_s),
+        bound="transfer" if transfer_s > compute_s else "compute",
+    )
 
 
 def make_plan(
@@ -214,7 +145,7 @@ def make_plan(
     host_mem_gb: float | None = None,
     dtype: torch.dtype | None = None,
     **options,
-) -> dict:
+) -> Plan:
     """The plan `hf-offload plan` prints: `estimate` for the chosen options, a verdict and what to change.
 
     `options` are those of `estimate`. Host memory: `host_mem_gb`, else what this machine has available now.
@@ -231,7 +162,8 @@ def make_plan(
     host_available = host_mem_gb * GB if host_mem_gb else hostmem.available_bytes()
     fits_gpu = gpu_budget is None or plan["gpu_bytes"] <= gpu_budget
     fits_host = host_available is None or plan["host_bytes"] <= host_available
-    plan.update(
+    return Plan(
+        **plan.as_dict(),
         model_type=getattr(config, "model_type", None),
         dtype=str(sizes.dtype).removeprefix("torch."),
         layers=len(sizes.layers),
@@ -244,10 +176,9 @@ def make_plan(
         fits=fits_gpu and fits_host,
         advice=_advice(plan, others, gpu_budget, host_available, options),
     )
-    return plan
 
 
-def _advice(plan: dict, others: dict, gpu_budget, host_available, options: dict) -> list[str]:
+def _advice(plan: Estimate, others: dict[str | None, Estimate], gpu_budget, host_available, options: dict) -> list[str]:
     advice = []
     chosen = options.get("base_weight_dtype")
     smaller = [d for d in BASE_WEIGHT_DTYPES if others[d]["host_bytes"] < plan["host_bytes"]]
@@ -294,7 +225,7 @@ def _advice(plan: dict, others: dict, gpu_budget, host_available, options: dict)
     return advice
 
 
-def format_plan(plan: dict) -> str:
+def format_plan(plan: Plan) -> str:
     gb = lambda n: f"{n / GB:,.1f} GB"
     verdict = "fits" if plan["fits"] else "does NOT fit"
     lines = [
@@ -369,5 +300,5 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, UnsupportedModelError) as err:  # PlanError is a ValueError
         print(f"hf-offload plan: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(plan) if args.json else format_plan(plan))
+    print(json.dumps(plan.as_dict()) if args.json else format_plan(plan))
     return 0

@@ -11,11 +11,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from . import compat
-
-
-class UnsupportedModelError(ValueError):
-    """Raised before any work is done when a model cannot be streamed; the message says why and what to do."""
-
+from .errors import UnsupportedModelError
 
 # Exceptions to the search below, keyed by `config.model_type`: the dotted path of the layer list. Empty while
 # every family tried is found by the generic rule; add an entry rather than special-casing code elsewhere.
@@ -94,3 +90,39 @@ def _used_outside(model: nn.Module, path: str) -> frozenset[int]:
     inside = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name.startswith(path + ".")}
     outside = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if not name.startswith(path + ".")}
     return frozenset(inside & outside)
+
+
+def check_streamable(model: nn.Module) -> Anatomy:
+    """Every refusal that does not depend on which weights train, made before anything about `model` changes.
+
+    Finds the decoder layers (as `find_decoder_layers`), then refuses weights on the meta device anywhere in the
+    model, bitsandbytes parameters without the state needed to stream them, and weights shared across layers.
+
+    Returns:
+        Where the decoder layers are.
+
+    Raises:
+        UnsupportedModelError: the model cannot be streamed; the message says why and what to do instead.
+    """
+    anatomy = find_decoder_layers(model)
+    meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
+    if meta:
+        where = ", ".join(meta[:3]) + ("..." if len(meta) > 3 else "")
+        raise UnsupportedModelError(
+            f"{_describe(model)} has weights on the meta device ({where}): they were never loaded. Load the "
+            "model's weights before streaming (from_pretrained without device_map='meta' or init_empty_weights)."
+        )
+    owner: dict[int, int] = {}
+    for index, layer in enumerate(anatomy.layers):
+        for param in layer.parameters():
+            if id(param) in anatomy.shared_outside:
+                continue
+            if compat.is_quantized_parameter(param):
+                compat.check_streamable_bnb_parameter(param, index)
+            if owner.setdefault(id(param), index) != index:
+                raise UnsupportedModelError(
+                    f"A parameter of {_describe(model)} is shared by decoder layers {owner[id(param)]} and {index}; "
+                    "hf_offload streams each layer's weights separately and cannot stream weights shared across "
+                    "layers. Untie them (give each layer its own copy) or train this model without layer streaming."
+                )
+    return anatomy

@@ -137,7 +137,9 @@ def check_streamable_bnb_parameter(param: torch.Tensor, index: int) -> None:
         return
     if isinstance(param, bnb.nn.Int8Params):
         return
-    raise ValueError(
+    from .errors import UnsupportedModelError
+
+    raise UnsupportedModelError(
         f"Decoder layer {index} holds a bitsandbytes parameter hf_offload cannot stream ({type(param).__name__}"
         f"{', without its quantization state' if isinstance(param, bnb.nn.Params4bit) else ''}). Load the model in "
         "bf16/fp16/fp32 (optionally with OffloadConfig(base_weight_dtype='nf4')), or with BitsAndBytesConfig "

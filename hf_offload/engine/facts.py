@@ -6,11 +6,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from ..records import Record
 from ..units import format_bytes
 
 
@@ -22,7 +21,7 @@ def bytes_per_train_step(layer_bytes: Sequence[int], prefetch: int) -> int:
 
 
 @dataclass(frozen=True)
-class StreamingSummary:
+class StreamingSummary(Record):
     """Static facts of a streamed model (`hf_offload.summary(model)`). `as_dict()` gives a plain dict;
     `summary["layers"]` still works for code written against the dict this used to be."""
 
@@ -41,14 +40,6 @@ class StreamingSummary:
     expert_fetch: str
     moe_layers: int  # layers whose experts the streamer can fetch by routing
     expert_bytes: int  # their experts' bytes
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self.__dataclass_fields__:
-            raise KeyError(key)
-        return getattr(self, key)
 
     def describe(self) -> str:
         """One paragraph for the log: what streams, where it lives, what a step moves."""

@@ -15,13 +15,14 @@ from torch import nn
 
 from ..config import OffloadConfig
 from . import compat, hostmem
-from .anatomy import find_decoder_layers
+from .anatomy import check_streamable
 from .device import DeviceOps, resolve_device
 from .facts import StreamingSummary, bytes_per_train_step
 from .layer_fn import call_streamed_layer
 from .moe import RoutedExperts, find_expert_groups, has_unroutable_experts
+from .overrides import Overrides
 from .quant import make_codec
-from .store import HostStore, layout_layer, validate_layers
+from .store import HostStore, layout_layer, require_frozen_weights
 from .streamer import Streamer
 
 logger = logging.getLogger(__name__)
@@ -32,8 +33,8 @@ RUNTIME_ATTRIBUTE = "_hf_offload_runtime"
 class LayerStreamingRuntime:
     def __init__(self, model: nn.Module, config: OffloadConfig):
         self.config = config
-        self.anatomy = find_decoder_layers(model)  # raises before any work is done
-        validate_layers(self.anatomy.layers, self.anatomy.shared_outside)
+        self.anatomy = check_streamable(model)  # every refusal comes before any work is done
+        require_frozen_weights(self.anatomy.layers, self.anatomy.shared_outside)
         self.device = resolve_device(config.device)
         self.ops = DeviceOps(self.device)
         pin = config.pin_memory if config.pin_memory is not None else self.device.type == "cuda"
@@ -60,10 +61,9 @@ class LayerStreamingRuntime:
         self.routed_experts.install(self._host_views)
         self._moved: list[tuple[torch.Tensor, torch.device]] = []
         self._move_resident_tensors(model)
-        self._saved_forwards: list[tuple[nn.Module, Any]] = []
+        self.overrides = Overrides()  # every method replaced on the model, restored by remove()
         self._install_layer_forwards()
         self._handles: list[Any] = []
-        self._guarded_merges: list[tuple[nn.Module, Any]] = []
         self._install_quantized_guards()
         parent = _parent_module(model, self.anatomy.path)
         # A new forward of the stack may follow a change of the host weights (load_state_dict, merge_adapter):
@@ -129,9 +129,8 @@ class LayerStreamingRuntime:
     def _install_layer_forwards(self) -> None:
         for index, layer in enumerate(self.anatomy.layers):
             original = layer.forward  # bound method: the class forward (HF's checkpointing wrapper included)
-            self._saved_forwards.append((layer, layer.__dict__.get("forward")))
             compat.keep_checkpointing_off(layer)
-            layer.forward = _streamed_forward(self, index, layer, original)
+            self.overrides.replace(layer, "forward", _streamed_forward(self, index, layer, original))
 
     def _install_quantized_guards(self) -> None:
         """See Note: [Hollow weights] in store.py: what state_dict, load_state_dict and merging see."""
@@ -142,28 +141,17 @@ class LayerStreamingRuntime:
                 self._handles.append(layer.register_state_dict_post_hook(_placeholders_in_state_dict(encoded)))
                 self._handles.append(layer.register_load_state_dict_pre_hook(_refuse_loading_into(encoded)))
             for tuner in pack.quantized_tuners:
-                self._guarded_merges.append((tuner, tuner.__dict__.get("merge")))
-                tuner.merge = _refuse_merge
+                self.overrides.replace(tuner, "merge", _refuse_merge)
 
     def remove(self) -> None:
         """Undo everything: original forwards, weights back in their own storage on their original devices."""
         self._hook.remove()
         for handle in self._handles:
             handle.remove()
-        for tuner, previous in self._guarded_merges:
-            if previous is None:
-                del tuner.merge
-            else:
-                tuner.merge = previous
-        self._handles, self._guarded_merges = [], []
+        self._handles = []
         self.routed_experts.remove()
         self.streamer.close()
-        for layer, previous in self._saved_forwards:
-            if previous is None:
-                del layer.forward
-            else:
-                layer.forward = previous
-        self._saved_forwards = []
+        self.overrides.restore()
         self.store.unpack(self.ops.unpin)
         for tensor, device in self._moved:
             tensor.data = tensor.data.to(device)

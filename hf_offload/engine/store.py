@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from . import compat
+from .errors import UnsupportedModelError
 from .quant import Codec, linear_weights
 
 ALIGNMENT = 64  # bytes; every tensor starts on a boundary any dtype view accepts
@@ -279,25 +280,11 @@ def layout_layer(
     return layout
 
 
-def validate_layers(layers: nn.ModuleList, keep_resident: frozenset[int] = frozenset()) -> None:
-    """Refuse, before anything is moved, layers whose weights the store cannot pack."""
-    owner: dict[int, int] = {}
-    for index, layer in enumerate(layers):
-        if any(t.device.type == "meta" for t in (*layer.parameters(), *layer.buffers())):
-            raise ValueError(
-                f"Decoder layer {index} has weights on the meta device; load the model's weights before "
-                "enable_layer_streaming (from_pretrained without device_map='meta' or init_empty_weights)."
-            )
-        for param in frozen_parameters(layer, keep_resident):
-            if compat.is_quantized_parameter(param):
-                compat.check_streamable_bnb_parameter(param, index)
-            if owner.setdefault(id(param), index) != index:
-                raise ValueError(
-                    f"A frozen parameter is shared by decoder layers {owner[id(param)]} and {index}; hf_offload "
-                    "streams each layer's weights separately and cannot stream weights shared across layers."
-                )
-    if not owner:
-        raise ValueError(
+def require_frozen_weights(layers: nn.ModuleList, keep_resident: frozenset[int] = frozenset()) -> None:
+    """Refuse layers with nothing to stream (every weight trainable); the other refusals are
+    `anatomy.check_streamable`'s."""
+    if not any(frozen_parameters(layer, keep_resident) for layer in layers):
+        raise UnsupportedModelError(
             "Every parameter of the decoder layers is trainable, so there is nothing to stream: layer streaming "
             "keeps frozen weights in host memory. Freeze the base model and train adapters (for example "
             "peft.get_peft_model(model, LoraConfig(target_modules='all-linear'))) before enable_layer_streaming."

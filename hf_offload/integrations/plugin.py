@@ -27,7 +27,7 @@ from torch import nn
 from ..api import enable_layer_streaming, is_streaming
 from ..config import OffloadConfig
 from ..engine import compat
-from ..engine.anatomy import find_decoder_layers
+from ..engine.anatomy import check_streamable
 from ..options import (
     TRAINING_FACES,
     OptionError,
@@ -169,7 +169,7 @@ class LayerStreamingPlugin:
         """
         if is_streaming(model):
             return model
-        find_decoder_layers(model)  # refuse an unstreamable model before LoRA changes it
+        check_streamable(model)  # refuse an unstreamable model before LoRA changes it
         if not is_peft_model(model):
             from peft import get_peft_model
 

@@ -35,6 +35,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from ..api import is_streaming, summary
+from ..engine.overrides import Overrides
 from ..options import declared, trainer_flag, validate, with_options
 from ..units import format_bytes
 from . import hub
@@ -43,6 +44,8 @@ from .metrics import OffloadMetricsCallback
 from .plugin import ENV_VAR, STREAMING_DEFAULT_OPTIM, LayerStreamingPlugin, check_combinations, is_peft_model
 
 logger = logging.getLogger(__name__)
+
+PATCH_ATTRIBUTE = "_hf_offload_patch"  # on a patched Trainer class: the Overrides that restore it
 
 TRAINER_DEFAULT_OPTIM = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "optim")
 _INIT_SIGNATURE = inspect.signature(Trainer.__init__)
@@ -120,12 +123,29 @@ def plugin_for(args: TrainingArguments | None) -> LayerStreamingPlugin | None:
     return own if own is not None else launched
 
 
+# --- what a Trainer carries -----------------------------------------------------------------------------------------
+@dataclass
+class StreamingState:
+    """Everything hf_offload keeps on one Trainer, as one attribute (`STATE_ATTRIBUTE`)."""
+
+    plugin: LayerStreamingPlugin | None  # None: this Trainer does not stream, every hook calls straight through
+    metrics: OffloadMetricsCallback | None = None
+    merged_at: tuple[str, int] | None = None  # (folder, global step) of the last merged export, written once a step
+
+
+STATE_ATTRIBUTE = "_hf_offload"
+
+
+def state_of(trainer) -> StreamingState:
+    """The trainer's `StreamingState` (a Trainer built before the patch, or not by us: a non-streaming one)."""
+    return getattr(trainer, STATE_ATTRIBUTE, None) or StreamingState(plugin=None)
+
+
 # --- the hooks (see Note: [Where streaming enters the Trainer]) ----------------------------------------------------
 def _init(call, trainer, model=None, args=None, *rest, **kwargs):
     plugin = plugin_for(args)
-    trainer._hf_offload_plugin = plugin
-    trainer._hf_offload_metrics = None
-    trainer._hf_offload_merged_at = None
+    state = StreamingState(plugin)
+    setattr(trainer, STATE_ATTRIBUTE, state)
     if plugin is None:
         return call(model, args, *rest, **kwargs)
     if args is None:
@@ -148,17 +168,17 @@ def _init(call, trainer, model=None, args=None, *rest, **kwargs):
             "Layer streaming cannot be combined with DeepSpeed or FSDP (set by the accelerate config or "
             "environment): it does its own placement on one device per process. Remove the DeepSpeed/FSDP setting."
         )
-    trainer._hf_offload_metrics = OffloadMetricsCallback()
-    trainer.add_callback(trainer._hf_offload_metrics)
+    state.metrics = OffloadMetricsCallback()
+    trainer.add_callback(state.metrics)
     if is_streaming(trainer.model):
-        trainer._hf_offload_metrics.watch(trainer.model)
+        state.metrics.watch(trainer.model)
         if trainer.is_world_process_zero():
             logger.info(startup_summary(trainer.model, args))
 
 
 def _call_model_init(call, trainer, trial=None):
     model = call(trial)
-    plugin = getattr(trainer, "_hf_offload_plugin", None)
+    plugin = state_of(trainer).plugin
     if plugin is None:
         return model
     return plugin.prepare_model(model, device=trainer.args.device)
@@ -172,26 +192,26 @@ def _move_model_to_device(call, trainer, model, device):
 
 def _build_accelerator_args(call, trainer, **kwargs):
     accelerator_args = call(**kwargs)
-    if getattr(trainer, "_hf_offload_plugin", None) is not None:
+    if state_of(trainer).plugin is not None:
         accelerator_args["device_placement"] = False
     return accelerator_args
 
 
 def _load_from_checkpoint(call, trainer, resume_from_checkpoint, model=None):
     target = model if model is not None else trainer.model
-    if getattr(trainer, "_hf_offload_plugin", None) is not None and is_streaming(target):
+    if state_of(trainer).plugin is not None and is_streaming(target):
         check_adapter_checkpoint(resume_from_checkpoint, target)
     return call(resume_from_checkpoint, model)
 
 
 def _load_optimizer_and_scheduler(call, trainer, checkpoint):
-    if checkpoint is not None and getattr(trainer, "_hf_offload_plugin", None) is not None:
+    if checkpoint is not None and state_of(trainer).plugin is not None:
         check_optimizer_state(checkpoint, trainer.optimizer)
     return call(checkpoint)
 
 
 def _log(call, trainer, logs, start_time=None):
-    metrics = getattr(trainer, "_hf_offload_metrics", None)
+    metrics = state_of(trainer).metrics
     if metrics is not None and is_streaming(trainer.model):
         # the line that closes training (train_runtime, train_loss, ...) reports the whole run
         logs.update(metrics.collect(trainer.model, whole_run="train_runtime" in logs))
@@ -199,7 +219,8 @@ def _log(call, trainer, logs, start_time=None):
 
 
 def _save_model(call, trainer, output_dir=None, _internal_call=False):
-    plugin = getattr(trainer, "_hf_offload_plugin", None)
+    state = state_of(trainer)
+    plugin = state.plugin
     target = output_dir if output_dir is not None else trainer.args.output_dir
     # The final model gets a merged copy and a model card: a save the user asks for, or push_to_hub's (internal,
     # into output_dir), but not a checkpoint's (internal, into checkpoint-N). The merged copy is written once per
@@ -207,10 +228,10 @@ def _save_model(call, trainer, output_dir=None, _internal_call=False):
     final = not _internal_call or output_dir is None
     mark = (os.path.abspath(target), trainer.state.global_step)
     wanted = plugin is not None and plugin.save_merged and final and trainer.args.should_save
-    if wanted and trainer._hf_offload_merged_at != mark:
+    if wanted and state.merged_at != mark:
         merged_dir = os.path.join(target, hub.MERGED_SUBFOLDER)
         hub.save_merged(trainer.model, merged_dir, processing_class=trainer.processing_class)
-        trainer._hf_offload_merged_at = mark
+        state.merged_at = mark
     result = call(output_dir, _internal_call)
     if plugin is not None and final and trainer.args.should_save and os.path.isdir(target):
         _add_card(trainer, target)  # the saved adapter says how it was trained and how to load it
@@ -219,8 +240,7 @@ def _save_model(call, trainer, output_dir=None, _internal_call=False):
 
 def _create_model_card(call, trainer, *args, **kwargs):
     result = call(*args, **kwargs)
-    plugin = getattr(trainer, "_hf_offload_plugin", None)
-    if plugin is not None and trainer.is_world_process_zero():
+    if state_of(trainer).plugin is not None and trainer.is_world_process_zero():
         _add_card(trainer, trainer.args.output_dir)
     return result
 
@@ -352,21 +372,19 @@ def patch_trainer(cls: type = Trainer) -> None:
     when `hf-offload launch` set the environment or its arguments say `--layer_streaming`; otherwise each hook
     calls straight through. `unpatch_trainer` restores the class exactly.
     """
-    if "_hf_offload_originals" in cls.__dict__:
+    if PATCH_ATTRIBUTE in cls.__dict__:
         return
-    originals = {name: cls.__dict__[name] for name in HOOKS}
+    overrides = Overrides()
     for name, hook in HOOKS.items():
-        setattr(cls, name, _patched(originals[name], hook))
-    cls._hf_offload_originals = originals
+        overrides.replace(cls, name, _patched(cls.__dict__[name], hook))
+    overrides.replace(cls, PATCH_ATTRIBUTE, overrides)  # removed by its own restore()
 
 
 def unpatch_trainer(cls: type = Trainer) -> None:
-    originals = cls.__dict__.get("_hf_offload_originals")
-    if originals is None:
-        return
-    for name, original in originals.items():
-        setattr(cls, name, original)
-    del cls._hf_offload_originals
+    """Undo `patch_trainer`: the class's own methods again."""
+    overrides = cls.__dict__.get(PATCH_ATTRIBUTE)
+    if overrides is not None:
+        overrides.restore()
 
 
 def _patched(original, hook):

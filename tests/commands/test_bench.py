@@ -11,7 +11,8 @@ import torch
 from hf_offload.commands import cli
 from hf_offload.commands.bench.measure import intersect, overlap_from_trace, union
 from hf_offload.commands.bench.methods import METHODS
-from hf_offload.commands.bench.models import PRESETS, build_model, load_config, model_facts
+from hf_offload.commands.bench.models import PRESETS, build_model, load_config
+from hf_offload.commands.model_sizes import measure
 
 ROW_FIELDS = {
     "method",
@@ -64,7 +65,7 @@ def test_cpu_smoke_run_reports_every_method(capsys):
     layers = doc["model"]["layers"]
     assert streamed["stats"]["layer_loads"] == 2 * layers - 2  # prefetch 1: the turnaround reuses two layers
     assert streamed["weight_bytes_per_step"] == streamed["stats"]["bytes_to_device"]
-    assert doc["performance_model"]["bytes_per_step"] == streamed["weight_bytes_per_step"]  # DESIGN.md section 5
+    assert doc["performance_model"]["bytes_per_step"] == streamed["weight_bytes_per_step"]  # the performance model
     assert set(doc["ratios"]) == {f"hf_offload/{m} step time" for m in rows if m not in ("hf_offload", ds["method"])}
     assert doc["flops_formula"].startswith("model TFLOP/s = 6 * N * tokens_per_step")
     assert doc["settings"]["order"] == "interleaved" and doc["process_peak_host_rss_bytes"] > 0
@@ -108,14 +109,16 @@ def test_config_json_and_layer_override(tmp_path):
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_preset_sizes_match_the_real_checkpoints(preset):
     expected = {"8b": 8.03e9, "14b": 14.77e9, "32b": 32.76e9, "70b": 70.55e9, "moe-30b-a3b": 30.53e9}
-    facts = model_facts(load_config(preset, None), torch.bfloat16)  # on the meta device: no memory used
+    config = load_config(preset, None)
+    facts = measure(config, torch.bfloat16)  # on the meta device: no memory used
     if preset in expected:
-        assert facts.parameters == pytest.approx(expected[preset], rel=2e-3)
+        assert facts.total_params == pytest.approx(expected[preset], rel=2e-3)
+    embedding = config.vocab_size * config.hidden_size  # a lookup, not a matmul: not in the FLOPs
     if preset == "moe-30b-a3b":
-        assert facts.active_parameters == pytest.approx(3.35e9, rel=1e-2)
+        assert facts.compute_params == pytest.approx(3.35e9 - embedding, rel=1e-2)
     else:
-        assert facts.active_parameters == facts.parameters
-    assert sum(facts.layer_bytes) + facts.resident_bytes == 2 * facts.parameters
+        assert facts.compute_params == facts.total_params - embedding
+    assert sum(facts.layer_bytes) + facts.resident_bytes == 2 * facts.total_params
 
 
 def test_random_weights_are_finite_deterministic_and_complete():
@@ -174,7 +177,7 @@ def test_trainer_driven_timing_without_deepspeed(monkeypatch):
     config = load_config("tiny", None)
     setup = methods.Setup(
         config=config,
-        facts=model_facts(config, torch.float32),
+        facts=measure(config, torch.float32),
         dtype=torch.float32,
         device=torch.device("cpu"),
         batch=2,

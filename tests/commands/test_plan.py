@@ -55,7 +55,7 @@ def test_70b_host_memory_is_about_two_bytes_per_parameter_in_bf16(plans_70b):
 
 
 def test_70b_bytes_per_step_and_break_even_follow_the_performance_model(plans_70b):
-    """DESIGN.md section 5: ~2 x the store per step; break-even ~ bytes_per_param x F / (3 x BW)."""
+    """The performance model: ~2 x the store per step; break-even ~ bytes_per_param x F / (3 x BW)."""
     for dtype, bytes_per_param in ((None, 2.0), ("nf4", 0.516)):
         plan = plans_70b[dtype]
         assert plan["host_bytes"] < plan["bytes_per_step"] < 2 * plan["host_bytes"]

@@ -179,7 +179,7 @@ def _one_layer_transient() -> int:
 
 @pytest.mark.parametrize("prefetch", [1, 2])
 def test_peak_memory_is_within_the_design_formula(prefetch):
-    """DESIGN.md: (prefetch+1) x largest layer + resident modules + boundary activations + one layer's recompute.
+    """The memory model: (prefetch+1) x largest layer + resident modules + boundary activations + one layer's recompute.
 
     "Resident modules" here include the LoRA adapters, their optimizer state and, during backward, their grads.
     Stated slack: 10% + 64 MiB (allocator rounding, the incoming gradient of the hidden state, cuBLAS workspace).

@@ -19,7 +19,13 @@ from hf_offload import OffloadTrainer, OffloadTrainingArguments, UnsupportedMode
 from hf_offload.integrations.checkpoint import IncompatibleCheckpointError
 from hf_offload.integrations.hub import save_merged
 from hf_offload.integrations.plugin import ENV_VAR, LayerStreamingPlugin
-from hf_offload.integrations.trainer import TRAINER_DEFAULT_OPTIM, patch_trainer, unpatch_trainer
+from hf_offload.integrations.trainer import (
+    HOOKS,
+    PATCH_ATTRIBUTE,
+    TRAINER_DEFAULT_OPTIM,
+    patch_trainer,
+    unpatch_trainer,
+)
 
 LAYERS = 4
 
@@ -266,7 +272,7 @@ def patched(monkeypatch):
 def test_patch_streams_a_plain_trainer_and_unpatch_restores_it(base, tmp_path, patched):
     from transformers import Trainer, TrainingArguments
 
-    originals = dict(Trainer._hf_offload_originals)
+    originals = {name: Trainer.__dict__[name].__wrapped__ for name in HOOKS}  # the patch wraps the class's own
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to="none", use_cpu=True, logging_steps=1)
     trainer = Trainer(model=copy.deepcopy(base), args=args, train_dataset=token_dataset())
     assert hf_offload.is_streaming(trainer.model) and args.optim == "adamw_bnb_8bit"
@@ -274,7 +280,7 @@ def test_patch_streams_a_plain_trainer_and_unpatch_restores_it(base, tmp_path, p
     assert "offload/h2d_GB" in trainer.state.log_history[0]
     unpatch_trainer()
     assert all(Trainer.__dict__[name] is original for name, original in originals.items())
-    assert not hasattr(Trainer, "_hf_offload_originals")
+    assert PATCH_ATTRIBUTE not in Trainer.__dict__
 
 
 def test_trl_sft_trainer_trains_with_the_patch(tmp_path, patched):

@@ -13,11 +13,13 @@ import traceback
 
 import torch
 
+from ...engine.facts import bytes_per_train_step
 from ...options import add_arguments, add_flag, all_options, values_from
 from ...units import parse_dtype
+from ..model_sizes import measure
 from .measure import StepClock, current_peak_rss, memory_peaks, overlap_from_trace, pinned_copy_peak
 from .methods import METHODS, Setup
-from .models import PRESETS, load_config, model_facts
+from .models import PRESETS, load_config
 from .report import Row, ratios, row_dict, table
 
 MiB = 1 << 20
@@ -107,7 +109,7 @@ def _main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     preset = args.preset or (None if args.config else ("tiny" if on_cpu else "8b"))
     config = load_config(preset, args.config, args.layers)
-    facts = model_facts(config, dtype)
+    facts = measure(config, dtype)
     setup = Setup(
         config=config,
         facts=facts,
@@ -128,10 +130,10 @@ def _main(args: argparse.Namespace) -> int:
             "preset": preset,
             "config": args.config,
             "model_type": config.model_type,
-            "layers": facts.num_layers,
-            "hidden_size": facts.hidden_size,
-            "parameters": facts.parameters,
-            "active_parameters": facts.active_parameters,
+            "layers": len(facts.layer_bytes),
+            "hidden_size": facts.hidden,
+            "parameters": facts.total_params,
+            "active_parameters": round(facts.compute_params),
             "bytes": model_bytes,
             "max_layer_bytes": max(facts.layer_bytes),
         },
@@ -149,8 +151,8 @@ def _main(args: argparse.Namespace) -> int:
             "order": args.order if args.order != "auto" else ("interleaved" if on_cpu else "sequential"),
         },
         "flops_formula": "model TFLOP/s = 6 * N * tokens_per_step / step_time / 1e12, N = "
-        + ("active parameters per token (MoE)" if facts.active_parameters != facts.parameters else "parameters"),
-        "flops_parameters": facts.active_parameters,
+        + ("active parameters per token (MoE)" if facts.compute_params < facts.total_params else "parameters"),
+        "flops_parameters": round(facts.compute_params),
         "h2d_peak_gbps": None,
     }
     say = lambda text: print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
@@ -298,7 +300,7 @@ def _finish(row: Row, clock: StepClock | None, outcome, setup: Setup, h2d_peak: 
                 h2d_bytes = overlap.h2d_bytes  # methods that do not count their copies: from the profile
     elif clock.profile_error:
         row.notes.append(clock.profile_error)
-    row.finish(setup.tokens, setup.facts.active_parameters, h2d_bytes if on_cuda else None, h2d_peak)
+    row.finish(setup.tokens, round(setup.facts.compute_params), h2d_bytes if on_cuda else None, h2d_peak)
     if not on_cuda and h2d_bytes is not None:
         row.extra["weight_bytes_per_step"] = h2d_bytes  # on the CPU a "load" is a memory copy, not a link transfer
     row.notes += outcome.notes
@@ -327,14 +329,13 @@ def _does_not_fit(name: str, setup: Setup, model_bytes: int) -> str | None:
 
 
 def performance_model(setup: Setup, rows: list[Row], h2d_peak_gbps: float | None) -> dict:
-    """DESIGN.md section 5 applied to this run: what the link and the compute each allow hf_offload.
+    """The performance model (docs/how-it-works.md) on this run: what the link and the compute each allow.
 
     Bytes per step = 2 x layer bytes - the layers reused at the turnaround. Streaming cannot beat either the time
     the link needs for those bytes (at the pinned-copy peak) or the time the same recompute takes with the model
     resident (the resident-checkpointed row). Compute covers the transfer from `break_even_tokens` tokens/step on.
     """
-    layers = setup.facts.layer_bytes
-    model = {"bytes_per_step": 2 * sum(layers) - sum(layers[-(setup.prefetch + 1) :])}
+    model = {"bytes_per_step": bytes_per_train_step(setup.facts.layer_bytes, setup.prefetch)}
     if not h2d_peak_gbps:
         return model
     model["transfer_s"] = model["bytes_per_step"] / (h2d_peak_gbps * 1e9)

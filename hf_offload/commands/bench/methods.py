@@ -18,8 +18,9 @@ import torch
 
 from ... import api
 from ...config import OffloadConfig
+from ..model_sizes import ModelSizes
 from .measure import StepClock
-from .models import ModelFacts, build_model, random_batch
+from .models import build_model, random_batch
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Setup:
     """What every method of one run shares."""
 
     config: Any  # transformers PretrainedConfig
-    facts: ModelFacts
+    facts: ModelSizes
     dtype: torch.dtype
     device: torch.device
     batch: int
@@ -183,7 +184,7 @@ class AccelerateCpuOffload(Method):
         cpu_offload(model, execution_device=setup.device)
         # No optimizer: after cpu_offload every parameter of the model (LoRA included) is a meta placeholder, and
         # each forward creates new Parameter objects on the device, so gradients land on those temporaries and
-        # never reach anything an optimizer holds (accelerate #3770, #3785; DESIGN.md section 6).
+        # never reach anything an optimizer holds (a known limitation of accelerate's offload hooks).
         note = (
             "forward+backward only, no optimizer step: cpu_offload makes new Parameter objects per call, so LoRA "
             "gradients land on temporaries (training with it does not learn; accelerate #3770/#3785)"

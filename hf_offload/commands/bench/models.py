@@ -7,14 +7,15 @@ never occupies host memory twice. Every method of a run builds the same weights 
 
 from __future__ import annotations
 
-import json
+import os
 import zlib
-from dataclasses import dataclass
 
 import torch
 import transformers
-from accelerate import init_empty_weights
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
+
+from ..model_sizes import empty_model
+from ..model_sizes import load_config as read_config
 
 # Presets: the shapes of well-known checkpoints (what matters for speed: widths, depth, heads, vocabulary).
 # `tiny` and `small` are CPU-sized. Dense presets are Llama-shaped (q/k/v/o + SwiGLU MLP, RMSNorm, no biases).
@@ -79,11 +80,9 @@ def load_config(preset: str | None, config_path: str | None, layers: int | None 
     if (preset is None) == (config_path is None):
         raise ValueError("Give exactly one of --preset and --config.")
     if config_path is not None:
-        with open(config_path) as f:
-            values = json.load(f)
-        if "model_type" not in values:
-            raise ValueError(f"{config_path} has no `model_type`; it must be a transformers config.json.")
-        config = transformers.AutoConfig.for_model(**values)
+        if not os.path.isfile(config_path):
+            raise ValueError(f"--config {config_path!r} is not a file; pass the path of a transformers config.json.")
+        config = read_config(config_path)
     else:
         if preset not in PRESETS:
             raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)} or pass --config.")
@@ -97,12 +96,6 @@ def load_config(preset: str | None, config_path: str | None, layers: int | None 
             config.layer_types = (list(config.layer_types) * layers)[:layers]
     config.use_cache = False
     return config
-
-
-def empty_model(config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
-    """The model with its parameters on the meta device and its buffers real (rotary tables), no memory used."""
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def build_model(config: PretrainedConfig, dtype: torch.dtype, device: torch.device | str, seed: int = 0):
@@ -141,55 +134,6 @@ def fill_random_(model: torch.nn.Module, seed: int) -> None:
         for start in range(0, flat.numel(), _CHUNK):
             n = min(_CHUNK, flat.numel() - start)
             flat[start : start + n].copy_(source[:n])
-
-
-@dataclass
-class ModelFacts:
-    """Sizes of a model computed on the meta device, before anything is built."""
-
-    parameters: int  # all parameters of the base model (no adapters)
-    active_parameters: int  # parameters one token passes through (MoE: only its experts); = parameters if dense
-    layer_bytes: list[int]  # per decoder layer, in the benchmark dtype
-    resident_bytes: int  # everything outside the decoder layers
-    hidden_size: int
-    num_layers: int
-
-
-def model_facts(config: PretrainedConfig, dtype: torch.dtype) -> ModelFacts:
-    model = empty_model(config, dtype)
-    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
-    active_experts = getattr(config, "num_experts_per_tok", None)
-    total = active = 0
-    layer_bytes = [0] * config.num_hidden_layers
-    resident = 0
-    for name, param in model.named_parameters():
-        n = param.numel()
-        total += n
-        if experts and active_experts and ".experts." in name:
-            active += n * active_experts // experts
-        else:
-            active += n
-        index = _layer_index(name)
-        if index is None:
-            resident += n * param.element_size()
-        else:
-            layer_bytes[index] += n * param.element_size()
-    return ModelFacts(
-        parameters=total,
-        active_parameters=active,
-        layer_bytes=layer_bytes,
-        resident_bytes=resident,
-        hidden_size=config.hidden_size,
-        num_layers=config.num_hidden_layers,
-    )
-
-
-def _layer_index(name: str) -> int | None:
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part in ("layers", "h", "blocks") and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
 
 
 def random_batch(vocab_size: int, batch: int, seq: int, device, seed: int = 0) -> dict[str, torch.Tensor]:
