@@ -4,6 +4,7 @@
 >>> model = enable_layer_streaming(peft_model, OffloadConfig(prefetch=1))
 >>> model(**batch).loss.backward()
 >>> stats(model)["bytes_to_device"]
+>>> outputs = list(evaluate_layer_major(model.eval(), eval_batches))  # each layer loaded once per group
 
 With `transformers.Trainer`: `OffloadTrainingArguments` + `OffloadTrainer` and `--layer_streaming`, or an unchanged
 script under `hf-offload launch -- python train.py ...`. With a plain accelerate loop: `OffloadAccelerator`.
@@ -20,6 +21,7 @@ from .api import (
 from .config import OffloadConfig
 from .engine.anatomy import UnsupportedModelError
 from .engine.hostmem import HostMemoryError
+from .evaluation import evaluate_layer_major
 from .optimizer_state import optimizer_state_report
 from .verbosity import configure_library_logger
 
@@ -54,6 +56,7 @@ __all__ = [
     "UnsupportedModelError",
     "disable_layer_streaming",
     "enable_layer_streaming",
+    "evaluate_layer_major",
     "is_streaming",
     "optimizer_state_report",
     "reset_stats",

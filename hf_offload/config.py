@@ -81,6 +81,15 @@ class OffloadConfig:
             "have no experts to route: both values stream them whole."
         },
     )
+    eval_group_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluation runs layer-major: this many eval batches go through each decoder layer while it is "
+            "on the device, so a layer is loaded once per group instead of once per batch. None (the default): as "
+            "many batches as a quarter of the available host (and device) memory holds the boundary hidden states "
+            "of. 1: batch by batch."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.device is not None:
@@ -109,6 +118,12 @@ class OffloadConfig:
             raise ValueError(
                 f"`expert_fetch` should be one of {', '.join(repr(m) for m in EXPERT_FETCH_MODES)}, but the value "
                 f"passed is {self.expert_fetch!r}"
+            )
+        group = self.eval_group_size
+        if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
+            raise ValueError(
+                f"`eval_group_size` should be a positive integer (eval batches per layer load) or None (planned from "
+                f"memory), but the value passed is {self.eval_group_size!r}"
             )
         for name in ("pin_memory", "show_progress"):
             value = getattr(self, name)
