@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from . import hub
+from . import hub, trainer_eval
 from .api import get_runtime, is_streaming, summary
 from .checkpoint import check_adapter_checkpoint, check_optimizer_state
 from .metrics import OffloadMetricsCallback
@@ -302,6 +302,7 @@ HOOKS = {
     "log": _log,
     "save_model": _save_model,
     "create_model_card": _create_model_card,
+    "evaluation_loop": trainer_eval.evaluation_loop,  # evaluate() and predict() run layer-major
 }
 
 
@@ -416,6 +417,9 @@ class OffloadTrainer(Trainer):
 
     def create_model_card(self, *args, **kwargs):
         return _create_model_card(super().create_model_card, self, *args, **kwargs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        return trainer_eval.evaluation_loop(super().evaluation_loop, self, *args, **kwargs)
 
 
 def patch_trainer(cls: type = Trainer) -> None:
