@@ -269,3 +269,14 @@ def test_trainer_options_behave_as_batch_by_batch(overrides, tmp_path):
         if not key.endswith(("_time", "_runtime", "_per_second")):
             assert got[key] == pytest.approx(want[key], rel=LOSS_RTOL), key
     assert calls["streamed"] == calls["plain"]  # batch_eval_metrics: compute_result only on the last batch
+
+
+def test_bench_compares_the_two_schedules_side_by_side():
+    from hf_offload.bench.eval_schedule import compare, table
+
+    result = compare(preset="tiny", batches=3, batch=1, seq=8, device="cpu", repeats=1)
+    batch_major, layer_major = result["rows"]
+    assert batch_major["layer_loads"] == 3 * layer_major["layer_loads"] == 3 * result["settings"]["layers"]
+    assert batch_major["bytes_to_device"] == 3 * layer_major["bytes_to_device"] > 0
+    assert result["max_loss_difference"] == 0
+    assert "layer-major / batch-major" in table(result)
