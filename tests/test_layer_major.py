@@ -280,3 +280,26 @@ def test_bench_compares_the_two_schedules_side_by_side():
     assert batch_major["bytes_to_device"] == 3 * layer_major["bytes_to_device"] > 0
     assert result["max_loss_difference"] == 0
     assert "layer-major / batch-major" in table(result)
+
+
+def test_parked_hidden_states_come_back_unchanged():
+    """Parking (what an accelerator does between layers) forced on the CPU: the same tensors come back."""
+    from hf_offload.engine.layer_major import LayerMajorSchedule
+
+    reference, streamed = _pair(build_dense("qwen3"))
+    batches = _batches(3)
+    runtime = hf_offload.api.get_runtime(streamed)
+    schedule = LayerMajorSchedule(runtime, park=True)
+    hf_offload.reset_stats(streamed)
+    with torch.no_grad():
+        outputs = schedule.run([lambda b=b: streamed(**b, output_hidden_states=True) for b in batches])
+        expected = [reference(**b, output_hidden_states=True) for b in batches]
+    stats = hf_offload.stats(streamed)
+    # at every layer each batch waits with its [batch, tokens, hidden] state parked: out once and back once
+    hidden_bytes = sum(b["input_ids"].numel() for b in batches) * 32 * 4
+    assert stats["bytes_to_host"] == stats["bytes_from_host_activations"] == LAYERS * hidden_bytes
+    assert stats["layer_loads"] == LAYERS
+    for got, want in zip(outputs, expected):
+        torch.testing.assert_close(got.logits, want.logits, rtol=LOSS_RTOL, atol=1e-5)
+        for got_state, want_state in zip(got.hidden_states, want.hidden_states, strict=True):
+            torch.testing.assert_close(got_state, want_state, rtol=LOSS_RTOL, atol=1e-5)

@@ -103,9 +103,10 @@ class LayerMajorSchedule:
     See Note: [Layer-major schedule].
     """
 
-    def __init__(self, runtime):
+    def __init__(self, runtime, park: bool | None = None):
+        """`park`: keep the boundary hidden states in host memory between layers; default: on an accelerator."""
         self.runtime = runtime
-        self.park = not runtime.ops.is_cpu
+        self.park = not runtime.ops.is_cpu if park is None else park
         self._cond = threading.Condition()
         self._turn: _Worker | None = None  # the worker allowed to run; None: the scheduler
         self._aborting = False
