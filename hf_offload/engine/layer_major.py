@@ -21,11 +21,14 @@ families. A thread pauses anywhere. Torch keeps grad mode, inference mode, autoc
 device per thread, and transformers' output collectors live in context variables: each worker starts with the
 scheduling thread's values of all of them (see `_ThreadState`).
 
-Between layers a worker's boundary hidden state (the first tensor argument of its layer call) waits in host memory
-when the layers compute on an accelerator: page-locked, copied out and back in on the compute stream. It is swapped
-with `tensor.data`, so every reference the model's frames hold (the `hidden_states` variable, collected hidden
-states) sees the same tensor again when the worker resumes. Other per-batch tensors (masks, rotary tables) stay on
-the device; they are shared by all layers of the batch. On the CPU the hidden states already are in host memory.
+Between layers a worker's boundary hidden state (the first tensor argument of its layer call) waits. On an
+accelerator it stays in device memory while the waiting states of the group fit in `MEMORY_FRACTION` of the memory
+free when the group starts: then the link carries nothing but each layer's weights, once. Beyond that it waits in
+page-locked host memory, copied out and back in on the compute stream (2 x its bytes per layer, still far less than
+a layer's weights for eval-sized batches). It is swapped with `tensor.data`, so every reference the model's frames
+hold (the `hidden_states` variable, collected hidden states) sees the same tensor again when the worker resumes.
+Other per-batch tensors (masks, rotary tables) stay on the device; all layers of the batch share them. On the CPU
+the hidden states already are in host memory and stay where they are.
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ class _Worker:
         self.waiting_at: int | None = None  # the layer this worker waits to run
         self.result: Any = None
         self.error: BaseException | None = None
-        self.parked: list[torch.Tensor] = []
+        self.kept_bytes = 0  # its boundary hidden state kept on the device while it waits
         self.thread: threading.Thread | None = None
 
 
@@ -104,9 +107,13 @@ class LayerMajorSchedule:
     """
 
     def __init__(self, runtime, park: bool | None = None):
-        """`park`: keep the boundary hidden states in host memory between layers; default: on an accelerator."""
+        """`park`: keep the boundary hidden states of waiting batches in host memory (True), on the device (False),
+        or (None, the default) on the device while they fit in `MEMORY_FRACTION` of its free memory and in host
+        memory beyond that. On the CPU, None keeps them where they are (they are in host memory already)."""
         self.runtime = runtime
-        self.park = not runtime.ops.is_cpu if park is None else park
+        self.park = park
+        self._device_budget: int | None = None
+        self._kept: int = 0  # bytes of hidden states kept on the device by waiting workers
         self._cond = threading.Condition()
         self._turn: _Worker | None = None  # the worker allowed to run; None: the scheduler
         self._aborting = False
@@ -117,6 +124,9 @@ class LayerMajorSchedule:
         if not tasks:
             return []
         self._aborting = False
+        self._kept = 0
+        if self.park is None and not self.runtime.ops.is_cpu:
+            self._device_budget = int(self.runtime.ops.free_memory() * MEMORY_FRACTION)
         state = _ThreadState.capture(self.runtime.ops)
         workers = [_Worker(k, task) for k, task in enumerate(tasks)]
         for worker in workers:
@@ -226,24 +236,31 @@ class LayerMajorSchedule:
                 return streamed(*args, **kwargs)
             boundary = self._park(worker, args, kwargs)
             self._pause(worker, index)
-            self._unpark(boundary)
+            self._unpark(worker, boundary)
             return streamed(*args, **kwargs)
 
         forward.__wrapped__ = streamed
         return forward
 
     def _park(self, worker: _Worker, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        """Move the boundary hidden state to host memory while the worker waits (accelerators only)."""
-        if not self.park:
+        """Move the boundary hidden state to host memory while the worker waits, if it should not stay."""
+        if self.park is False or (self.park is None and self.runtime.ops.is_cpu):
             return None
         leaves, _ = tree_flatten((args, kwargs))
         tensor = next((x for x in leaves if isinstance(x, torch.Tensor)), None)
         if tensor is None or tensor.device != self.runtime.device or tensor.requires_grad:
             return None
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.park is None and self._kept + nbytes <= self._device_budget:
+            worker.kept_bytes = nbytes  # fits: the link carries only weights
+            self._kept += nbytes
+            return None
         tensor.data = self.runtime.activations_to_host(tensor)
         return tensor
 
-    def _unpark(self, tensor: torch.Tensor | None) -> None:
+    def _unpark(self, worker: _Worker, tensor: torch.Tensor | None) -> None:
+        self._kept -= worker.kept_bytes
+        worker.kept_bytes = 0
         if tensor is not None:
             tensor.data = self.runtime.activations_to_device(tensor.data)
 
