@@ -39,7 +39,7 @@ def evaluate_layer_major(
             tuples (`model(*batch)`) or tensors of input ids (`model(batch)`).
         forward: `forward(model, batch)` computes what is yielded for a batch, by calling the model once. Default:
             the model's outputs. Return only what you keep (say, the loss): the outputs of a whole group are held
-            until its last batch is done.
+            until its last batch is done, and the planned group size counts the logits only for the default.
         group_size: At most this many batches per group. Default: the model's `OffloadConfig.eval_group_size`, and
             when that is None, as many batches as the memory budget holds the boundary hidden states of (a quarter
             of the available host memory, and of the free device memory on an accelerator).
@@ -72,8 +72,9 @@ def evaluate_layer_major(
             "hf_offload: evaluate_layer_major with the model in training mode: dropout draws its random numbers in "
             "another order than batch by batch. Call model.eval() first."
         )
+    size = group_size if group_size is not None else runtime.config.eval_group_size
+    plan = plan_groups(model, runtime, size, keeps_logits=forward is None)  # a custom forward keeps what it returns
     forward = forward if forward is not None else _call_model
-    plan = plan_groups(model, runtime, group_size if group_size is not None else runtime.config.eval_group_size)
     return _evaluate(model, batches, forward, plan, LayerMajorSchedule(runtime))
 
 

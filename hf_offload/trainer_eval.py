@@ -21,11 +21,16 @@ loop receives that batch (engine/compat.py).
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
+
+from transformers import Trainer
 
 from .api import get_runtime
 from .engine import compat
 from .engine.layer_major import LayerMajorSchedule, plan_groups
+
+_LOOP_SIGNATURE = inspect.signature(Trainer.evaluation_loop)
 
 
 def evaluation_loop(call, trainer, dataloader, *args, **kwargs):
@@ -33,7 +38,13 @@ def evaluation_loop(call, trainer, dataloader, *args, **kwargs):
     runtime = get_runtime(trainer.model)
     if runtime is None:
         return call(dataloader, *args, **kwargs)
-    plan = plan_groups(trainer.model, runtime, runtime.config.eval_group_size)
+    try:
+        loss_only = _LOOP_SIGNATURE.bind(trainer, dataloader, *args, **kwargs).arguments.get("prediction_loss_only")
+    except TypeError:  # a subclass's own loop arguments: plan as if predictions were kept
+        loss_only = False
+    loss_only = trainer.args.prediction_loss_only if loss_only is None else loss_only
+    # the loop's results of a group wait on the device until its last batch is done: logits unless loss only
+    plan = plan_groups(trainer.model, runtime, runtime.config.eval_group_size, keeps_logits=not loss_only)
     if plan.max_batches == 1:
         return call(dataloader, *args, **kwargs)  # batch by batch, as asked
     reader = _ReadAhead(dataloader, plan, getattr(trainer.accelerator, "gradient_state", None))

@@ -103,13 +103,22 @@ def test_group_size_bounds_the_loads_and_a_custom_forward_returns_what_it_keeps(
 
 
 def test_planned_groups_follow_the_memory_budget():
-    from hf_offload.engine.layer_major import GroupPlan
+    from hf_offload.engine.layer_major import GroupPlan, plan_groups
 
     batches = _batches(5)  # 2 x 8, 2 x 9, ... tokens
     per_token = 32 * 4
     plan = GroupPlan(None, (16 + 18) * per_token, per_token)
     assert [len(g) for g in plan.groups(batches)] == [2, 1, 1, 1]
     assert [len(g) for g in GroupPlan(3, None, per_token).groups(batches)] == [3, 2]
+
+    _, streamed = _pair(build_dense("llama"))
+    runtime = hf_offload.api.get_runtime(streamed)
+    # per token: the hidden state, masks and rotary tables (as much again) and, when kept, the logits (fp32)
+    assert plan_groups(streamed, runtime, None, keeps_logits=False).bytes_per_token == 2 * 32 * 4
+    planned = plan_groups(streamed, runtime, None, keeps_logits=True)
+    assert planned.bytes_per_token == (2 * 32 + VOCAB) * 4
+    assert planned.max_batches is None and planned.budget_bytes > 0  # the budget comes from available memory
+    assert plan_groups(streamed, runtime, 2).max_batches == 2
 
 
 def test_a_failing_batch_raises_and_leaves_the_model_usable():

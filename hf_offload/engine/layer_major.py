@@ -268,15 +268,15 @@ class LayerMajorSchedule:
 # --- planning groups ---------------------------------------------------------------------------------------------
 @dataclass
 class GroupPlan:
-    """How many batches run layer-major together: at most `max_batches`, and their boundary hidden states (one
-    [batch, tokens, hidden] tensor per batch) within `budget_bytes`."""
+    """How many batches run layer-major together: at most `max_batches`, and at most `budget_bytes` of what they
+    hold while the group runs (`bytes_per_token` per token of each batch; see `plan_groups`)."""
 
     max_batches: int | None
     budget_bytes: int | None
-    hidden_bytes_per_token: int
+    bytes_per_token: int
 
     def batch_bytes(self, batch: Any) -> int:
-        return _tokens(batch) * self.hidden_bytes_per_token
+        return _tokens(batch) * self.bytes_per_token
 
     def groups(self, items: Iterable[T], batch_of: Callable[[T], Any] | None = None) -> Iterator[list[T]]:
         """Consecutive groups of `items` (batches, or records holding one: `batch_of` finds it), in order.
@@ -300,21 +300,25 @@ class GroupPlan:
             yield group
 
 
-def plan_groups(model: nn.Module, runtime, group_size: int | None) -> GroupPlan:
+def plan_groups(model: nn.Module, runtime, group_size: int | None, keeps_logits: bool = True) -> GroupPlan:
     """The group plan of `model`: `group_size` batches at most, or (None) as many as the memory budget allows.
 
-    The budget is `MEMORY_FRACTION` of the available host memory (where the hidden states wait) and, when the layers
-    compute on an accelerator, of its free memory too (the batches' masks and rotary tables stay there, and are
-    counted at the size of a hidden state).
+    The budget is `MEMORY_FRACTION` of the available host memory and, when the layers compute on an accelerator, of
+    its free memory too. A batch of the group holds, per token, its boundary hidden state, its masks and rotary
+    tables (counted at the size of a hidden state) and, when the caller keeps them (`keeps_logits`), its logits:
+    a group's results are all held until its last batch is done.
     """
-    hidden_bytes_per_token = _hidden_size(model, runtime) * _activation_dtype(model).itemsize
+    itemsize = _activation_dtype(model).itemsize
+    bytes_per_token = 2 * _text_config_size(model, "hidden_size") * itemsize
+    if keeps_logits:
+        bytes_per_token += _text_config_size(model, "vocab_size") * itemsize
     if group_size is not None:
-        return GroupPlan(group_size, None, hidden_bytes_per_token)
+        return GroupPlan(group_size, None, bytes_per_token)
     budgets = [hostmem.available_bytes()]
     if not runtime.ops.is_cpu:
         budgets.append(runtime.ops.free_memory())
     known = [int(b * MEMORY_FRACTION) for b in budgets if b is not None]
-    return GroupPlan(None, min(known) if known else None, hidden_bytes_per_token)
+    return GroupPlan(None, min(known) if known else None, bytes_per_token)
 
 
 def _tokens(batch: Any) -> int:
@@ -326,14 +330,14 @@ def _tokens(batch: Any) -> int:
     return tensor.shape[0] * (tensor.shape[1] if tensor.dim() >= 2 else 1)
 
 
-def _hidden_size(model: nn.Module, runtime) -> int:
+def _text_config_size(model: nn.Module, name: str) -> int:
+    """`hidden_size` or `vocab_size` of the model's text config (1 when it has none: the plan counts batches)."""
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
-        size = getattr(config.get_text_config(), "hidden_size", None)
+        size = getattr(config.get_text_config(), name, None)
         if isinstance(size, int):
             return size
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return embeddings.embedding_dim if isinstance(embeddings, nn.Embedding) else 1
+    return 1
 
 
 def _activation_dtype(model: nn.Module) -> torch.dtype:
