@@ -25,6 +25,7 @@ from torch import nn
 
 from .engine import hostmem
 from .engine.anatomy import UnsupportedModelError, find_decoder_layers
+from .engine.layer_major import MEMORY_FRACTION
 from .engine.quant import BASE_WEIGHT_DTYPES, linear_weights, make_codec
 from .engine.store import layout_layer
 from .optimizer_state import adamw8bit_state_bytes
@@ -38,6 +39,7 @@ GPU_HEADROOM = 0.9  # share of GPU memory the estimate may use; the rest is CUDA
 LAYER_ACTIVATIONS_PER_TOKEN = (10, 4)  # x hidden_size, x intermediate_size
 LOGIT_EXTRA_BYTES = 8  # the loss upcasts logits to fp32 and keeps fp32 log-probabilities, per logit
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_EVAL_BATCHES = 64
 
 
 class PlanError(ValueError):
@@ -204,6 +206,15 @@ def estimate(
         "compute_seconds": compute_s,
         "tokens_per_second": tokens / max(transfer_s, compute_s),
         "bound": "transfer" if transfer_s > compute_s else "compute",
+        # what an evaluation batch costs (see `_evaluation`): every layer's bytes, a forward's FLOPs, and what it
+        # holds on the device while its group runs layer-major (its hidden state, masks at as much, its logits)
+        "eval_batch": {
+            "layer_bytes": sum(store),
+            "seconds_of_compute": 2 * sizes.compute_params * tokens / flops_per_s,
+            "group_bytes": tokens * (2 * sizes.hidden + sizes.vocab) * act,
+            "fixed_gpu_bytes": gpu_terms["layer_slots"] + gpu_terms["dequant_scratch"] + gpu_terms["resident_modules"],
+            "bandwidth": bandwidth,
+        },
     }
 
 
@@ -224,6 +235,7 @@ def make_plan(
         raise PlanError(
             f"--base-weight-dtype should be one of {', '.join(BASE_WEIGHT_DTYPES)}, not {base_weight_dtype!r}"
         )
+    eval_batches = options.pop("eval_batches", DEFAULT_EVAL_BATCHES)
     sizes = measure(config, dtype)
     plan = estimate(sizes, **options)
     others = {d: estimate(sizes, **{**options, "base_weight_dtype": d}) for d in (None, *BASE_WEIGHT_DTYPES)}
@@ -243,8 +255,30 @@ def make_plan(
         fits_host=fits_host,
         fits=fits_gpu and fits_host,
         advice=_advice(plan, others, gpu_budget, host_available, options),
+        evaluation=_evaluation(plan.pop("eval_batch"), eval_batches, gpu_budget),
     )
     return plan
+
+
+def _evaluation(batch: dict, eval_batches: int, gpu_budget: float | None) -> dict:
+    """Bytes and time of one evaluation of `eval_batches` batches, batch by batch and layer-major.
+
+    Layer-major loads each layer once per group; a group is as many batches as `MEMORY_FRACTION` of the GPU memory
+    left by the layer slots and resident modules holds (what the engine plans from free memory), or all of them
+    when no GPU memory is given. Time: the copy and the compute overlap, the longer one counts.
+    """
+    if gpu_budget is None:
+        group = eval_batches
+    else:
+        spare = max(0.0, gpu_budget - batch["fixed_gpu_bytes"]) * MEMORY_FRACTION
+        group = max(1, min(eval_batches, int(spare // batch["group_bytes"]) if batch["group_bytes"] else eval_batches))
+    compute = eval_batches * batch["seconds_of_compute"]
+    result = {"eval_batches": eval_batches, "group_size": group}
+    for name, loads in (("batch_major", eval_batches), ("layer_major", math.ceil(eval_batches / group))):
+        nbytes = loads * batch["layer_bytes"]
+        result[f"{name}_bytes"] = nbytes
+        result[f"{name}_seconds"] = max(nbytes / batch["bandwidth"], compute)
+    return result
 
 
 def _advice(plan: dict, others: dict, gpu_budget, host_available, options: dict) -> list[str]:
@@ -297,6 +331,7 @@ def _advice(plan: dict, others: dict, gpu_budget, host_available, options: dict)
 def format_plan(plan: dict) -> str:
     gb = lambda n: f"{n / GB:,.1f} GB"
     verdict = "fits" if plan["fits"] else "does NOT fit"
+    ev = plan["evaluation"]
     lines = [
         f"{plan['model_type']}: {plan['parameters'] / 1e9:.2f}B parameters, {plan['layers']} decoder layers, "
         f"{plan['dtype']} weights, base_weight_dtype={plan['base_weight_dtype']}",
@@ -315,6 +350,9 @@ def format_plan(plan: dict) -> str:
         f"  break-even         {plan['break_even_tokens']} tokens per micro-batch "
         f"(transfer {plan['transfer_seconds']:.2f} s vs compute {plan['compute_seconds']:.2f} s per step: "
         f"{plan['bound']}-bound, ~{plan['tokens_per_second']:,.0f} tokens/s)",
+        f"  evaluation         {ev['eval_batches']} batches: {gb(ev['batch_major_bytes'])}, "
+        f"~{ev['batch_major_seconds']:,.1f} s batch by batch; {gb(ev['layer_major_bytes'])}, "
+        f"~{ev['layer_major_seconds']:,.1f} s layer-major (groups of {ev['group_size']})",
         f"verdict: {verdict}",
     ]
     lines += [f"  - {line}" for line in plan["advice"]]
@@ -340,12 +378,18 @@ def register(subparsers) -> None:
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank on every linear layer (default: 16)")
     parser.add_argument("--prefetch", type=int, default=1, help="layers loaded ahead (default: 1)")
     parser.add_argument("--offload-activations", action="store_true", help="boundary activations in host memory")
+    parser.add_argument(
+        "--eval-batches",
+        type=int,
+        default=DEFAULT_EVAL_BATCHES,
+        help=f"eval batches (of --batch x --seq) for the evaluation line (default: {DEFAULT_EVAL_BATCHES})",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("seq", "batch", "lora_r"):
+    for name in ("seq", "batch", "lora_r", "eval_batches"):
         if getattr(args, name) < 1:
             print(f"hf-offload plan: --{name.replace('_', '-')} should be at least 1", file=sys.stderr)
             return 2
@@ -364,6 +408,7 @@ def run(args: argparse.Namespace) -> int:
             lora_r=args.lora_r,
             prefetch=args.prefetch,
             offload_activations=args.offload_activations,
+            eval_batches=args.eval_batches,
         )
     except (PlanError, UnsupportedModelError) as err:
         print(f"hf-offload plan: {err}", file=sys.stderr)

@@ -312,3 +312,26 @@ def test_parked_hidden_states_come_back_unchanged():
         torch.testing.assert_close(got.logits, want.logits, rtol=LOSS_RTOL, atol=1e-5)
         for got_state, want_state in zip(got.hidden_states, want.hidden_states, strict=True):
             torch.testing.assert_close(got_state, want_state, rtol=LOSS_RTOL, atol=1e-5)
+
+
+def test_plan_reports_an_evaluation_both_ways(tmp_path):
+    """A 70B-shaped evaluation of 63 batches of 8 x 512 tokens: 8.6 TB batch by batch, a group's worth layer-major."""
+    import json
+    import math
+
+    from hf_offload.plan import format_plan, load_config, make_plan
+
+    path = tmp_path / "config.json"
+    shape = dict(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64)
+    path.write_text(json.dumps(dict(model_type="llama", num_key_value_heads=8, vocab_size=128256, **shape)))
+    config = load_config(str(path))
+    plan = make_plan(config, gpu_mem_gb=80, host_mem_gb=1000, batch=8, seq=512, eval_batches=63)
+    evaluation = plan["evaluation"]
+    store = plan["host_bytes"]  # the layers' bytes (no offloaded activations)
+    assert evaluation["batch_major_bytes"] == 63 * store and 8.4e12 < 63 * store < 8.9e12
+    assert 1 < evaluation["group_size"] < 63  # the logits of a group must fit in the GPU's spare memory
+    assert evaluation["layer_major_bytes"] == math.ceil(63 / evaluation["group_size"]) * store
+    assert evaluation["layer_major_seconds"] < evaluation["batch_major_seconds"] / 3
+    assert "layer-major (groups of" in format_plan(plan)
+    unbounded = make_plan(config, host_mem_gb=1000, batch=8, seq=512, eval_batches=63)["evaluation"]
+    assert unbounded["group_size"] == 63 and unbounded["layer_major_bytes"] == store
