@@ -335,3 +335,19 @@ def test_plan_reports_an_evaluation_both_ways(tmp_path):
     assert "layer-major (groups of" in format_plan(plan)
     unbounded = make_plan(config, host_mem_gb=1000, batch=8, seq=512, eval_batches=63)["evaluation"]
     assert unbounded["group_size"] == 63 and unbounded["layer_major_bytes"] == store
+
+
+def test_generate_runs_one_pass_over_the_layers_per_token_for_the_whole_group():
+    reference, streamed = _pair(build_dense("llama"))
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in _batches(3)]
+    new_tokens = 3
+
+    def generate(model, batch):
+        return model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    expected = [generate(reference, b) for b in batches]
+    hf_offload.reset_stats(streamed)
+    outputs = list(evaluate_layer_major(streamed, batches, forward=generate))
+    assert hf_offload.stats(streamed)["layer_loads"] == LAYERS * new_tokens  # not x 3 batches
+    for got, want in zip(outputs, expected):
+        assert torch.equal(got, want)

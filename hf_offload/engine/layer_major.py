@@ -8,11 +8,13 @@ every batch of the group before the next layer is loaded.
 Note: [Layer-major schedule]
 Each batch's forward runs in its own worker thread. The streamed decoder layers' `forward` is wrapped for the time
 of the schedule: a worker that calls layer i hands control back to the scheduler and waits. The scheduler always
-resumes the waiting worker with the lowest layer index (ties: the earliest batch), so every worker first runs up to
-layer 0, then each runs layer 0 and whatever the model does until layer 1, and so on; after the last layer each
-worker runs the final norm, head and loss, and returns. Exactly one thread runs at any time (a hand-off under one
+resumes the waiting worker that made the fewest layer calls (ties: the lowest layer, then the earliest batch), so
+every worker first runs up to layer 0, then each runs layer 0 and whatever the model does until layer 1, and so
+on; after the last layer each worker runs the final norm, head and loss, and returns (a generate() goes on with its
+next token's pass, in lockstep with the others). Exactly one thread runs at any time (a hand-off under one
 condition variable), so the order of every operation is deterministic and each batch computes exactly what it
-computes alone: the schedule only changes *when* the model's code runs, not what it runs.
+computes alone: the schedule only changes *when* the model's code runs, not what it runs. While a group runs, the
+device slots are trusted across the batches' forwards (see `_slots_trusted`).
 
 Why threads and not generators or a re-implemented forward: a Python generator can only pause in its own frame,
 but the pause point is deep inside the model's forward (its loop over `self.layers`), and re-implementing that loop
@@ -94,6 +96,7 @@ class _Worker:
         self.started = False
         self.done = False
         self.waiting_at: int | None = None  # the layer this worker waits to run
+        self.calls = 0  # layer calls it made so far (a generate() makes one pass over the layers per token)
         self.result: Any = None
         self.error: BaseException | None = None
         self.kept_bytes = 0  # its boundary hidden state kept on the device while it waits
@@ -137,7 +140,7 @@ class LayerMajorSchedule:
                 name=f"hf_offload-layer-major-{worker.position}",
                 daemon=True,
             )
-        with self._gated_layers():
+        with self._gated_layers(), self._slots_trusted():
             for worker in workers:
                 worker.thread.start()
             try:
@@ -157,11 +160,19 @@ class LayerMajorSchedule:
             live = [w for w in workers if not w.done]
             if not live:
                 return
-            # not started yet: run to the first layer; then the lowest layer first, batches in order
-            worker = min(live, key=lambda w: (w.waiting_at if w.started else -1, w.position))
+            worker = min(live, key=self._priority)
             self._hand_to(worker)
             if worker.error is not None:
                 return  # the others are abandoned by `run`
+
+    @staticmethod
+    def _priority(worker: _Worker) -> tuple[int, int, int]:
+        """Not started yet: run to the first layer. Then the fewest layer calls made, the lowest layer, the earliest
+        batch: every batch's k-th layer call runs before anyone's (k+1)-th, so a forward is one pass over the layers
+        for the whole group and a generate() one pass per token."""
+        if not worker.started:
+            return (-1, -1, worker.position)
+        return (worker.calls, worker.waiting_at, worker.position)
 
     def _hand_to(self, worker: _Worker) -> None:
         with self._cond:
@@ -208,6 +219,7 @@ class LayerMajorSchedule:
 
     def _pause(self, worker: _Worker, index: int) -> None:
         worker.waiting_at = index
+        worker.calls += 1
         self._give_back()
         self._wait_for_turn(worker)
         worker.waiting_at = None
@@ -215,6 +227,20 @@ class LayerMajorSchedule:
             raise _Abandoned
 
     # --- the layers' side ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _slots_trusted(self):
+        """Each forward of the model forgets which layers the device slots hold (the host weights may have changed
+        since the last one). The forwards of a group all run with the same weights: forget once, at its start,
+        not whenever one batch's next forward begins (a generate() begins one per token) while others still need
+        the layer in its slot."""
+        streamer = self.runtime.streamer
+        streamer.invalidate()
+        streamer.invalidate = _keep_slots
+        try:
+            yield
+        finally:
+            del streamer.invalidate
+
     @contextlib.contextmanager
     def _gated_layers(self):
         """Wrap each streamed layer's forward so that a worker's call waits for the layer's turn."""
@@ -263,6 +289,10 @@ class LayerMajorSchedule:
         worker.kept_bytes = 0
         if tensor is not None:
             tensor.data = self.runtime.activations_to_device(tensor.data)
+
+
+def _keep_slots() -> None:
+    """`Streamer.invalidate` while a group runs (see `LayerMajorSchedule._slots_trusted`)."""
 
 
 # --- planning groups ---------------------------------------------------------------------------------------------
