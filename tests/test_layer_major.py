@@ -147,6 +147,18 @@ def test_a_failing_batch_raises_and_leaves_the_model_usable():
     assert list(evaluate_layer_major(streamed, batches[:2]))
 
 
+def test_an_evaluation_inside_another_is_refused():
+    _, streamed = _pair(build_dense("llama"))
+    batches = _batches(2)
+
+    def nested(model, batch):
+        return list(evaluate_layer_major(model, [batch]))
+
+    with pytest.raises(RuntimeError, match="started inside another one"):
+        list(evaluate_layer_major(streamed, batches, forward=nested))
+    assert len(list(evaluate_layer_major(streamed, batches))) == 2  # nothing was left behind
+
+
 def test_refuses_a_model_that_does_not_stream_and_a_bad_group_size():
     model = _lora(build_dense("llama"), moe=False)
     with pytest.raises(RuntimeError, match="Layer streaming is not on"):

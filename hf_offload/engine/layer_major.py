@@ -50,8 +50,8 @@ from .layer_fn import _autocast, _autocast_state, tree_flatten
 
 T = TypeVar("T")
 
-# Part of the available host memory (and, on an accelerator, of the free device memory) that a planned group's
-# boundary hidden states may use: the rest stays for the outputs the caller keeps and everything else.
+# Part of the available host memory and, on an accelerator, of the free device memory that a planned group may
+# hold (see `plan_groups`), and of the free device memory that waiting hidden states may keep on the device.
 MEMORY_FRACTION = 0.25
 
 
@@ -104,7 +104,7 @@ class _Worker:
 
 
 class LayerMajorSchedule:
-    """Runs tasks (each one forward of the model, or anything that calls it once) layer-major.
+    """Runs tasks (each one batch's forward of the model, or a generate(), or anything calling it) layer-major.
 
     See Note: [Layer-major schedule].
     """
@@ -244,8 +244,14 @@ class LayerMajorSchedule:
     @contextlib.contextmanager
     def _gated_layers(self):
         """Wrap each streamed layer's forward so that a worker's call waits for the layer's turn."""
+        layers = self.runtime.anatomy.layers
+        if any(getattr(layer.__dict__["forward"], "_layer_major_gate", False) for layer in layers):
+            raise RuntimeError(
+                "hf_offload: a layer-major evaluation was started inside another one (a task called "
+                "evaluate_layer_major or Trainer.evaluate); run them one after the other."
+            )
         saved = []
-        for index, layer in enumerate(self.runtime.anatomy.layers):
+        for index, layer in enumerate(layers):
             streamed = layer.__dict__["forward"]  # installed by the runtime
             saved.append((layer, streamed))
             layer.forward = self._gate(index, streamed)
@@ -266,6 +272,7 @@ class LayerMajorSchedule:
             return streamed(*args, **kwargs)
 
         forward.__wrapped__ = streamed
+        forward._layer_major_gate = True
         return forward
 
     def _park(self, worker: _Worker, args: tuple, kwargs: dict) -> torch.Tensor | None:
