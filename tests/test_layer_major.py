@@ -363,3 +363,26 @@ def test_generate_runs_one_pass_over_the_layers_per_token_for_the_whole_group():
     assert hf_offload.stats(streamed)["layer_loads"] == LAYERS * new_tokens  # not x 3 batches
     for got, want in zip(outputs, expected):
         assert torch.equal(got, want)
+
+
+def test_the_launch_patch_evaluates_a_plain_trainer_layer_major(tmp_path):
+    """`hf-offload launch` patches transformers.Trainer in place: its evaluate() runs layer-major too."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_offload.trainer import patch_trainer, unpatch_trainer
+
+    reference, streamed = _trainer_models(build_dense("llama"), moe=False)
+    rows = _token_rows(10, seed=6)
+    args = dict(per_device_eval_batch_size=3, report_to="none", use_cpu=True, disable_tqdm=True)
+    want = Trainer(
+        model=reference, args=TrainingArguments(tmp_path / "plain", **args), data_collator=_collate
+    ).evaluate(rows)
+    patch_trainer()
+    try:
+        trainer = Trainer(model=streamed, args=TrainingArguments(tmp_path / "patched", **args), data_collator=_collate)
+        hf_offload.reset_stats(streamed)
+        got = trainer.evaluate(rows)
+    finally:
+        unpatch_trainer()
+    assert hf_offload.stats(streamed)["layer_loads"] == LAYERS
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=LOSS_RTOL)
