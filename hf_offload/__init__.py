@@ -34,6 +34,7 @@ _LAZY = {
     "OffloadConfig": "config",
     "UnsupportedModelError": "engine.errors",
     "HostMemoryError": "engine.hostmem",
+    "evaluate_layer_major": "evaluation",
     "optimizer_state_report": "optimizer_state",
     "OffloadTrainingArguments": "integrations.trainer",
     "OffloadTrainer": "integrations.trainer",

@@ -19,6 +19,7 @@ from .options import (
     non_negative_int,
     option,
     optional_boolean,
+    optional_positive_int,
     validate,
 )
 
@@ -109,6 +110,16 @@ class OffloadConfig:
         "route: both values stream them whole.",
         faces=TRAINING_FACES,
         choices=EXPERT_FETCH_MODES,
+    )
+
+    eval_group_size: int | None = option(
+        None,
+        "Evaluation runs layer-major: this many eval batches go through each decoder layer while it is on the "
+        "device, so a layer is loaded once per group instead of once per batch. None (the default): as many batches "
+        "as a quarter of the available host (and device) memory holds the boundary hidden states of. 1: batch by "
+        "batch.",
+        faces=TRAINING_FACES,
+        check=optional_positive_int,
     )
 
     def __post_init__(self) -> None:

@@ -254,6 +254,15 @@ def positive_int(value: Any) -> int:
     return value
 
 
+def optional_positive_int(value: Any) -> int | None:
+    if value is not None:
+        try:
+            positive_int(value)
+        except OptionError:
+            raise OptionError("a positive integer or None") from None
+    return value
+
+
 def positive_number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise OptionError("a positive number")

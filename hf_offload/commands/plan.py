@@ -25,6 +25,7 @@ import torch
 from ..engine import hostmem
 from ..engine.errors import UnsupportedModelError
 from ..engine.facts import bytes_per_train_step
+from ..engine.layer_major import MEMORY_FRACTION
 from ..engine.quant import BASE_WEIGHT_DTYPES
 from ..optimizer_state import adamw8bit_state_bytes
 from ..options import add_arguments, add_flag, all_options, values_from
@@ -39,6 +40,7 @@ GPU_HEADROOM = 0.9  # share of GPU memory the estimate may use; the rest is CUDA
 # MLP gate/up/activation/product); a rough count for a Llama-style layer with LoRA on every linear layer.
 LAYER_ACTIVATIONS_PER_TOKEN = (10, 4)  # x hidden_size, x intermediate_size
 LOGIT_EXTRA_BYTES = 8  # the loss upcasts logits to fp32 and keeps fp32 log-probabilities, per logit
+DEFAULT_EVAL_BATCHES = 64
 
 
 # A plan fails for the reasons a config cannot be read or measured, and for its own options: one error class.
@@ -62,6 +64,9 @@ class Estimate(Record):
     compute_seconds: float
     tokens_per_second: float
     bound: str  # "transfer" or "compute"
+    # what one evaluation batch costs (see `_evaluation`): every layer's bytes, a forward's FLOPs, and what it holds
+    # on the device while its group runs layer-major (its hidden state, masks at as much, its logits)
+    eval_batch: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class Plan(Estimate):
     fits_host: bool = True
     fits: bool = True
     advice: list[str] = field(default_factory=list)
+    evaluation: dict[str, float] = field(default_factory=dict)  # one evaluation, batch by batch and layer-major
 
 
 # --- the estimate -----------------------------------------------------------------------------------------------------
@@ -135,6 +141,13 @@ def estimate(
         compute_seconds=compute_s,
         tokens_per_second=tokens / max(transfer_s, compute_s),
         bound="transfer" if transfer_s > compute_s else "compute",
+        eval_batch={
+            "layer_bytes": sum(store),
+            "seconds_of_compute": 2 * sizes.compute_params * tokens / flops_per_s,
+            "group_bytes": tokens * (2 * sizes.hidden + sizes.vocab) * act,
+            "fixed_gpu_bytes": gpu_terms["layer_slots"] + gpu_terms["dequant_scratch"] + gpu_terms["resident_modules"],
+            "bandwidth": bandwidth,
+        },
     )
 
 
@@ -155,6 +168,7 @@ def make_plan(
         raise PlanError(
             f"--base_weight_dtype should be one of {', '.join(BASE_WEIGHT_DTYPES)}, not {base_weight_dtype!r}"
         )
+    eval_batches = options.pop("eval_batches", DEFAULT_EVAL_BATCHES)
     sizes = measure(config, dtype)
     plan = estimate(sizes, **options)
     others = {d: estimate(sizes, **{**options, "base_weight_dtype": d}) for d in (None, *BASE_WEIGHT_DTYPES)}
@@ -175,7 +189,29 @@ def make_plan(
         fits_host=fits_host,
         fits=fits_gpu and fits_host,
         advice=_advice(plan, others, gpu_budget, host_available, options),
+        evaluation=_evaluation(plan.eval_batch, eval_batches, gpu_budget),
     )
+
+
+def _evaluation(batch: dict, eval_batches: int, gpu_budget: float | None) -> dict:
+    """Bytes and time of one evaluation of `eval_batches` batches, batch by batch and layer-major.
+
+    Layer-major loads each layer once per group; a group is as many batches as `MEMORY_FRACTION` of the GPU memory
+    left by the layer slots and resident modules holds (what the engine plans from free memory), or all of them
+    when no GPU memory is given. Time: the copy and the compute overlap, the longer one counts.
+    """
+    if gpu_budget is None:
+        group = eval_batches
+    else:
+        spare = max(0.0, gpu_budget - batch["fixed_gpu_bytes"]) * MEMORY_FRACTION
+        group = max(1, min(eval_batches, int(spare // batch["group_bytes"]) if batch["group_bytes"] else eval_batches))
+    compute = eval_batches * batch["seconds_of_compute"]
+    result = {"eval_batches": eval_batches, "group_size": group}
+    for name, loads in (("batch_major", eval_batches), ("layer_major", math.ceil(eval_batches / group))):
+        nbytes = loads * batch["layer_bytes"]
+        result[f"{name}_bytes"] = nbytes
+        result[f"{name}_seconds"] = max(nbytes / batch["bandwidth"], compute)
+    return result
 
 
 def _advice(plan: Estimate, others: dict[str | None, Estimate], gpu_budget, host_available, options: dict) -> list[str]:
@@ -228,6 +264,7 @@ def _advice(plan: Estimate, others: dict[str | None, Estimate], gpu_budget, host
 def format_plan(plan: Plan) -> str:
     gb = lambda n: f"{n / GB:,.1f} GB"
     verdict = "fits" if plan["fits"] else "does NOT fit"
+    ev = plan.evaluation
     lines = [
         f"{plan['model_type']}: {plan['parameters'] / 1e9:.2f}B parameters, {plan['layers']} decoder layers, "
         f"{plan['dtype']} weights, base_weight_dtype={plan['base_weight_dtype']}",
@@ -246,6 +283,9 @@ def format_plan(plan: Plan) -> str:
         f"  break-even         {plan['break_even_tokens']} tokens per micro-batch "
         f"(transfer {plan['transfer_seconds']:.2f} s vs compute {plan['compute_seconds']:.2f} s per step: "
         f"{plan['bound']}-bound, ~{plan['tokens_per_second']:,.0f} tokens/s)",
+        f"  evaluation         {ev['eval_batches']} batches: {gb(ev['batch_major_bytes'])}, "
+        f"~{ev['batch_major_seconds']:,.1f} s batch by batch; {gb(ev['layer_major_bytes'])}, "
+        f"~{ev['layer_major_seconds']:,.1f} s layer-major (groups of {ev['group_size']})",
         f"verdict: {verdict}",
     ]
     lines += [f"  - {line}" for line in plan["advice"]]
@@ -267,6 +307,13 @@ def register(subparsers) -> None:
     add_flag(parser, "dtype", type=str, default=None, help="weights' dtype: bf16, fp16 or fp32 (default: config's)")
     add_flag(parser, "pcie_gbps", type=float, default=DEFAULT_PCIE_GBPS, help="host-to-device GB/s achieved")
     add_flag(parser, "gpu_tflops", type=float, default=DEFAULT_GPU_TFLOPS, help="TFLOP/s a step achieves")
+    add_flag(
+        parser,
+        "eval_batches",
+        type=int,
+        default=DEFAULT_EVAL_BATCHES,
+        help=f"eval batches (of --batch x --seq) for the evaluation line (default: {DEFAULT_EVAL_BATCHES})",
+    )
     add_arguments(parser, all_options(), "plan")
     add_flag(parser, "json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
@@ -281,7 +328,7 @@ def _dtype(name: str | None):
 
 def run(args: argparse.Namespace) -> int:
     try:
-        for name in ("seq", "batch"):
+        for name in ("seq", "batch", "eval_batches"):
             if getattr(args, name) < 1:
                 raise PlanError(f"--{name} should be at least 1, but the value passed is {getattr(args, name)}")
         options = values_from(args, all_options(), "plan")
@@ -295,6 +342,7 @@ def run(args: argparse.Namespace) -> int:
             batch=args.batch,
             pcie_gbps=args.pcie_gbps,
             gpu_tflops=args.gpu_tflops,
+            eval_batches=args.eval_batches,
             **options,
         )
     except (ValueError, UnsupportedModelError) as err:  # PlanError is a ValueError

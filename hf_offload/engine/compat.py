@@ -288,3 +288,34 @@ def param_wrapper_deltas(wrapper: nn.Module) -> list[tuple[torch.Tensor, torch.T
     if wrapper.merged:
         return []
     return [wrapper.get_delta_factors(a) for a in wrapper.active_adapters if a in wrapper.lora_A]
+
+
+# --- accelerate's record of the dataloader being iterated ------------------------------------------------------------
+# Checked against accelerate 1.15: a prepared dataloader (DataLoaderShard) registers itself in the shared
+# `GradientState` when its iteration begins (`_add_dataloader`) and leaves when it ends (`_remove_dataloader`); it
+# sets its own `end_of_dataloader` attribute before yielding its last batch. `gather_for_metrics` and the Trainer's
+# `batch_eval_metrics` read `GradientState.end_of_dataloader` / `.remainder` through the active dataloader.
+def dataloader_position(gradient_state) -> tuple | None:
+    """What `gradient_state` says now about the dataloader being iterated: (dataloader, end_of_dataloader)."""
+    if gradient_state is None or not gradient_state.in_dataloader:
+        return None
+    active = gradient_state.active_dataloader
+    return active, active.end_of_dataloader
+
+
+def restore_dataloader_position(gradient_state, position: tuple | None, readded: list) -> None:
+    """Make `gradient_state` say again what `dataloader_position` returned; dataloaders registered again to do so
+    are appended to `readded` (for `forget_readded_dataloaders`)."""
+    if position is None:
+        return
+    dataloader, end = position
+    if not gradient_state.in_dataloader or gradient_state.active_dataloader is not dataloader:
+        gradient_state._add_dataloader(dataloader)
+        readded.append(dataloader)
+    dataloader.end_of_dataloader = end
+
+
+def forget_readded_dataloaders(gradient_state, readded: list) -> None:
+    for dataloader in readded:
+        gradient_state._remove_dataloader(dataloader)
+    readded.clear()

@@ -73,6 +73,25 @@ class DeviceOps:
         if not self.is_cpu:
             self._module.synchronize(self.device)
 
+    def use_stream(self, stream):
+        """Context in which this thread computes on `stream` (a compute stream of another thread) and this device.
+
+        Streams and the current device are per thread: a helper thread starts on the default stream of device 0.
+        """
+        if self.is_cpu or stream is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._module.device(self.device))
+        stack.enter_context(self._module.stream(stream))
+        return stack
+
+    def free_memory(self) -> int | None:
+        """Free bytes on the device (None on the CPU: host memory is counted by hostmem)."""
+        if self.is_cpu:
+            return None
+        free, _ = self._module.mem_get_info(self.device)
+        return int(free)
+
     # --- page-locked host memory ----------------------------------------------------------------------------------
     def pin(self, host: torch.Tensor) -> bool:
         """Page-lock `host` in place. Returns whether it is now pinned.

@@ -38,7 +38,7 @@ from ..api import is_streaming, summary
 from ..engine.overrides import Overrides
 from ..options import declared, trainer_flag, validate, with_options
 from ..units import format_bytes
-from . import hub
+from . import hub, trainer_eval
 from .checkpoint import check_adapter_checkpoint, check_optimizer_state
 from .metrics import OffloadMetricsCallback
 from .plugin import ENV_VAR, STREAMING_DEFAULT_OPTIM, LayerStreamingPlugin, check_combinations, is_peft_model
@@ -266,6 +266,7 @@ HOOKS = {
     "log": _log,
     "save_model": _save_model,
     "create_model_card": _create_model_card,
+    "evaluation_loop": trainer_eval.evaluation_loop,  # evaluate() and predict() run layer-major
 }
 
 
@@ -363,6 +364,9 @@ class OffloadTrainer(Trainer):
 
     def create_model_card(self, *args, **kwargs):
         return _create_model_card(super().create_model_card, self, *args, **kwargs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        return trainer_eval.evaluation_loop(super().evaluation_loop, self, *args, **kwargs)
 
 
 def patch_trainer(cls: type = Trainer) -> None:
