@@ -18,6 +18,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+# hf_offload first: importing it quiets a line bitsandbytes logs when transformers imports it (about an optional
+# CPU kernel that plays no part here).
+from hf_offload import OffloadTrainer, OffloadTrainingArguments  # isort: skip
+
 import datasets
 import torch
 from transformers import (
@@ -27,8 +31,6 @@ from transformers import (
     HfArgumentParser,
     set_seed,
 )
-
-from hf_offload import OffloadTrainer, OffloadTrainingArguments
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
@@ -70,6 +72,8 @@ def load_texts(args: ScriptArguments) -> datasets.Dataset:
 def main() -> None:
     parser = HfArgumentParser((ScriptArguments, OffloadTrainingArguments))
     script_args, training_args = parser.parse_args_into_dataclasses()
+    if not torch.accelerator.is_available():
+        training_args.dataloader_pin_memory = False  # nothing to pin for; torch would warn on every dataloader
     set_seed(training_args.seed)
 
     model_path = script_args.model_name_or_path

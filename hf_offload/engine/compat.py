@@ -111,6 +111,22 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
+def add_lora(model: nn.Module, lora_config) -> nn.Module:
+    """`peft.get_peft_model`, without the deprecation warning it triggers in transformers 5.x.
+
+    peft 0.21 reads `model.is_gradient_checkpointing`, which transformers 5.x deprecates in favour of
+    `is_activation_checkpointing` with a FutureWarning (checked: transformers 5.24, peft 0.21.2). The warning is
+    about peft's code, not the user's; hf_offload adds LoRA for the user, so it keeps that line out of their log.
+    """
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora_config)
+
+
 def is_peft_tuner_layer(module: nn.Module) -> bool:
     """A peft adapter layer wrapping a base layer (peft 0.21: `BaseTunerLayer`, with `get_base_layer()`)."""
     tuners_utils = sys.modules.get("peft.tuners.tuners_utils")  # not imported: no module can be a peft layer

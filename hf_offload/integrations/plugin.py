@@ -171,9 +171,7 @@ class LayerStreamingPlugin:
             return model
         check_streamable(model)  # refuse an unstreamable model before LoRA changes it
         if not is_peft_model(model):
-            from peft import get_peft_model
-
-            model = get_peft_model(model, self.lora_config())
+            model = compat.add_lora(model, self.lora_config())
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             logger.info(
                 "hf_offload: %s is not a peft model, so LoRA adapters were added (r=%d, alpha=%g, dropout=%g, "

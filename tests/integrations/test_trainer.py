@@ -351,3 +351,24 @@ def test_quantized_host_store_through_the_flag(base, tmp_path):
         save_merged(trainer.model, str(tmp_path / "merged"))
     with pytest.raises(ValueError, match="both --offload_save_merged and --offload_base_weight_dtype"):
         tiny_args(tmp_path, offload_base_weight_dtype="nf4", offload_save_merged=True)
+
+
+def test_the_readme_example_logs_no_third_party_noise(tiny_model_dir, tmp_path):
+    """README command 1's script, in a fresh process: every line it prints is ours, the Trainer's or the loss."""
+    import subprocess
+    import sys
+
+    from faces import EXAMPLES
+
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "finetune.py"), "--model_name_or_path", tiny_model_dir, "--max_steps", "1"]
+        + ["--output_dir", str(tmp_path / "out"), "--layer_streaming", "--report_to", "none"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    output = done.stdout + done.stderr
+    assert "hf_offload: streaming" in output
+    for noise in ("kernels-community", "Warning:", "warnings.warn"):
+        assert noise not in output, [line for line in output.splitlines() if noise in line]
