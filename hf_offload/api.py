@@ -25,6 +25,7 @@ def get_runtime(model: nn.Module) -> LayerStreamingRuntime | None:
 
 
 def is_streaming(model: nn.Module) -> bool:
+    """Whether layer streaming is on for `model` (or for the model a peft wrapper holds)."""
     return get_runtime(model) is not None
 
 
@@ -34,6 +35,18 @@ def enable_layer_streaming(model: nn.Module, config: OffloadConfig | None = None
     Converts in place and returns `model`: a `PreTrainedModel` or a peft `PeftModel` keeps its class, parameter
     names and `save_pretrained`. Trainable parameters (LoRA adapters) and everything outside the decoder layers
     (embeddings, final norm, head) move to the device. Apply peft before this, and create the optimizer after.
+
+    Args:
+        model: a causal LM (`PreTrainedModel`) or a peft model over one, with its weights loaded.
+        config: how to stream; `OffloadConfig()` (defaults) when None.
+
+    Returns:
+        `model` itself, now streaming.
+
+    Raises:
+        UnsupportedModelError: the model cannot be streamed (nothing has changed); the message says what to do.
+        HostMemoryError: the host store would not fit in available host memory (checked before packing).
+        RuntimeError: streaming is already on for this model.
 
     Example:
         >>> model = enable_layer_streaming(peft_model, OffloadConfig(prefetch=1))
@@ -54,7 +67,14 @@ def enable_layer_streaming(model: nn.Module, config: OffloadConfig | None = None
 
 
 def disable_layer_streaming(model: nn.Module) -> nn.Module:
-    """Undo `enable_layer_streaming`: original layer forwards, weights in their own storage where they were."""
+    """Undo `enable_layer_streaming`: original layer forwards, weights in their own storage where they were.
+
+    Returns:
+        `model` itself, no longer streaming.
+
+    Raises:
+        RuntimeError: streaming is not on for this model.
+    """
     runtime = get_runtime(model)
     if runtime is None:
         raise RuntimeError("Layer streaming is not on for this model; nothing to disable.")
@@ -71,13 +91,24 @@ def _require_runtime(model: nn.Module) -> LayerStreamingRuntime:
 
 
 def stats(model: nn.Module) -> dict[str, int]:
-    """Counters since streaming began or since `reset_stats`: bytes_to_device, layer_loads, layer_reuses,
-    peak_resident_layers, experts_loaded, experts_skipped, bytes_to_host, bytes_from_host_activations."""
+    """Counters since streaming began or since `reset_stats`.
+
+    Returns:
+        A dict of counters: bytes_to_device, layer_loads, layer_reuses, peak_resident_layers, experts_loaded,
+        experts_skipped, bytes_to_host, bytes_from_host_activations.
+
+    Raises:
+        RuntimeError: streaming is not on for this model.
+    """
     return _require_runtime(model).streamer.stats.as_dict()
 
 
 def reset_stats(model: nn.Module) -> None:
-    """Zero the counters of `stats`."""
+    """Zero the counters of `stats`.
+
+    Raises:
+        RuntimeError: streaming is not on for this model.
+    """
     streamer = _require_runtime(model).streamer
     streamer.stats = type(streamer.stats)()
 

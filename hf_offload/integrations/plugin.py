@@ -162,10 +162,18 @@ class LayerStreamingPlugin:
         )
 
     def prepare_model(self, model: nn.Module, device: str | torch.device | None = None) -> nn.Module:
-        """Add LoRA if `model` has no peft adapters, then stream its decoder layers. Returns the model to train.
+        """Add LoRA if `model` has no peft adapters, then stream its decoder layers.
 
-        A model that is already streamed is returned unchanged. A model that cannot be streamed raises
-        `UnsupportedModelError` before anything about it is changed.
+        Args:
+            model: a causal LM or a peft model over one; a model already streaming is returned unchanged.
+            device: where layers compute (None: the accelerator if any, else the CPU).
+
+        Returns:
+            The model to train: the peft model when LoRA was added, else `model`.
+
+        Raises:
+            UnsupportedModelError: before anything about the model is changed, when it cannot be streamed.
+            HostMemoryError: the host store would not fit in available host memory.
         """
         if is_streaming(model):
             return model
