@@ -367,8 +367,9 @@ def test_generate_runs_one_pass_over_the_layers_per_token_for_the_whole_group():
 
 def test_the_launch_patch_evaluates_a_plain_trainer_layer_major(tmp_path):
     """`hf-offload launch` patches transformers.Trainer in place: its evaluate() runs layer-major too."""
-    from hf_offload.integrations.trainer import patch_trainer, unpatch_trainer
     from transformers import Trainer, TrainingArguments
+
+    from hf_offload.integrations.trainer import patch_trainer, unpatch_trainer
 
     reference, streamed = _trainer_models(build_dense("llama"), moe=False)
     rows = _token_rows(10, seed=6)

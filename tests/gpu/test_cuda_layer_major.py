@@ -9,12 +9,12 @@ import copy
 
 import pytest
 import torch
-from hf_offload.commands.bench.models import build_model
 from test_cuda_streaming import batch, llama, lora
 
 import hf_offload
 from hf_offload import OffloadConfig, evaluate_layer_major
 from hf_offload.api import get_runtime
+from hf_offload.commands.bench.models import build_model
 from hf_offload.engine.layer_major import LayerMajorSchedule
 
 pytestmark = pytest.mark.gpu
