@@ -32,6 +32,7 @@ class LayerStreamingRuntime:
     def __init__(self, model: nn.Module, config: OffloadConfig):
         self.config = config
         self.anatomy = find_decoder_layers(model)  # raises before any work is done
+        _refuse_streaming_twice(self.anatomy.layers)
         validate_layers(self.anatomy.layers, self.anatomy.shared_outside)
         self.device = resolve_device(config.device)
         self.ops = DeviceOps(self.device)
@@ -145,9 +146,15 @@ class LayerStreamingRuntime:
                 encoded = [(n, p) for n, p in layer.named_parameters(remove_duplicate=False) if id(p) in ids]
                 self._handles.append(layer.register_state_dict_post_hook(_placeholders_in_state_dict(encoded)))
                 self._handles.append(layer.register_load_state_dict_pre_hook(_refuse_loading_into(encoded)))
+            streamed = {id(t.param) for t in (*pack.tensors, *pack.encoded)}
+            named = [(n, p) for n, p in layer.named_parameters(remove_duplicate=False) if id(p) in streamed]
+            self._handles.append(layer.register_load_state_dict_pre_hook(_refuse_assigning_to(named)))
             for tuner in pack.quantized_tuners:
                 self._guarded_merges.append((tuner, tuner.__dict__.get("merge")))
                 tuner.merge = _refuse_merge
+
+    def __deepcopy__(self, memo):
+        raise_deepcopy_refusal()
 
     def remove(self) -> None:
         """Undo everything: original forwards, weights back in their own storage on their original devices."""
@@ -174,12 +181,51 @@ class LayerStreamingRuntime:
         self._moved = []
 
 
-def _streamed_forward(runtime: LayerStreamingRuntime, index: int, layer: nn.Module, original):
-    def forward(*args, **kwargs):
-        return call_streamed_layer(runtime, index, layer, original, args, kwargs)
+class _StreamedForward:
+    """A streamed layer's `forward` (set on the instance). A callable object rather than a closure so that copying
+    the layer is refused (see `raise_deepcopy_refusal`) and a second runtime can recognise a streamed layer."""
 
-    forward.__wrapped__ = original
-    return forward
+    def __init__(self, runtime: LayerStreamingRuntime, index: int, layer: nn.Module, original):
+        self.runtime, self.index, self.layer, self.original = runtime, index, layer, original
+        self.__wrapped__ = original
+
+    def __call__(self, *args, **kwargs):
+        return call_streamed_layer(self.runtime, self.index, self.layer, self.original, args, kwargs)
+
+    def __deepcopy__(self, memo):
+        raise_deepcopy_refusal()
+
+
+def _streamed_forward(runtime: LayerStreamingRuntime, index: int, layer: nn.Module, original) -> _StreamedForward:
+    return _StreamedForward(runtime, index, layer, original)
+
+
+def is_streamed_layer(layer: nn.Module) -> bool:
+    return isinstance(layer.__dict__.get("forward"), _StreamedForward)
+
+
+def raise_deepcopy_refusal():
+    """Note: [Copying a streamed model]
+    A deep copy of a streamed model would copy the parameters' host views but keep calling the original's runtime:
+    the copy's layers would compute with the original's host store and its gradients land in the original's
+    adapters (a reference or EMA model would silently follow the live one). So copying is refused.
+    """
+    raise RuntimeError(
+        "copy.deepcopy of a model whose decoder layers stream is not supported: the copy would keep computing with "
+        "the original's host store. Copy the model before hf_offload.enable_layer_streaming (and stream each copy "
+        "separately), or call hf_offload.disable_layer_streaming(model), copy it, and enable streaming again. For "
+        "a frozen reference model, load it a second time (from_pretrained) instead of copying."
+    )
+
+
+def _refuse_streaming_twice(layers: nn.ModuleList) -> None:
+    if any(is_streamed_layer(layer) for layer in layers):
+        raise RuntimeError(
+            "The decoder layers of this module already stream: layer streaming is on for a model that contains it "
+            "(or that it contains). Streaming twice would hold the host store twice and move every byte twice. "
+            "Enable it once, on the model you train (the peft model or the transformers model); to change its "
+            "configuration, call hf_offload.disable_layer_streaming on that model first."
+        )
 
 
 def _explain_whole_layer_experts(groups, reasons: list[str], layers: nn.ModuleList) -> None:
@@ -240,6 +286,26 @@ def _refuse_loading_into(encoded: list[tuple[str, nn.Parameter]]):
                 f"hf_offload: cannot load {loaded[0]}{f' (and {len(loaded) - 1} more)' if len(loaded) > 1 else ''} "
                 "into a streamed layer whose base weights are stored quantized in host memory. Call "
                 "hf_offload.disable_layer_streaming(model), load the weights, then enable streaming again."
+            )
+
+    return hook
+
+
+def _refuse_assigning_to(streamed: list[tuple[str, nn.Parameter]]):
+    """load_state_dict(..., assign=True) would put new Parameter objects in the layer, which the store does not
+    know: it would keep streaming the old weights into the old objects."""
+
+    def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        if not local_metadata.get("assign_to_params_buffers"):
+            return
+        assigned = [prefix + name for name, _ in streamed if prefix + name in state_dict]
+        if assigned:
+            raise RuntimeError(
+                f"hf_offload: load_state_dict(..., assign=True) would replace {assigned[0]}"
+                f"{f' (and {len(assigned) - 1} more)' if len(assigned) > 1 else ''}, a weight of a streamed layer "
+                "that lives in the host store, and the store would keep streaming the old one. Load without "
+                "assign=True (the values are copied into the store), or call "
+                "hf_offload.disable_layer_streaming(model), load with assign=True, then enable streaming again."
             )
 
     return hook

@@ -294,7 +294,11 @@ def validate_layers(layers: nn.ModuleList, keep_resident: frozenset[int] = froze
             if owner.setdefault(id(param), index) != index:
                 raise ValueError(
                     f"A frozen parameter is shared by decoder layers {owner[id(param)]} and {index}; hf_offload "
-                    "streams each layer's weights separately and cannot stream weights shared across layers."
+                    "streams each layer's weights separately and cannot stream weights shared across layers. Give "
+                    "each layer its own copy before enable_layer_streaming (for example "
+                    "`module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)` in every "
+                    "layer but the first that uses it), make the shared weight trainable so it stays on the device, "
+                    "or train this model without layer streaming."
                 )
     if not owner:
         raise ValueError(

@@ -1,0 +1,239 @@
+"""What users did that once went silently wrong, lost data or failed deep inside torch; each test is named after it.
+
+Every case either gives the result the unstreamed model gives, or stops up front with a clear error that names the
+way out.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+from families import VOCAB, build
+from parity import left_padded_batch, reference_and_streamed, with_lora
+from torch import nn
+
+import hf_offload
+from hf_offload import OffloadConfig
+from hf_offload.engine import hostmem
+
+CPU = OffloadConfig(device="cpu")
+
+
+# --- copies ----------
+def test_deepcopy_of_a_streamed_model_is_refused():
+    model = with_lora(build("llama"))
+    hf_offload.enable_layer_streaming(model, CPU)
+    for target in (model, model.get_base_model(), model.get_base_model().model):
+        with pytest.raises(RuntimeError, match="deepcopy of a model whose decoder layers stream"):
+            copy.deepcopy(target)
+
+
+def test_deepcopy_after_disabling_streaming_works():
+    model = with_lora(build("llama"))
+    hf_offload.enable_layer_streaming(model, CPU)
+    hf_offload.disable_layer_streaming(model)
+    clone = copy.deepcopy(model)
+    assert not hf_offload.is_streaming(clone)
+
+
+# --- KV caches with gradients enabled ----------
+def _eval_pair():
+    reference, streamed = reference_and_streamed(build("llama"))
+    reference.eval()
+    streamed.eval()
+    return reference, streamed
+
+
+def test_decoding_from_a_cache_filled_with_gradients_enabled_matches_vanilla():
+    reference, streamed = _eval_pair()
+    ids = left_padded_batch(VOCAB)["input_ids"][:1]
+    prompt, nxt = ids[:, :8], ids[:, 8:9]
+    logits = []
+    for model in (reference, streamed):
+        cache = model(input_ids=prompt, use_cache=True).past_key_values  # gradients enabled
+        assert cache.get_seq_length() == prompt.shape[1]
+        with torch.no_grad():
+            logits.append(model(input_ids=nxt, past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_training_forward_with_use_cache_keeps_exact_gradients():
+    reference, streamed = reference_and_streamed(build("llama"))
+    batch = left_padded_batch(VOCAB)
+    grads = []
+    for model in (reference, streamed):
+        model.train()
+        torch.manual_seed(0)
+        out = model(**batch, use_cache=True)
+        assert out.past_key_values.get_seq_length() == batch["input_ids"].shape[1]
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_training_a_completion_on_a_prompts_cache_is_refused_clearly():
+    _, streamed = _eval_pair()
+    ids = left_padded_batch(VOCAB)["input_ids"][:1]
+    cache = streamed(input_ids=ids[:, :8], use_cache=True).past_key_values
+    with pytest.raises(NotImplementedError, match="pre-filled KV cache.*one sequence"):
+        streamed(input_ids=ids[:, 8:], past_key_values=cache, use_cache=True).logits.sum().backward()
+
+
+class _LegacyBlock(nn.Module):
+    """A custom-code block in the old style: `layer_past=(k, v)` in, `(hidden, present)` out only with use_cache."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+
+    def forward(self, hidden, layer_past=None, use_cache=False):
+        q, k, v = self.qkv(hidden).chunk(3, dim=-1)
+        if layer_past is not None:
+            k, v = torch.cat([layer_past[0], k], dim=1), torch.cat([layer_past[1], v], dim=1)
+        attn = torch.softmax(q @ k.transpose(1, 2) / k.shape[-1] ** 0.5, dim=-1) @ v
+        hidden = hidden + self.out(attn)
+        return (hidden, (k, v)) if use_cache else (hidden,)
+
+
+class _LegacyModel(nn.Module):
+    def __init__(self, hidden: int = 16, layers: int = 3):
+        super().__init__()
+        self.config = types.SimpleNamespace(num_hidden_layers=layers)
+        self.embed = nn.Embedding(VOCAB, hidden)
+        self.h = nn.ModuleList(_LegacyBlock(hidden) for _ in range(layers))
+        self.head = nn.Linear(hidden, VOCAB)
+
+    def forward(self, ids, past=None, use_cache=False):
+        hidden, presents = self.embed(ids), []
+        for i, block in enumerate(self.h):
+            outputs = block(hidden, layer_past=None if past is None else past[i], use_cache=use_cache)
+            hidden = outputs[0]
+            if use_cache:
+                presents.append(outputs[1])  # IndexError if use_cache were rewritten inside the block
+        return self.head(hidden), presents
+
+
+def test_a_custom_model_with_legacy_tuple_caches_trains_through_its_cache_like_vanilla():
+    torch.manual_seed(0)
+    base = _LegacyModel()
+    models = [with_lora(copy.deepcopy(base), target_modules=["qkv", "out"], lora_dropout=0.0) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    hf_offload.enable_layer_streaming(models[1], CPU)
+    ids = left_padded_batch(VOCAB)["input_ids"][:2]
+    results = []
+    for model in models:
+        model.zero_grad()
+        _, past = model(ids[:, :6], use_cache=True)
+        logits, presents = model(ids[:, 6:], past=past, use_cache=True)
+        assert presents[0][0].shape[1] == ids.shape[1]
+        loss = logits.square().mean() + sum(k.sum() * 1e-3 for k, _ in presents)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=0)
+    for name, g in results[0][1].items():
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(results[1][1][name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+# --- trainable weights changed between forward and backward ----------
+def test_changing_lora_weights_in_place_between_forward_and_backward_raises_like_vanilla():
+    reference, streamed = reference_and_streamed(build("llama"))
+    batch = left_padded_batch(VOCAB)
+    for model in (reference, streamed):
+        loss = model(**batch).loss
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "lora_B" in n).add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+# --- loading weights ----------
+def test_load_state_dict_with_assign_into_streamed_weights_is_refused():
+    model = with_lora(build("llama"))
+    hf_offload.enable_layer_streaming(model, CPU)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="assign=True"):
+        model.load_state_dict(state, assign=True)
+    adapters = {k: v for k, v in state.items() if "lora_" in k}
+    model.load_state_dict(adapters, strict=False, assign=True)  # adapters live on the device: assigning is fine
+    model.load_state_dict(state)  # copying into the store is fine
+
+
+# --- streaming twice ----------
+def test_enabling_streaming_on_the_inner_model_of_a_streamed_model_is_refused():
+    model = with_lora(build("llama"))
+    hf_offload.enable_layer_streaming(model, CPU)
+    with pytest.raises(RuntimeError, match="already stream"):
+        hf_offload.enable_layer_streaming(model.get_base_model().model, CPU)
+
+
+def test_enabling_streaming_on_a_model_whose_inner_model_streams_is_refused():
+    model = with_lora(build("llama"))
+    hf_offload.enable_layer_streaming(model.get_base_model().model, CPU)
+    with pytest.raises(RuntimeError, match="already stream"):
+        hf_offload.enable_layer_streaming(model, CPU)
+
+
+def test_weights_shared_across_layers_are_refused_with_a_way_out():
+    base = build("llama")
+    base.model.layers[1].mlp.up_proj.weight = base.model.layers[0].mlp.up_proj.weight
+    for p in base.parameters():
+        p.requires_grad_(False)
+    base.model.layers[0].input_layernorm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="shared by decoder layers 0 and 1.*own copy"):
+        hf_offload.enable_layer_streaming(base, CPU)
+
+
+# --- host memory under cgroup v1 and v2 ----------
+def _fake_tree(tmp_path, cgroup_lines: str, files: dict[str, str], mem_available_kb: int = 20_000_000):
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal: 30000000 kB\nMemAvailable: {mem_available_kb} kB\n")
+    (proc / "self" / "cgroup").write_text(cgroup_lines)
+    root = tmp_path / "cgroup"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return str(proc), str(root)
+
+
+def test_host_memory_check_reads_a_cgroup_v1_limit(tmp_path):
+    proc, root = _fake_tree(
+        tmp_path,
+        "12:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/\n",
+        {
+            "memory/docker/abc/memory.limit_in_bytes": "800000000",
+            "memory/docker/abc/memory.usage_in_bytes": "100000000",
+        },
+    )
+    assert hostmem.available_bytes(proc, root) == 700_000_000
+
+
+def test_host_memory_check_reads_a_cgroup_v1_limit_at_the_mount_root_inside_a_container(tmp_path):
+    proc, root = _fake_tree(
+        tmp_path,
+        "4:memory:/docker/abc\n",
+        {"memory/memory.limit_in_bytes": "800000000", "memory/memory.usage_in_bytes": "300000000"},
+    )
+    assert hostmem.available_bytes(proc, root) == 500_000_000
+
+
+def test_host_memory_check_ignores_an_unlimited_cgroup_v1(tmp_path):
+    proc, root = _fake_tree(
+        tmp_path,
+        "4:memory:/\n",
+        {"memory/memory.limit_in_bytes": "9223372036854771712", "memory/memory.usage_in_bytes": "5"},
+    )
+    assert hostmem.available_bytes(proc, root) == 20_000_000 * 1024
+
+
+def test_host_memory_check_reads_a_cgroup_v2_limit(tmp_path):
+    proc, root = _fake_tree(
+        tmp_path, "0::/user.slice\n", {"user.slice/memory.max": "1000000000", "user.slice/memory.current": "1"}
+    )
+    assert hostmem.available_bytes(proc, root) == 999_999_999
