@@ -40,6 +40,11 @@ LOGIT_EXTRA_BYTES = 8  # the loss upcasts logits to fp32 and keeps fp32 log-prob
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+# The plan measures every decoder layer on the meta device (about a millisecond and a few kB each); past this a
+# config is a typo rather than a model, and building it would take minutes and gigabytes.
+MAX_PLANNED_LAYERS = 4096
+
+
 class PlanError(ValueError):
     """The model or its config cannot be planned; the message says why and what to pass instead."""
 
@@ -51,7 +56,12 @@ def load_config(model: str):
 
     if os.path.isfile(model):
         with open(model) as f:
-            config_dict = json.load(f)
+            try:
+                config_dict = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise PlanError(f"{model} is not a JSON file ({err}); pass a transformers config.json.") from err
+        if not isinstance(config_dict, dict):
+            raise PlanError(f"{model} holds JSON but not an object; pass a transformers config.json.")
         model_type = config_dict.pop("model_type", None)
         if model_type is None:
             raise PlanError(f"{model} has no `model_type`; pass the config.json of a transformers model.")
@@ -60,7 +70,11 @@ def load_config(model: str):
         except ValueError as err:
             raise PlanError(f"transformers does not know model_type {model_type!r} ({err}).") from err
     if os.path.isdir(model):
-        return AutoConfig.from_pretrained(model)
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise PlanError(f"{model} is a directory without a config.json; pass a model directory or a config.json.")
+        return load_config(os.path.join(model, "config.json"))
+    if _looks_local(model):
+        raise PlanError(f"{model} does not exist: pass an existing model directory or config.json path, or a Hub id.")
     from huggingface_hub import hf_hub_download
 
     try:
@@ -72,6 +86,11 @@ def load_config(model: str):
             "directory or a config.json path; gated models need `hf auth login` first."
         ) from err
     return load_config(path)
+
+
+def _looks_local(model: str) -> bool:
+    """A path rather than a Hub id ("org/name"): absolute, relative with ./ or ~, a .json file, or deeper."""
+    return model.startswith(("/", ".", "~")) or model.endswith(".json") or model.count("/") > 1 or "\\" in model
 
 
 def _config_dtype(config) -> torch.dtype:
@@ -114,6 +133,12 @@ def measure(config, dtype: torch.dtype | None = None) -> ModelSizes:
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or _config_dtype(config)
+    depth = _first(_text_config(config), ("num_hidden_layers", "n_layer", "num_layers", "n_layers"))
+    if depth is not None and depth > MAX_PLANNED_LAYERS:
+        raise PlanError(
+            f"the config has {depth:,} decoder layers; plans are made for at most {MAX_PLANNED_LAYERS:,} (every layer "
+            "is measured). Check num_hidden_layers in the config."
+        )
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -344,11 +369,29 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _invalid_number(args: argparse.Namespace) -> str | None:
+    """The first numeric option out of range, said in the project's style; None when all are fine."""
+    checks = [
+        ("seq", 1, "at least 1"),
+        ("batch", 1, "at least 1"),
+        ("lora_r", 1, "at least 1"),
+        ("prefetch", 0, "0 or more"),
+    ]
+    for name, low, words in checks:
+        if getattr(args, name) < low:
+            return f"--{name.replace('_', '-')} should be {words}, but the value passed is {getattr(args, name)}."
+    for name in ("gpu_mem", "host_mem", "pcie_gbps", "gpu_tflops"):
+        value = getattr(args, name)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            return f"--{name.replace('_', '-')} should be a positive number, but the value passed is {value}."
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
-    for name in ("seq", "batch", "lora_r"):
-        if getattr(args, name) < 1:
-            print(f"hf-offload plan: --{name.replace('_', '-')} should be at least 1", file=sys.stderr)
-            return 2
+    problem = _invalid_number(args)
+    if problem:
+        print(f"hf-offload plan: {problem}", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.model)
         plan = make_plan(

@@ -39,6 +39,7 @@ from .api import get_runtime, is_streaming, summary
 from .checkpoint import check_adapter_checkpoint, check_optimizer_state
 from .metrics import OffloadMetricsCallback
 from .plugin import ENV_VAR, LayerStreamingPlugin, is_peft_model
+from .resume import check_base_model_identity, resolve_resume_checkpoint, write_base_model_identity
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +238,7 @@ def _load_from_checkpoint(call, trainer, resume_from_checkpoint, model=None):
     target = model if model is not None else trainer.model
     if getattr(trainer, "_hf_offload_plugin", None) is not None and is_streaming(target):
         check_adapter_checkpoint(resume_from_checkpoint, target)
+        check_base_model_identity(resume_from_checkpoint, target)
     return call(resume_from_checkpoint, model)
 
 
@@ -270,7 +272,16 @@ def _save_model(call, trainer, output_dir=None, _internal_call=False):
     result = call(output_dir, _internal_call)
     if plugin is not None and final and trainer.args.should_save and os.path.isdir(target):
         _add_card(trainer, target)  # the saved adapter says how it was trained and how to load it
+    if plugin is not None and not final and trainer.args.should_save and os.path.isdir(target):
+        write_base_model_identity(target, trainer.model)  # a checkpoint: resuming checks its base model
     return result
+
+
+def _train(call, trainer, resume_from_checkpoint=None, *args, **kwargs):
+    if resume_from_checkpoint is True and getattr(trainer, "_hf_offload_plugin", None) is not None:
+        # the newest complete checkpoint, not a half-written newer one (see hf_offload.resume)
+        resume_from_checkpoint = resolve_resume_checkpoint(trainer.args.output_dir)
+    return call(resume_from_checkpoint, *args, **kwargs)
 
 
 def _create_model_card(call, trainer, *args, **kwargs):
@@ -300,6 +311,7 @@ HOOKS = {
     "_load_from_checkpoint": _load_from_checkpoint,
     "_load_optimizer_and_scheduler": _load_optimizer_and_scheduler,
     "log": _log,
+    "train": _train,
     "save_model": _save_model,
     "create_model_card": _create_model_card,
 }
@@ -410,6 +422,9 @@ class OffloadTrainer(Trainer):
 
     def log(self, logs, start_time=None):
         return _log(super().log, self, logs, start_time)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        return _train(super().train, self, resume_from_checkpoint, *args, **kwargs)
 
     def save_model(self, output_dir=None, _internal_call=False):
         return _save_model(super().save_model, self, output_dir, _internal_call)

@@ -237,3 +237,149 @@ def test_host_memory_check_reads_a_cgroup_v2_limit(tmp_path):
         tmp_path, "0::/user.slice\n", {"user.slice/memory.max": "1000000000", "user.slice/memory.current": "1"}
     )
     assert hostmem.available_bytes(proc, root) == 999_999_999
+
+
+# --- hf-offload plan and bench ----------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_config_json(tmp_path):
+    path = tmp_path / "config.json"
+    build("llama").config.to_json_file(str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--gpu-mem", "0"),
+        ("--host-mem", "0"),
+        ("--gpu-mem", "-8"),
+        ("--pcie-gbps", "0"),
+        ("--gpu-tflops", "-1"),
+        ("--prefetch", "-1"),
+        ("--pcie-gbps", "nan"),
+    ],
+)
+def test_plan_with_a_zero_or_negative_number_is_refused(tiny_config_json, capsys, option, value):
+    from hf_offload.cli import main
+
+    assert main(["plan", str(tiny_config_json), option, value]) == 2
+    err = capsys.readouterr().err
+    assert f"{option} should be" in err and "value passed" in err
+
+
+def test_plan_of_a_config_with_100000_layers_is_refused_quickly(tmp_path, capsys):
+    import json
+    import time
+
+    from hf_offload.cli import main
+
+    config = build("llama").config.to_dict()
+    config["num_hidden_layers"] = 100_000
+    path = tmp_path / "deep.json"
+    path.write_text(json.dumps(config))
+    start = time.perf_counter()
+    assert main(["plan", str(path)]) == 2
+    assert time.perf_counter() - start < 5
+    assert "100,000 decoder layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", ["missing path", "non-JSON config", "empty directory", "JSON list"])
+def test_plan_on_a_bad_path_says_what_is_wrong_with_it(tmp_path, capsys, what, monkeypatch):
+    from hf_offload.cli import main
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a local path must not be looked up on the Hub")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", no_hub)
+    target = tmp_path / "model"
+    expected = {
+        "missing path": "does not exist",
+        "non-JSON config": "is not a JSON file",
+        "empty directory": "directory without a config.json",
+        "JSON list": "not an object",
+    }[what]
+    if what == "non-JSON config":
+        target = tmp_path / "config.json"
+        target.write_text("model_type: llama\n")
+    elif what == "empty directory":
+        target.mkdir()
+    elif what == "JSON list":
+        target = tmp_path / "config.json"
+        target.write_text("[1, 2]")
+    assert main(["plan", str(target)]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_bench_with_a_missing_config_file_says_so(tmp_path):
+    from hf_offload.cli import main
+
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["bench", "--config", str(tmp_path / "nope.json"), "--device", "cpu"])
+
+
+# --- resuming --------------------------------------------------------------------------------------------------------
+def _trainer(model, output_dir, **overrides):
+    from faces import tiny_args, token_dataset
+
+    args = tiny_args(output_dir, layer_streaming=True, save_strategy="steps", save_steps=2, **overrides)
+    return hf_offload.OffloadTrainer(model=model, args=args, train_dataset=token_dataset())
+
+
+def _named(model, name: str):
+    model.config._name_or_path = name
+    return model
+
+
+def test_resuming_on_another_base_model_with_the_same_shapes_is_refused(tmp_path, monkeypatch):
+    from hf_offload.resume import BASE_MODEL_FILE, BaseModelMismatchError
+
+    _trainer(_named(build("llama"), "org/tiny-base"), tmp_path / "run", max_steps=2).train()
+    checkpoint = str(tmp_path / "run" / "checkpoint-2")
+    assert (tmp_path / "run" / "checkpoint-2" / BASE_MODEL_FILE).is_file()
+
+    other_config = _named(build("llama"), "org/tiny-base")
+    other_config.config.rope_theta = 1234.0  # same shapes, another model
+    other_name = _named(build("llama"), "org/tiny-instruct")  # same config, another model
+    for model, message in [(other_config, "config differs"), (other_name, "trained on 'org/tiny-base'")]:
+        trainer = _trainer(model, tmp_path / "again", max_steps=4)
+        with pytest.raises(BaseModelMismatchError, match=message):
+            trainer.train(resume_from_checkpoint=checkpoint)
+
+    moved = _named(build("llama"), "/local/copy/tiny-base")  # the same model from another directory resumes
+    _trainer(moved, tmp_path / "moved", max_steps=4).train(resume_from_checkpoint=checkpoint)
+    monkeypatch.setenv("HF_OFFLOAD_ALLOW_OTHER_BASE_MODEL", "1")  # the override
+    _trainer(_named(build("llama"), "org/tiny-instruct"), tmp_path / "forced", max_steps=4).train(
+        resume_from_checkpoint=checkpoint
+    )
+
+
+def test_resume_true_after_a_kill_mid_checkpoint_resumes_from_the_newest_complete_one(tmp_path, caplog):
+    import shutil
+
+    run = tmp_path / "run"
+    _trainer(build("llama"), run, max_steps=4).train()
+    # what a kill during the save of checkpoint-6 leaves: the adapter written, the trainer state not yet
+    partial = run / "checkpoint-6"
+    partial.mkdir()
+    shutil.copy(run / "checkpoint-4" / "adapter_model.safetensors", partial)
+    (partial / "optimizer.pt").write_bytes(b"\x80\x02truncated")
+    trainer = _trainer(build("llama"), run, max_steps=6)
+    steps = _record_steps(trainer)
+    with caplog.at_level("WARNING", logger="hf_offload.resume"):
+        trainer.train(resume_from_checkpoint=True)
+    assert "checkpoint-6" in caplog.text and "incomplete" in caplog.text
+    assert "resuming from" in caplog.text and str(run / "checkpoint-4") in caplog.text
+    assert steps == [5, 6]  # resumed after step 4
+
+
+def _record_steps(trainer) -> list[int]:
+    from transformers import TrainerCallback
+
+    steps: list[int] = []
+
+    class Steps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append(state.global_step)
+
+    trainer.add_callback(Steps())
+    return steps

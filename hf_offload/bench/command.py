@@ -100,7 +100,10 @@ def _main(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     preset = args.preset or (None if args.config else ("tiny" if on_cpu else "8b"))
-    config = load_config(preset, args.config, args.layers)
+    try:
+        config = load_config(preset, args.config, args.layers)
+    except ValueError as err:
+        raise SystemExit(f"hf-offload bench: {err}") from err
     dtype = DTYPES[args.dtype or ("fp32" if on_cpu else "bf16")]
     facts = model_facts(config, dtype)
     setup = Setup(

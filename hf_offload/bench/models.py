@@ -8,6 +8,7 @@ never occupies host memory twice. Every method of a run builds the same weights 
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from dataclasses import dataclass
 
@@ -79,9 +80,14 @@ def load_config(preset: str | None, config_path: str | None, layers: int | None 
     if (preset is None) == (config_path is None):
         raise ValueError("Give exactly one of --preset and --config.")
     if config_path is not None:
+        if not os.path.isfile(config_path):
+            raise ValueError(f"--config {config_path} does not exist; pass the path of a transformers config.json.")
         with open(config_path) as f:
-            values = json.load(f)
-        if "model_type" not in values:
+            try:
+                values = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"--config {config_path} is not a JSON file ({err}).") from err
+        if not isinstance(values, dict) or "model_type" not in values:
             raise ValueError(f"{config_path} has no `model_type`; it must be a transformers config.json.")
         config = transformers.AutoConfig.for_model(**values)
     else:
