@@ -7,6 +7,7 @@ way out.
 from __future__ import annotations
 
 import copy
+import os
 import types
 
 import pytest
@@ -383,3 +384,96 @@ def _record_steps(trainer) -> list[int]:
 
     trainer.add_callback(Steps())
     return steps
+
+
+# --- saves killed at random moments ---------------------------------------------------------------------------------
+def _kill_saves():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "kill_saves.py"
+    spec = importlib.util.spec_from_file_location("kill_saves", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_merged_export_killed_at_20_random_moments_always_leaves_a_loadable_model(tmp_path):
+    results = _kill_saves().merged_trials(trials=20, seed=0, workdir=str(tmp_path))
+    lost = [r for r in results if not r["loadable"]]
+    assert not lost, lost
+
+
+def test_an_export_that_fails_half_way_leaves_the_previous_one_in_place(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from hf_offload.hub import save_merged
+
+    model = with_lora(build("llama"))
+    hf_offload.enable_layer_streaming(model, CPU)
+    target = tmp_path / "merged"
+    save_merged(model, str(target), max_shard_size="20kB")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    calls = {"n": 0}
+    real = safetensors.torch.save_file
+
+    def dies_on_third_shard(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # what an interrupt half-way through looks like to the code
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_on_third_shard)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        save_merged(model, str(target), max_shard_size="20kB")
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # the temporary directory is gone
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    save_merged(model, str(target), max_shard_size="20kB")
+    assert {p.name: p.read_bytes() for p in target.iterdir()} != before
+
+
+def test_a_swap_interrupted_between_renames_is_recovered_by_the_next_export(tmp_path, monkeypatch):
+    from hf_offload import atomic
+
+    target = tmp_path / "export"
+    with atomic.atomic_directory(str(target)) as tmp, open(f"{tmp}/a.txt", "w") as f:
+        f.write("old")
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)  # the fallback: rename aside, then rename in
+    real_rename = os.rename
+    calls = {"n": 0}
+
+    def killed_after_first_rename(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise SystemExit("killed")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", killed_after_first_rename)
+    with pytest.raises(SystemExit), atomic.atomic_directory(str(target)) as tmp, open(f"{tmp}/a.txt", "w") as f:
+        f.write("new")
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert not target.exists()  # the window the fallback has; the next export or recover_directory closes it
+    atomic.recover_directory(str(target))
+    assert (target / "a.txt").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_model_card_is_replaced_whole(tmp_path, monkeypatch):
+    from hf_offload import hub
+
+    hub.add_to_model_card(str(tmp_path), base_model="org/base", repo_id=None, merged=False)
+    before = (tmp_path / "README.md").read_text()
+
+    def dies(self, path):
+        with open(path, "w") as f:
+            f.write("half a card")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("huggingface_hub.ModelCard.save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        hub.add_to_model_card(str(tmp_path), base_model="org/base", repo_id="me/model", merged=True)
+    assert (tmp_path / "README.md").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["README.md"]
