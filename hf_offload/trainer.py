@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from . import hub
+from . import bad_steps, hub
 from .api import get_runtime, is_streaming, summary
 from .checkpoint import check_adapter_checkpoint, check_optimizer_state
 from .metrics import OffloadMetricsCallback
@@ -101,6 +101,9 @@ class OffloadTrainingArguments(TrainingArguments):
             "help": "When the final model is saved (save_model, push_to_hub), also write the model with the adapter "
             "merged in to <output_dir>/merged (safetensors shards, merged layer by layer in host memory)."
         },
+    )
+    offload_skip_bad_steps: bool = field(
+        default=False, metadata={"help": bad_steps.BadStepOptions.help("skip_bad_steps")}
     )
     optim: str = field(
         default="auto",
@@ -183,8 +186,11 @@ def _init(call, trainer, model=None, args=None, *rest, **kwargs):
     trainer._hf_offload_plugin = plugin
     trainer._hf_offload_metrics = None
     trainer._hf_offload_merged_at = None
+    trainer._hf_offload_bad_steps = None
     if plugin is None:
-        return call(model, args, *rest, **kwargs)
+        call(model, args, *rest, **kwargs)
+        _install_bad_step_guard(trainer, args)
+        return None
     if args is None:
         args = TrainingArguments(output_dir="tmp_trainer")  # what Trainer would create; we need its device now
     bound = _INIT_SIGNATURE.bind(trainer, model, args, *rest, **kwargs).arguments
@@ -205,12 +211,27 @@ def _init(call, trainer, model=None, args=None, *rest, **kwargs):
             "Layer streaming cannot be combined with DeepSpeed or FSDP (set by the accelerate config or "
             "environment): it does its own placement on one device per process. Remove the DeepSpeed/FSDP setting."
         )
+    _install_bad_step_guard(trainer, args)
     trainer._hf_offload_metrics = OffloadMetricsCallback()
     trainer.add_callback(trainer._hf_offload_metrics)
     if is_streaming(trainer.model):
         trainer._hf_offload_metrics.watch(trainer.model)
         if trainer.is_world_process_zero():
             logger.info(startup_summary(trainer.model, args))
+
+
+def _install_bad_step_guard(trainer, args) -> None:
+    """The bad-step guard (hf_offload.bad_steps), when the arguments turn it on; it does not need streaming."""
+    if getattr(args, "offload_skip_bad_steps", False):
+        bad_steps.install(trainer, bad_steps.BadStepOptions(skip_bad_steps=True))
+
+
+def _training_step(call, trainer, *args, **kwargs):
+    loss = call(*args, **kwargs)
+    guard = getattr(trainer, "_hf_offload_bad_steps", None)
+    if guard is not None:
+        guard.add_loss(loss)
+    return loss
 
 
 def _call_model_init(call, trainer, trial=None):
@@ -253,6 +274,9 @@ def _log(call, trainer, logs, start_time=None):
     if metrics is not None and is_streaming(trainer.model):
         # the line that closes training (train_runtime, train_loss, ...) reports the whole run
         logs.update(metrics.collect(trainer.model, whole_run="train_runtime" in logs))
+    guard = getattr(trainer, "_hf_offload_bad_steps", None)
+    if guard is not None:
+        logs.update(guard.metrics())
     return call(logs, start_time)
 
 
@@ -312,6 +336,7 @@ HOOKS = {
     "_load_optimizer_and_scheduler": _load_optimizer_and_scheduler,
     "log": _log,
     "train": _train,
+    "training_step": _training_step,
     "save_model": _save_model,
     "create_model_card": _create_model_card,
 }
@@ -422,6 +447,9 @@ class OffloadTrainer(Trainer):
 
     def log(self, logs, start_time=None):
         return _log(super().log, self, logs, start_time)
+
+    def training_step(self, *args, **kwargs):
+        return _training_step(super().training_step, self, *args, **kwargs)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         return _train(super().train, self, resume_from_checkpoint, *args, **kwargs)

@@ -7,6 +7,7 @@ way out.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import types
 
@@ -477,3 +478,116 @@ def test_model_card_is_replaced_whole(tmp_path, monkeypatch):
         hub.add_to_model_card(str(tmp_path), base_model="org/base", repo_id="me/model", merged=True)
     assert (tmp_path / "README.md").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["README.md"]
+
+
+# --- bad steps ----------
+def test_bad_step_guard_judges_non_finite_values_and_spikes_and_keeps_them_out_of_its_statistics():
+    from hf_offload.bad_steps import BadStepGuard, BadStepOptions, TooManyBadStepsError
+
+    options = BadStepOptions(True, spike_sigmas=4, spike_window=6, spike_min_steps=4, max_consecutive_skips=2)
+    guard = BadStepGuard(options)
+
+    def step(loss, norm):
+        guard.add_loss(loss)
+        return guard.judge(norm)
+
+    assert "loss is nan" in step(float("nan"), 1.0)  # non-finite values are bad from the first step
+    for loss in (2.0, 2.1, 1.9, 2.05):
+        assert step(loss, 1.0 + loss / 10) is None
+    assert "gradient norm is inf" in step(2.0, float("inf"))
+    assert step(2.0, 1.2) is None  # a good step resets the run of bad ones
+    assert "loss 50 is above mean" in step(50.0, 1.2)
+    assert step(2.0, 1.2) is None  # the spike did not enter the mean: 2.0 is still normal
+    assert "gradient norm 90" in step(2.0, 90.0)
+    with pytest.raises(TooManyBadStepsError, match="2 optimizer steps in a row were bad"):
+        step(float("inf"), 1.0)
+    assert guard.metrics() == {"offload/skipped_steps": 5}
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(spike_sigmas=0), "`spike_sigmas` should be a positive number"),
+        (dict(spike_window=1), "`spike_window` should be an integer of at least 2"),
+        (dict(max_consecutive_skips=0), "`max_consecutive_skips` should be"),
+        (dict(spike_min_steps=50, spike_window=10), "`spike_min_steps` should be at most"),
+        (dict(skip_bad_steps="yes"), "`skip_bad_steps` should be True or False"),
+    ],
+)
+def test_bad_step_options_out_of_range_are_refused(options, message):
+    from hf_offload.bad_steps import BadStepOptions
+
+    with pytest.raises(ValueError, match=message):
+        BadStepOptions(**options)
+
+
+def _injecting_trainer(tmp_path, nan_steps=(), spike_steps=(), **overrides):
+    """A streamed Trainer whose loss is NaN / 1000x on the given steps (1-based, as global_step after them)."""
+    from faces import tiny_args, token_dataset
+
+    class Injecting(hf_offload.OffloadTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            step = self.state.global_step + 1
+            if step in nan_steps:
+                return loss * float("nan")
+            if step in spike_steps:
+                return loss * 1000.0
+            return loss
+
+    options = dict(layer_streaming=True, optim="adamw_torch", max_steps=12, logging_steps=1)
+    options.update(overrides)
+    return Injecting(model=build("llama"), args=tiny_args(tmp_path, **options), train_dataset=token_dataset(48))
+
+
+def test_training_with_injected_nan_and_spike_steps_skips_them_untouched_and_goes_on(tmp_path):
+    from transformers import TrainerCallback
+
+    from hf_offload import bad_steps
+
+    trainer = _injecting_trainer(tmp_path, nan_steps={3}, spike_steps={9})
+    options = bad_steps.BadStepOptions(True, spike_sigmas=6, spike_window=8, spike_min_steps=4)
+    guard = bad_steps.install(trainer, options)
+    snapshots = {}
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            inner = getattr(optimizer, "optimizer", optimizer)
+            moments = {k: {n: v.clone() for n, v in s.items()} for k, s in enumerate(inner.state.values())}
+            snapshots[state.global_step] = (adapters, moments)
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    assert guard.skipped == 2 and len(guard.reasons) == 2
+    assert "loss is nan" in guard.reasons[0] and "above mean" in guard.reasons[1]
+    for skipped in (3, 9):
+        before, after = snapshots[skipped - 1], snapshots[skipped]
+        for name, value in before[0].items():
+            assert torch.equal(after[0][name], value), name  # adapters untouched
+        for k, state in before[1].items():
+            for name, value in state.items():
+                assert torch.equal(after[1][k][name], value), (k, name)  # optimizer state untouched
+    changed = snapshots[4][0]
+    assert any(not torch.equal(changed[n], v) for n, v in snapshots[3][0].items())  # good steps do update
+    logs = [h for h in trainer.state.log_history if "offload/skipped_steps" in h]
+    assert [h["offload/skipped_steps"] for h in logs if h.get("step") in (2, 3, 8, 9, 12)] == [0, 1, 1, 2, 2]
+    later = [h["loss"] for h in trainer.state.log_history if "loss" in h and h["step"] > 9]
+    assert later and all(math.isfinite(x) for x in later)
+
+
+def test_training_that_keeps_producing_bad_steps_stops_with_a_clear_message(tmp_path):
+    from hf_offload import bad_steps
+
+    trainer = _injecting_trainer(tmp_path, nan_steps=set(range(2, 13)))
+    bad_steps.install(trainer, bad_steps.BadStepOptions(True, max_consecutive_skips=3))
+    with pytest.raises(bad_steps.TooManyBadStepsError, match="3 optimizer steps in a row were bad"):
+        trainer.train()
+    assert trainer.state.global_step == 3  # steps 2 and 3 skipped, the third bad one stops before counting
+
+
+def test_skip_bad_steps_flag_installs_the_guard_and_is_off_by_default(tmp_path):
+    assert _injecting_trainer(tmp_path)._hf_offload_bad_steps is None
+    trainer = _injecting_trainer(tmp_path, nan_steps={2}, max_steps=3, offload_skip_bad_steps=True)
+    trainer.train()
+    assert trainer._hf_offload_bad_steps.skipped == 1
