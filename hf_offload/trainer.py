@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from . import bad_steps, hub
+from . import bad_steps, hub, token_safety
 from .api import get_runtime, is_streaming, summary
 from .checkpoint import check_adapter_checkpoint, check_optimizer_state
 from .metrics import OffloadMetricsCallback
@@ -293,7 +293,12 @@ def _save_model(call, trainer, output_dir=None, _internal_call=False):
         merged_dir = os.path.join(target, hub.MERGED_SUBFOLDER)
         hub.save_merged(trainer.model, merged_dir, processing_class=trainer.processing_class)
         trainer._hf_offload_merged_at = mark
-    result = call(output_dir, _internal_call)
+    # The Trainer pickles its arguments into every save: written with tokens masked (hf_offload.token_safety), and
+    # the push that a user's save_model does afterwards runs with the token restored, as the Trainer's own would.
+    with token_safety.tokens_masked(trainer.args):
+        result = call(output_dir, True)
+    if not _internal_call and trainer.args.push_to_hub:
+        trainer.push_to_hub(commit_message="Model save", revision=trainer.args.hub_revision)
     if plugin is not None and final and trainer.args.should_save and os.path.isdir(target):
         _add_card(trainer, target)  # the saved adapter says how it was trained and how to load it
     if plugin is not None and not final and trainer.args.should_save and os.path.isdir(target):

@@ -591,3 +591,33 @@ def test_skip_bad_steps_flag_installs_the_guard_and_is_off_by_default(tmp_path):
     trainer = _injecting_trainer(tmp_path, nan_steps={2}, max_steps=3, offload_skip_bad_steps=True)
     trainer.train()
     assert trainer._hf_offload_bad_steps.skipped == 1
+
+
+# --- secrets ---------------------------------------------------------------------------------------------------------
+def test_hub_token_passed_as_an_argument_reaches_no_file_and_no_log_line(tmp_path, caplog, capsys):
+    from faces import tiny_args, token_dataset
+
+    token = "hf_" + "Zq9" * 8  # shaped like a token, not one
+    args = tiny_args(
+        tmp_path / "out",
+        layer_streaming=True,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        hub_token=token,
+        offload_save_merged=True,
+        offload_skip_bad_steps=True,
+    )
+    with caplog.at_level("DEBUG"):
+        trainer = hf_offload.OffloadTrainer(model=build("llama"), args=args, train_dataset=token_dataset())
+        trainer.train()
+        trainer.save_model()
+    assert trainer.args.hub_token == token  # still there for a push
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert any(p.name == "training_args.bin" for p in files) and any("checkpoint-" in str(p) for p in files)
+    leaked = [str(p) for p in files if token.encode() in p.read_bytes()]
+    assert not leaked
+    saved = torch.load(tmp_path / "out" / "training_args.bin", weights_only=False)
+    assert saved.hub_token == "<HUB_TOKEN>"
+    out = capsys.readouterr()
+    assert token not in caplog.text and token not in out.out and token not in out.err
