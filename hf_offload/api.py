@@ -62,7 +62,7 @@ def enable_layer_streaming(model: nn.Module, config: OffloadConfig | None = None
         else "",
         summary["bytes_per_train_step"] / 1e9,
         summary["device_slot_bytes"] / 1e9,
-        config.prefetch,
+        summary["prefetch"],
         f" + {summary['device_scratch_bytes'] / 1e9:.2f} GB of dequantization scratch"
         if summary["device_scratch_bytes"]
         else "",

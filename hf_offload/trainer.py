@@ -114,6 +114,12 @@ class OffloadTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.layer_streaming and (self.deepspeed or self.fsdp):
+            # before TrainingArguments' own checks, which would first ask to install DeepSpeed
+            raise ValueError(
+                f"--layer_streaming cannot be combined with --{'deepspeed' if self.deepspeed else 'fsdp'}: layer "
+                "streaming does its own placement on one device per process. Drop one of the two."
+            )
         self._hf_offload_optim_chosen = self.optim != "auto"
         if self.optim == "auto":
             self.optim = STREAMING_DEFAULT_OPTIM if self.layer_streaming else TRAINER_DEFAULT_OPTIM
@@ -395,7 +401,7 @@ def startup_summary(model, args: TrainingArguments) -> str:
     tensors = [*model.parameters(), *model.buffers()]
     resident = sum(t.numel() * t.element_size() for t in tensors if id(t) not in streamed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    prefetch = get_runtime(model).config.prefetch
+    prefetch = get_runtime(model).prefetch
     pinned = " (pinned)" if facts["pinned"] else ""
     if facts.get("quantized_weights"):
         pinned += f" with {facts['quantized_weights']} linear weights in {facts['base_weight_dtype']}"

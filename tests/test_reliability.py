@@ -621,3 +621,117 @@ def test_hub_token_passed_as_an_argument_reaches_no_file_and_no_log_line(tmp_pat
     assert saved.hub_token == "<HUB_TOKEN>"
     out = capsys.readouterr()
     assert token not in caplog.text and token not in out.out and token not in out.err
+
+
+# --- clear errors up front, or it works ---------------------------------------------------------------------------
+def test_prefetch_beyond_the_number_of_layers_is_clamped_with_a_warning(caplog):
+    from parity import assert_same_step
+
+    with caplog.at_level("WARNING", logger="hf_offload.engine.runtime"):
+        reference, streamed = reference_and_streamed(build("llama"), OffloadConfig(device="cpu", prefetch=1000))
+    assert "prefetch=1000 is more than the 3 other decoder layers" in caplog.text
+    facts = hf_offload.summary(streamed)
+    assert facts["prefetch"] == 3 and facts["device_slot_bytes"] == 4 * facts["max_layer_bytes"]
+    assert_same_step(reference, streamed, left_padded_batch(VOCAB))
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps", "cuda:7"])
+def test_a_device_this_machine_does_not_have_is_refused_before_any_work(device):
+    kind = device.split(":")[0]
+    if kind == "cuda" and torch.cuda.is_available() and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that device")
+    if kind == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has that device")
+    model = with_lora(build("llama"))
+    weight = model.get_base_model().model.layers[0].mlp.up_proj.base_layer.weight
+    pointer = weight.data_ptr()
+    with pytest.raises(ValueError, match="`device` should be"):
+        hf_offload.enable_layer_streaming(model, OffloadConfig(device=device))
+    assert not hf_offload.is_streaming(model) and weight.data_ptr() == pointer  # nothing was packed
+
+
+def test_meta_weights_outside_the_layers_are_refused_before_the_store_is_built():
+    base = build("llama")
+    base.lm_head.weight = nn.Parameter(torch.empty_like(base.lm_head.weight, device="meta"))
+    model = with_lora(base, target_modules=["q_proj"])
+    weight = model.get_base_model().model.layers[0].mlp.up_proj.weight
+    pointer = weight.data_ptr()
+    with pytest.raises(ValueError, match="lm_head.weight is on the meta device"):
+        hf_offload.enable_layer_streaming(model, CPU)
+    assert not hf_offload.is_streaming(model) and weight.data_ptr() == pointer
+
+
+@pytest.mark.parametrize("cast", ["half", "to_bf16", "to_float64"])
+def test_casting_the_model_after_enabling_is_refused_and_leaves_it_working(cast):
+    from parity import assert_same_step
+
+    reference, streamed = reference_and_streamed(build("llama"))
+    do = {
+        "half": lambda m: m.half(),
+        "to_bf16": lambda m: m.to(torch.bfloat16),
+        "to_float64": lambda m: m.get_base_model().model.to(dtype=torch.float64),
+    }[cast]
+    with pytest.raises(RuntimeError, match="would convert the streamed decoder-layer weights"):
+        do(streamed)
+    streamed.to("cpu")  # changes nothing: allowed
+    streamed.float()
+    assert_same_step(reference, streamed, left_padded_batch(VOCAB))
+    hf_offload.disable_layer_streaming(streamed)
+    streamed.half()  # after disabling, an ordinary model again
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile_of_a_streamed_model_compiles_the_resident_parts_and_keeps_exact_gradients(backend):
+    from parity import train_step
+
+    torch._dynamo.reset()
+    reference, streamed = reference_and_streamed(build("llama"))
+    compiled = torch.compile(streamed, backend=backend)
+    for seed in (0, 1):
+        batch = left_padded_batch(VOCAB, seed=7 + seed)
+        loss_ref, grads_ref = train_step(reference, batch, seed)
+        loss_c, grads_c = train_step(compiled, batch, seed)
+        torch.testing.assert_close(loss_c, loss_ref, rtol=1e-5, atol=0)
+        grads_c = {n.removeprefix("_orig_mod."): g for n, g in grads_c.items()}
+        assert grads_c.keys() == grads_ref.keys()
+        for name, g in grads_ref.items():
+            torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("offload_activations", [False, True])
+def test_a_second_backward_through_a_retained_graph_matches_vanilla(offload_activations):
+    config = OffloadConfig(device="cpu", offload_activations=offload_activations)
+    reference, streamed = reference_and_streamed(build("llama"), config)
+    batch = left_padded_batch(VOCAB)
+    grads = []
+    for model in (reference, streamed):
+        model.train()
+        torch.manual_seed(0)
+        loss = model(**batch).loss
+        loss.backward(retain_graph=True)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            loss.backward()  # a third one without a retained graph: autograd's own error
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_layer_streaming_with_deepspeed_is_refused_by_our_message_first(tmp_path):
+    from faces import tiny_args
+
+    with pytest.raises(ValueError, match="--layer_streaming cannot be combined with --deepspeed"):
+        tiny_args(tmp_path, layer_streaming=True, deepspeed=str(tmp_path / "ds.json"))
+
+
+@pytest.mark.parametrize("damaged", ["adapter_model.safetensors", "optimizer.pt"])
+def test_resuming_from_a_truncated_file_names_the_file_and_the_checkpoint(tmp_path, damaged):
+    from hf_offload.checkpoint import IncompatibleCheckpointError
+
+    _trainer(build("llama"), tmp_path / "run", max_steps=2, optim="adamw_torch").train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    path = checkpoint / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    trainer = _trainer(build("llama"), tmp_path / "again", max_steps=4, optim="adamw_torch")
+    with pytest.raises(IncompatibleCheckpointError, match=f"{checkpoint}: {damaged} cannot be read"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))

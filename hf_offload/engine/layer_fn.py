@@ -119,7 +119,6 @@ class LayerCall:
         self.param_versions = [p._version for p in params]
         self.rng_state = None
         self.autocast_state = None
-        self.host_inputs: list[torch.Tensor] | None = None
         self.recorded_keys = recorded_keys  # see Note: [Recorded outputs]
         self.out_spec = None
         self.out_leaves: list[Any] = []
@@ -193,8 +192,11 @@ class StreamedLayerFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(*[t for t in tensors if not (t.is_floating_point() or t.is_complex())])
         ctx.set_materialize_grads(False)
 
-        if runtime.config.offload_activations:
-            call.host_inputs = [runtime.activations_to_host(t) for t in saved_inputs]
+        # Saved through ctx either way (host copies too), so autograd frees them after backward, or keeps them for
+        # another backward under retain_graph=True, exactly as it does for its own saved tensors.
+        ctx.offloaded = runtime.config.offload_activations
+        if ctx.offloaded:
+            ctx.save_for_backward(*[runtime.activations_to_host(t) for t in saved_inputs])
         else:
             ctx.save_for_backward(*saved_inputs)
         ctx.call = call
@@ -204,11 +206,9 @@ class StreamedLayerFunction(torch.autograd.Function):
     def backward(ctx, *grad_outputs):
         call: LayerCall = ctx.call
         runtime = call.runtime
-        if call.host_inputs is not None:
-            saved = [runtime.activations_to_device(t) for t in call.host_inputs]
-            call.host_inputs = None
-        else:
-            saved = ctx.saved_tensors
+        saved = ctx.saved_tensors  # raises autograd's own error on a second backward without retain_graph
+        if ctx.offloaded:
+            saved = [runtime.activations_to_device(t) for t in saved]
         detached = [t.detach().requires_grad_(k in call.grad_positions) for k, t in zip(call.saved_positions, saved)]
         call.check_param_versions()
         args, kwargs = call.arguments(detached, recompute=True)
@@ -230,7 +230,6 @@ class StreamedLayerFunction(torch.autograd.Function):
         rng = runtime.ops.replay_rng(call.rng_state) if call.rng_state is not None else contextlib.nullcontext()
         with rng, torch.enable_grad():
             grads = runtime.run_layer(call.index, -1, recompute_and_backprop)
-        ctx.call = None  # drop references to the inputs as soon as this layer is done
         # One gradient per Function input: saved inputs (None where no gradient is needed), then parameters.
         grads_by_position = dict(zip(call.grad_positions, grads[: len(grad_inputs)]))
         input_grads = [grads_by_position.get(k) for k in call.saved_positions]

@@ -34,7 +34,9 @@ class LayerStreamingRuntime:
         self.anatomy = find_decoder_layers(model)  # raises before any work is done
         _refuse_streaming_twice(self.anatomy.layers)
         validate_layers(self.anatomy.layers, self.anatomy.shared_outside)
+        _refuse_meta_outside_layers(model, self.anatomy.path)
         self.device = resolve_device(config.device)
+        self.prefetch = _effective_prefetch(config.prefetch, len(self.anatomy.layers))
         self.ops = DeviceOps(self.device)
         pin = config.pin_memory if config.pin_memory is not None else self.device.type == "cuda"
         if pin and self.ops.is_cpu:
@@ -55,7 +57,7 @@ class LayerStreamingRuntime:
             keep_resident=self.anatomy.shared_outside,
             expert_groups=lambda index: [g.params for g in groups[index]],
         )
-        self.streamer = Streamer(self.store, self.ops, config.prefetch, routed=routed)
+        self.streamer = Streamer(self.store, self.ops, self.prefetch, routed=routed)
         self.routed_experts = RoutedExperts(groups if routed else [], self.streamer)
         self.routed_experts.install(self._host_views)
         self._moved: list[tuple[torch.Tensor, torch.device]] = []
@@ -65,6 +67,8 @@ class LayerStreamingRuntime:
         self._handles: list[Any] = []
         self._guarded_merges: list[tuple[nn.Module, Any]] = []
         self._install_quantized_guards()
+        self._guarded_applies: list[nn.Module] = []
+        self._install_cast_guards(model)
         parent = _parent_module(model, self.anatomy.path)
         # A new forward of the stack may follow a change of the host weights (load_state_dict, merge_adapter):
         # slots are only trusted from one forward to its own backward.
@@ -99,8 +103,9 @@ class LayerStreamingRuntime:
     # --- description -----------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         n_layers = len(self.store.packs)
-        prefetch = self.config.prefetch
+        prefetch = self.prefetch
         return {
+            "prefetch": prefetch,
             "device": str(self.device),
             "layers": n_layers,
             "layer_path": self.anatomy.path,
@@ -153,11 +158,22 @@ class LayerStreamingRuntime:
                 self._guarded_merges.append((tuner, tuner.__dict__.get("merge")))
                 tuner.merge = _refuse_merge
 
+    def _install_cast_guards(self, model: nn.Module) -> None:
+        """model.half(), .to(dtype), .to(device), .cuda() would replace the streamed weights' tensors behind the
+        store's back: refused on the model, its transformers model and every streamed layer (see `_refuse_cast`)."""
+        kinds = {(t.param.dtype, t.param.device) for pack in self.store.packs for t in (*pack.tensors, *pack.encoded)}
+        for module in {id(m): m for m in (model, compat.peft_base_model(model), *self.anatomy.layers)}.values():
+            module._apply = _refuse_cast(module, kinds)
+            self._guarded_applies.append(module)
+
     def __deepcopy__(self, memo):
         raise_deepcopy_refusal()
 
     def remove(self) -> None:
         """Undo everything: original forwards, weights back in their own storage on their original devices."""
+        for module in self._guarded_applies:
+            del module._apply
+        self._guarded_applies = []
         self._hook.remove()
         for handle in self._handles:
             handle.remove()
@@ -189,6 +205,9 @@ class _StreamedForward:
         self.runtime, self.index, self.layer, self.original = runtime, index, layer, original
         self.__wrapped__ = original
 
+    # torch.compile compiles the resident parts (embeddings, norm, head, loss) and runs streamed layers eagerly:
+    # their forward moves weights and runs an autograd Function with side effects that must not be traced.
+    @torch.compiler.disable
     def __call__(self, *args, **kwargs):
         return call_streamed_layer(self.runtime, self.index, self.layer, self.original, args, kwargs)
 
@@ -225,6 +244,34 @@ def _refuse_streaming_twice(layers: nn.ModuleList) -> None:
             "(or that it contains). Streaming twice would hold the host store twice and move every byte twice. "
             "Enable it once, on the model you train (the peft model or the transformers model); to change its "
             "configuration, call hf_offload.disable_layer_streaming on that model first."
+        )
+
+
+def _effective_prefetch(prefetch: int, n_layers: int) -> int:
+    """At most the other layers can be loaded ahead; more would only allocate device slots that stay empty."""
+    if prefetch <= n_layers - 1:
+        return prefetch
+    logger.warning(
+        "hf_offload: prefetch=%d is more than the %d other decoder layers of this model; using prefetch=%d "
+        "(device memory holds all %d layers).",
+        prefetch,
+        n_layers - 1,
+        n_layers - 1,
+        n_layers,
+    )
+    return n_layers - 1
+
+
+def _refuse_meta_outside_layers(model: nn.Module, layer_path: str) -> None:
+    """Weights on the meta device outside the layers cannot be moved to the device: refuse before packing."""
+    inside = layer_path + "."
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    meta = [name for name, t in tensors if t.device.type == "meta" and not name.startswith(inside)]
+    if meta:
+        raise ValueError(
+            f"{meta[0]}{f' (and {len(meta) - 1} more)' if len(meta) > 1 else ''} is on the meta device (no values): "
+            "load the model's weights before enable_layer_streaming (from_pretrained without init_empty_weights or "
+            "device_map='meta'); for a tied output head, call model.tie_weights() first."
         )
 
 
@@ -289,6 +336,31 @@ def _refuse_loading_into(encoded: list[tuple[str, nn.Parameter]]):
             )
 
     return hook
+
+
+def _refuse_cast(module: nn.Module, kinds: set[tuple[torch.dtype, torch.device]]):
+    """An instance `_apply` (what .half(), .float(), .to(), .cuda() call) that refuses to change streamed weights.
+
+    The conversion is tried on an empty tensor of each (dtype, device) the streamed weights have; one that would
+    change either is refused before any tensor is touched. Conversions that change nothing (.to of the same dtype
+    and device, share_memory) go through.
+    """
+    original = type(module)._apply.__get__(module)
+
+    def _apply(fn, recurse=True):
+        for dtype, device in kinds:
+            probe = fn(torch.empty(0, dtype=dtype, device=device))
+            if probe.dtype != dtype or probe.device != device:
+                raise RuntimeError(
+                    f"hf_offload: this would convert the streamed decoder-layer weights from {dtype} on {device} to "
+                    f"{probe.dtype} on {probe.device} (model.half(), .to(dtype), .to(device) or .cuda() after "
+                    "enable_layer_streaming), behind the host store's back. Load or cast the model in the dtype you "
+                    "want before enable_layer_streaming (the resident parts move to the compute device by "
+                    "themselves), or call hf_offload.disable_layer_streaming(model) first."
+                )
+        return original(fn, recurse)
+
+    return _apply
 
 
 def _refuse_assigning_to(streamed: list[tuple[str, nn.Parameter]]):
