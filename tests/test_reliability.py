@@ -735,3 +735,42 @@ def test_resuming_from_a_truncated_file_names_the_file_and_the_checkpoint(tmp_pa
     trainer = _trainer(build("llama"), tmp_path / "again", max_steps=4, optim="adamw_torch")
     with pytest.raises(IncompatibleCheckpointError, match=f"{checkpoint}: {damaged} cannot be read"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("prefetch", -1, "`prefetch` should be a non-negative integer"),
+        ("base_weight_dtype", "nf5", "`base_weight_dtype` should be one of"),
+        ("expert_fetch", "some", "`expert_fetch` should be one of"),
+        ("device", "gpu", "`device` should be a torch device"),
+    ],
+)
+def test_an_option_changed_on_a_config_after_construction_is_validated_before_any_work(option, value, message):
+    config = OffloadConfig(device="cpu")
+    setattr(config, option, value)
+    model = with_lora(build("llama"))
+    with pytest.raises(ValueError, match=message):
+        hf_offload.enable_layer_streaming(model, config)
+    assert not hf_offload.is_streaming(model)
+
+
+def test_the_runtime_keeps_the_options_it_started_with():
+    config = OffloadConfig(device="cpu", prefetch=1)
+    model = with_lora(build("llama"))
+    hf_offload.enable_layer_streaming(model, config)
+    config.prefetch = 2
+    assert hf_offload.api.get_runtime(model).config.prefetch == 1 and hf_offload.summary(model)["prefetch"] == 1
+
+
+def test_saving_full_weights_from_an_nf4_store_is_refused_before_writing_anything(tmp_path):
+    model = with_lora(build("llama"))
+    hf_offload.enable_layer_streaming(model, OffloadConfig(device="cpu", base_weight_dtype="nf4"))
+    with pytest.raises(RuntimeError, match="nothing was written"):
+        model.get_base_model().save_pretrained(tmp_path / "full")
+    assert not (tmp_path / "full").exists()
+    model.save_pretrained(tmp_path / "adapter")  # the adapter saves as usual
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    hf_offload.disable_layer_streaming(model)
+    model.get_base_model().save_pretrained(tmp_path / "full")  # dequantized weights after disabling
+    assert (tmp_path / "full" / "config.json").is_file()

@@ -69,6 +69,9 @@ class LayerStreamingRuntime:
         self._install_quantized_guards()
         self._guarded_applies: list[nn.Module] = []
         self._install_cast_guards(model)
+        self._guarded_saves: list[nn.Module] = []
+        if any(pack.encoded for pack in self.store.packs):
+            self._install_full_save_guard(model)
         parent = _parent_module(model, self.anatomy.path)
         # A new forward of the stack may follow a change of the host weights (load_state_dict, merge_adapter):
         # slots are only trusted from one forward to its own backward.
@@ -166,6 +169,15 @@ class LayerStreamingRuntime:
             module._apply = _refuse_cast(module, kinds)
             self._guarded_applies.append(module)
 
+    def _install_full_save_guard(self, model: nn.Module) -> None:
+        """save_pretrained of the transformers model writes every weight; quantized ones exist only as nf4/int8
+        bytes (meta placeholders in state_dict), so the save would stop half-way and leave a partial directory.
+        Refused before anything is written; peft's save_pretrained (adapters only) is unaffected."""
+        owner = compat.peft_base_model(model)
+        if callable(getattr(owner, "save_pretrained", None)):
+            owner.save_pretrained = _refuse_full_save
+            self._guarded_saves.append(owner)
+
     def __deepcopy__(self, memo):
         raise_deepcopy_refusal()
 
@@ -173,7 +185,9 @@ class LayerStreamingRuntime:
         """Undo everything: original forwards, weights back in their own storage on their original devices."""
         for module in self._guarded_applies:
             del module._apply
-        self._guarded_applies = []
+        for module in self._guarded_saves:
+            del module.save_pretrained
+        self._guarded_applies, self._guarded_saves = [], []
         self._hook.remove()
         for handle in self._handles:
             handle.remove()
@@ -381,6 +395,15 @@ def _refuse_assigning_to(streamed: list[tuple[str, nn.Parameter]]):
             )
 
     return hook
+
+
+def _refuse_full_save(*args, **kwargs):
+    raise RuntimeError(
+        "hf_offload: save_pretrained of the whole model would write the base weights, which are stored quantized in "
+        "host memory (base_weight_dtype='nf4'/'int8') and have no dense copy to write; nothing was written. Save the "
+        "adapter with the peft model's save_pretrained, or call hf_offload.disable_layer_streaming(model) first, "
+        "which gives the weights back dequantized, then save."
+    )
 
 
 def _refuse_merge(*args, **kwargs):
