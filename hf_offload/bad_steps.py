@@ -208,6 +208,10 @@ def install(trainer, options: BadStepOptions) -> BadStepGuard | None:
         def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
             guard_optimizer(optimizer if optimizer is not None else trainer.optimizer, guard)
 
+        def on_step_end(self, args, state, control, **kwargs):
+            # a step a gradient scaler skipped never reached the guard: its loss must not count towards the next
+            guard.step_loss, guard.recorded_grad_norm = 0.0, None
+
     trainer.add_callback(_GuardCallback())
     accelerator = trainer.accelerator
     clip = accelerator.clip_grad_norm_
