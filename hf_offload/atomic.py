@@ -134,6 +134,43 @@ def atomic_file(path: str) -> Iterator[str]:
     _fsync(parent)
 
 
+@contextlib.contextmanager
+def staged_files(target: str, seed: tuple[str, ...] = ("README.md",)) -> Iterator[str]:
+    """Yield a temporary directory next to `target` to save into; then move each file saved there into `target`.
+
+    For saves into a directory that holds other things too (a Trainer's output directory holds its checkpoints),
+    so the directory itself cannot be swapped: every file is complete before it replaces its namesake (os.replace),
+    so a kill leaves each file old or new, never cut short. Files named in `seed` are copied in first, so that a
+    save that updates them (peft updates README.md) updates the existing ones.
+
+    Args:
+        target: the directory the files end up in (created if missing).
+        seed: names of files of `target` copied into the temporary directory before the save.
+
+    Yields:
+        The path to save into.
+    """
+    target = os.path.abspath(target)
+    parent, name = os.path.split(target)
+    os.makedirs(target, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}{_TMP}", dir=parent)
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        for seeded in seed:
+            if os.path.isfile(os.path.join(target, seeded)):
+                shutil.copy2(os.path.join(target, seeded), os.path.join(tmp, seeded))
+        yield tmp
+        for folder, _, files in os.walk(tmp):
+            destination = os.path.join(target, os.path.relpath(folder, tmp))
+            os.makedirs(destination, exist_ok=True)
+            for file in files:
+                _fsync(os.path.join(folder, file))
+                os.replace(os.path.join(folder, file), os.path.join(destination, file))
+        _fsync(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

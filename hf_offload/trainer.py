@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from . import bad_steps, hub, token_safety
+from . import atomic, bad_steps, hub, token_safety
 from .api import get_runtime, is_streaming, summary
 from .checkpoint import check_adapter_checkpoint, check_optimizer_state
 from .metrics import OffloadMetricsCallback
@@ -301,8 +302,11 @@ def _save_model(call, trainer, output_dir=None, _internal_call=False):
         trainer._hf_offload_merged_at = mark
     # The Trainer pickles its arguments into every save: written with tokens masked (hf_offload.token_safety), and
     # the push that a user's save_model does afterwards runs with the token restored, as the Trainer's own would.
-    with token_safety.tokens_masked(trainer.args):
-        result = call(output_dir, True)
+    # The final save is staged beside the output directory and moved in file by file (hf_offload.atomic), so a kill
+    # leaves each file old or new; checkpoints are written in place (resume skips incomplete ones).
+    staged = atomic.staged_files(target) if final and trainer.args.should_save else contextlib.nullcontext(output_dir)
+    with token_safety.tokens_masked(trainer.args), staged as save_dir:
+        result = call(save_dir, True)
     if not _internal_call and trainer.args.push_to_hub:
         trainer.push_to_hub(commit_message="Model save", revision=trainer.args.hub_revision)
     if plugin is not None and final and trainer.args.should_save and os.path.isdir(target):

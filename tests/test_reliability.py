@@ -774,3 +774,35 @@ def test_saving_full_weights_from_an_nf4_store_is_refused_before_writing_anythin
     hf_offload.disable_layer_streaming(model)
     model.get_base_model().save_pretrained(tmp_path / "full")  # dequantized weights after disabling
     assert (tmp_path / "full" / "config.json").is_file()
+
+
+def test_a_final_save_interrupted_half_way_leaves_the_previous_files_whole(tmp_path, monkeypatch):
+    import peft.peft_model
+
+    from hf_offload import hub
+
+    trainer = _trainer(build("llama"), tmp_path / "out", max_steps=2)
+    trainer.train()
+    trainer.save_model()
+    out = tmp_path / "out"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert "adapter_model.safetensors" in before and hub._CARD_MARKER in before["README.md"].decode()
+    real = peft.peft_model.safe_save_file
+
+    def cut_short(tensors, filename, *args, **kwargs):  # peft writing the adapter when the process dies
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", cut_short)
+    with torch.no_grad():
+        next(p for n, p in trainer.model.named_parameters() if "lora_B" in n).add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_model()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary left behind
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", real)
+    trainer.save_model()
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after["adapter_model.safetensors"] != before["adapter_model.safetensors"]
+    assert after["README.md"].decode().count(hub._CARD_MARKER) == 1
