@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from torch import nn
@@ -55,6 +56,9 @@ def enable_layer_streaming(model: nn.Module, config: OffloadConfig | None = None
     config = config if config is not None else OffloadConfig()
     if not isinstance(config, OffloadConfig):
         raise TypeError(f"`config` should be an hf_offload.OffloadConfig, but the value passed is {type(config)}")
+    # Validated again (an option may have been changed after construction), and copied: the runtime keeps the
+    # options it started with.
+    config = dataclasses.replace(config)
     if is_streaming(model):
         raise RuntimeError(
             "Layer streaming is already on for this model; call hf_offload.disable_layer_streaming(model) first "

@@ -27,9 +27,36 @@ def resolve_device(requested: torch.device | str | None) -> torch.device:
         device = torch.accelerator.current_accelerator()
     else:
         device = torch.device("cpu")
+    if device.type not in ("cpu", "meta"):
+        _check_available(device)
     if device.type != "cpu" and device.index is None:
         device = torch.device(device.type, torch.accelerator.current_device_index())
     return device
+
+
+def _check_available(device: torch.device) -> None:
+    """Refuse a device this process does not have, before anything is built for it."""
+    try:
+        module = torch.get_device_module(device.type)
+    except (RuntimeError, AttributeError, ValueError):
+        module = None
+    if device.type == "mps":
+        available = torch.backends.mps.is_available()
+        count = 1 if available else 0
+    else:
+        available = bool(module is not None and getattr(module, "is_available", lambda: False)())
+        count = module.device_count() if available and hasattr(module, "device_count") else int(available)
+    if not available:
+        raise ValueError(
+            f"`device` should be a device this process has, but the value passed is {str(device)!r} and no "
+            f"{device.type} device is available here. Pass device=None (the accelerator if there is one, else the "
+            "CPU) or 'cpu', or install a torch build for that device."
+        )
+    if device.index is not None and device.index >= count:
+        raise ValueError(
+            f"`device` should be one of the {count} {device.type} device(s) of this process, but the value passed is "
+            f"{str(device)!r}. Check CUDA_VISIBLE_DEVICES or pass another index."
+        )
 
 
 class DeviceOps:

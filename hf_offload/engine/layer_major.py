@@ -47,6 +47,7 @@ from torch import nn
 
 from . import hostmem
 from .layer_fn import _autocast, _autocast_state, tree_flatten
+from .overrides import Overrides
 
 T = TypeVar("T")
 
@@ -235,11 +236,12 @@ class LayerMajorSchedule:
         the layer in its slot."""
         streamer = self.runtime.streamer
         streamer.invalidate()
-        streamer.invalidate = _keep_slots
+        overrides = Overrides()
+        overrides.replace(streamer, "invalidate", _keep_slots)
         try:
             yield
         finally:
-            del streamer.invalidate
+            overrides.restore()
 
     @contextlib.contextmanager
     def _gated_layers(self):
@@ -250,16 +252,14 @@ class LayerMajorSchedule:
                 "hf_offload: a layer-major evaluation was started inside another one (a task called "
                 "evaluate_layer_major or Trainer.evaluate); run them one after the other."
             )
-        saved = []
+        overrides = Overrides()
         for index, layer in enumerate(layers):
             streamed = layer.__dict__["forward"]  # installed by the runtime
-            saved.append((layer, streamed))
-            layer.forward = self._gate(index, streamed)
+            overrides.replace(layer, "forward", self._gate(index, streamed))
         try:
             yield
         finally:
-            for layer, streamed in saved:
-                layer.forward = streamed
+            overrides.restore()
 
     def _gate(self, index: int, streamed: Callable):
         def forward(*args, **kwargs):

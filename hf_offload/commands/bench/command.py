@@ -108,8 +108,11 @@ def _main(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     preset = args.preset or (None if args.config else ("tiny" if on_cpu else "8b"))
-    config = load_config(preset, args.config, args.layers)
-    facts = measure(config, dtype)
+    try:
+        config = load_config(preset, args.config, args.layers)
+        facts = measure(config, dtype)
+    except ValueError as err:  # ConfigError, UnsupportedModelError
+        raise SystemExit(f"hf-offload bench: {err}") from err
     setup = Setup(
         config=config,
         facts=facts,
