@@ -44,6 +44,7 @@ class DeviceOps:
         self.copy_stream = None if self.is_cpu else self._module.Stream(device=device)
         # data_ptr -> finalizer that unregisters it; see `pin`.
         self._registered: dict[int, weakref.finalize] = {}
+        self.readbacks = 0  # device-to-host reads the schedule waited for (see `read_to_host`)
 
     # --- streams and events -------------------------------------------------------------------------------------
     def compute_stream(self):
@@ -72,6 +73,28 @@ class DeviceOps:
     def synchronize(self) -> None:
         if not self.is_cpu:
             self._module.synchronize(self.device)
+
+    # --- small transfers the schedule needs -------------------------------------------------------------------------
+    def read_to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (small, on this device) in host memory, once the compute stream has produced it.
+
+        A host synchronisation: the caller needs the values to decide what to copy. Counted in `readbacks`, so
+        tests can check how often the schedule waits for the device.
+        """
+        self.readbacks += 1
+        if self.is_cpu:
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        event = self.record_event()
+        event.synchronize()
+        return host
+
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A small host tensor on this device, without blocking the host (staged through page-locked memory)."""
+        if self.is_cpu:
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     # --- page-locked host memory ----------------------------------------------------------------------------------
     def pin(self, host: torch.Tensor) -> bool:

@@ -46,6 +46,7 @@ class StreamStats:
     experts_skipped: int = 0  # experts of a routed layer not copied when its experts were fetched
     bytes_to_host: int = 0  # device->host bytes of offloaded activations
     bytes_from_host_activations: int = 0  # host->device bytes of activations brought back for backward
+    host_readbacks: int = 0  # device->host reads the host waited for (routed fetch: one per experts call)
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -138,6 +139,11 @@ class Streamer:
             direction, slot.deferred_prefetch = slot.deferred_prefetch, None
             self._prefetch_after(index, direction)
         return list(present), [expert_region.view_first(t, slot.buffer, len(present)) for t in expert_region.tensors]
+
+    def read_to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` read back to the host through the device ops (a host sync), counted in the stats."""
+        self.stats.host_readbacks += 1
+        return self.ops.read_to_host(tensor)
 
     def release(self, index: int) -> None:
         """The compute stream has enqueued all work reading layer `index`: rebind to host, mark the slot free."""
