@@ -22,6 +22,11 @@ exactly those experts: stale bytes of the slot are never part of any tensor. A s
 acquisition only appends (views handed out earlier stay valid for autograd). The set is remembered per layer, so the
 backward prefetches base + the same experts; the recompute then finds them in place. In the forward, the next
 layer's prefetch waits until this layer's experts are enqueued, so the experts it waits for are copied first.
+
+Note: [Allocated outside inference mode]
+Slots, the decode scratch and the views bound to parameters are made on first use and kept. The first use may be
+under `torch.inference_mode()` (a sanity eval, a pipeline); tensors made there are inference tensors, which no
+later training step could write into. So they are always made with inference mode off.
 """
 
 from __future__ import annotations
@@ -101,7 +106,8 @@ class Streamer:
         if views is None:
             # A routed layer's expert tensors stay bound to the host until `load_experts` binds the routed ones.
             expert_ids = pack.expert_tensor_ids if self._is_routed(pack) else set()
-            views = [t.view_in(pack.host if id(t) in expert_ids else slot.buffer) for t in pack.tensors]
+            with torch.inference_mode(False):  # kept across calls: see Note: [Allocated outside inference mode]
+                views = [t.view_in(pack.host if id(t) in expert_ids else slot.buffer) for t in pack.tensors]
             slot.views[index] = views
         pack.bind(slot.buffer, views)
         if pack.encoded:
@@ -188,7 +194,8 @@ class Streamer:
 
     def _free_slot(self, protected: set[int]) -> Slot | None:
         if len(self._slots) < self.prefetch + 1:
-            buffer = torch.empty(self.store.max_layer_bytes, dtype=torch.uint8, device=self.ops.device)
+            with torch.inference_mode(False):  # see Note: [Allocated outside inference mode]
+                buffer = torch.empty(self.store.max_layer_bytes, dtype=torch.uint8, device=self.ops.device)
             # The caching allocator may hand out memory that kernels already queued on the compute stream still
             # read (freed there, reusable in that stream's order). The copy stream must not write it before they
             # finish: the first load into the slot waits for this event like any later one waits for `freed`.
@@ -208,7 +215,8 @@ class Streamer:
                 "this model."
             )
         if self._scratch is None:
-            self._scratch = torch.empty(self.store.max_scratch_bytes, dtype=torch.uint8, device=self.ops.device)
+            with torch.inference_mode(False):  # see Note: [Allocated outside inference mode]
+                self._scratch = torch.empty(self.store.max_scratch_bytes, dtype=torch.uint8, device=self.ops.device)
         # Ordered after the previous layer's kernels on the compute stream, so overwriting the scratch is safe.
         self.store.packs[index].materialize(slot.buffer, self._scratch, decode=self._scratch_layer != index)
         self._scratch_layer = index
