@@ -2,7 +2,9 @@
 
 torch's CPU build raises on streams, events and page-locked memory, so the engine never calls them directly: it
 asks a `DeviceOps`. On the CPU the same packing, slot and binding code runs; only the asynchrony is absent
-(copies complete immediately, events are no-ops).
+(copies complete immediately, events are no-ops), unless the simulated asynchronous device is on
+(`HF_OFFLOAD_SIMULATE_ASYNC`, see simulated.py): then the copy stream is a worker thread whose copies land late,
+and events are real synchronisation points.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import mmap
 import weakref
 
 import torch
+
+from .simulated import SimulatedAsync, simulation_seed
 
 logger = logging.getLogger(__name__)
 
@@ -35,29 +39,49 @@ def resolve_device(requested: torch.device | str | None) -> torch.device:
 class DeviceOps:
     """Streams, events, page-locking and RNG state for one compute device."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, simulate_seed: int | None = None):
+        """`simulate_seed`: on the CPU, run the simulated asynchronous device with this seed (default: from
+        `HF_OFFLOAD_SIMULATE_ASYNC`, see `simulated.simulation_seed`)."""
         self.device = device
         self.is_cpu = device.type == "cpu"
         # The device's torch module (torch.cuda, torch.xpu, ...): they share the Stream/Event/stream() API.
         self._module = None if self.is_cpu else torch.get_device_module(device.type)
+        seed = simulate_seed if simulate_seed is not None else simulation_seed() if self.is_cpu else None
+        self.simulation = SimulatedAsync(seed) if self.is_cpu and seed is not None else None
         # comms stream: host->device layer copies run here, overlapping the compute stream's kernels.
-        self.copy_stream = None if self.is_cpu else self._module.Stream(device=device)
+        if self.simulation is not None:
+            self.copy_stream = self.simulation.copy_stream
+        else:
+            self.copy_stream = None if self.is_cpu else self._module.Stream(device=device)
         # data_ptr -> finalizer that unregisters it; see `pin`.
         self._registered: dict[int, weakref.finalize] = {}
         self.readbacks = 0  # device-to-host reads the schedule waited for (see `read_to_host`)
 
     # --- streams and events -------------------------------------------------------------------------------------
     def compute_stream(self):
+        if self.simulation is not None:
+            return self.simulation.compute_stream
         return None if self.is_cpu else self._module.current_stream(self.device)
 
     def on_copy_stream(self):
         """Context in which copies are enqueued on the copy stream (a no-op on the CPU)."""
+        if self.simulation is not None:
+            return self.simulation.stream(self.copy_stream)
         if self.is_cpu:
             return contextlib.nullcontext()
         return self._module.stream(self.copy_stream)
 
+    def copy_(self, target: torch.Tensor, source: torch.Tensor, non_blocking: bool) -> None:
+        """`target.copy_(source)` enqueued on the current stream (asynchronous from page-locked memory)."""
+        if self.simulation is not None:
+            self.simulation.copy_(target, source)
+        else:
+            target.copy_(source, non_blocking=non_blocking)
+
     def record_event(self, stream=None):
         """An event marking everything enqueued so far on `stream` (default: the current stream)."""
+        if self.simulation is not None:
+            return self.simulation.record_event(stream)
         if self.is_cpu:
             return None
         event = self._module.Event()
@@ -66,12 +90,17 @@ class DeviceOps:
 
     def wait_event(self, event, stream=None) -> None:
         """Make `stream` (default: the current stream) wait for `event` on the device, without a host sync."""
-        if event is None or self.is_cpu:
+        if event is None:
             return
-        (stream if stream is not None else self.compute_stream()).wait_event(event)
+        if self.simulation is not None:
+            self.simulation.wait_event(event, stream)
+        elif not self.is_cpu:
+            (stream if stream is not None else self.compute_stream()).wait_event(event)
 
     def synchronize(self) -> None:
-        if not self.is_cpu:
+        if self.simulation is not None:
+            self.simulation.synchronize()
+        elif not self.is_cpu:
             self._module.synchronize(self.device)
 
     # --- small transfers the schedule needs -------------------------------------------------------------------------

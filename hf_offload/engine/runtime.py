@@ -119,6 +119,8 @@ class LayerStreamingRuntime:
             # with expert_fetch="routed", bytes_per_train_step is the bound reached when every expert is routed to
             "moe_layers": sum(bool(p.experts) for p in self.store.packs),
             "expert_bytes": sum(p.nbytes - p.base_nbytes for p in self.store.packs),
+            # CPU only: the seed of the simulated asynchronous device (HF_OFFLOAD_SIMULATE_ASYNC), None when off
+            "simulated_async_seed": None if self.ops.simulation is None else self.ops.simulation.seed,
         }
 
     # --- installation and removal ------------------------------------------------------------------------------------

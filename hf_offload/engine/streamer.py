@@ -233,7 +233,7 @@ class Streamer:
         slot.experts = {}
         with self.ops.on_copy_stream():
             self.ops.wait_event(slot.freed, copy_stream)
-            slot.buffer[:nbytes].copy_(pack.host[:nbytes], non_blocking=pack.pinned)
+            self.ops.copy_(slot.buffer[:nbytes], pack.host[:nbytes], non_blocking=pack.pinned)
             for region, experts in (expert_plan or {}).items() if routed else ():
                 self._copy_experts(pack, slot, region, experts, start=0)
                 slot.experts[region] = list(experts)
@@ -265,8 +265,10 @@ class Streamer:
             for expert, position, count in runs:
                 source = tensor.offset + expert * size
                 target = tensor.offset + position * size
-                slot.buffer[target : target + count * size].copy_(
-                    pack.host[source : source + count * size], non_blocking=pack.pinned
+                self.ops.copy_(
+                    slot.buffer[target : target + count * size],
+                    pack.host[source : source + count * size],
+                    non_blocking=pack.pinned,
                 )
         self.stats.experts_loaded += len(experts)
         self.stats.bytes_to_device += len(experts) * expert_region.expert_nbytes
