@@ -99,7 +99,8 @@ def _require_runtime(model: nn.Module) -> LayerStreamingRuntime:
 
 def stats(model: nn.Module) -> dict[str, int]:
     """Counters since streaming began or since `reset_stats`: bytes_to_device, layer_loads, layer_reuses,
-    peak_resident_layers, experts_loaded, experts_skipped, bytes_to_host, bytes_from_host_activations."""
+    peak_resident_layers, experts_loaded, experts_skipped, bytes_to_host, bytes_from_host_activations, and
+    host_readbacks (device-to-host reads the host waited for: one per routed experts call)."""
     return _require_runtime(model).streamer.stats.as_dict()
 
 
@@ -112,5 +113,6 @@ def reset_stats(model: nn.Module) -> None:
 def summary(model: nn.Module) -> dict:
     """Static facts of a streamed model: layers, host store bytes, device slot and scratch bytes, bytes per train
     step, base_weight_dtype and how many linear weights it quantized, and for Mixture-of-Experts models
-    expert_fetch, moe_layers (layers whose experts can be fetched by routing) and expert_bytes."""
+    expert_fetch, moe_layers (layers whose experts can be fetched by routing) and expert_bytes; on the CPU,
+    simulated_async_seed (the seed of the simulated asynchronous device, None when it is off)."""
     return _require_runtime(model).summary()

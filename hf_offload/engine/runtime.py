@@ -62,12 +62,11 @@ class LayerStreamingRuntime:
         self._saved_forwards: list[tuple[nn.Module, Any]] = []
         self._install_layer_forwards()
         self._handles: list[Any] = []
-        self._guarded_merges: list[tuple[nn.Module, Any]] = []
+        self._guarded_merges: list[tuple[nn.Module, str, Any]] = []  # (tuner, method name, instance attribute)
         self._install_quantized_guards()
-        parent = _parent_module(model, self.anatomy.path)
-        # A new forward of the stack may follow a change of the host weights (load_state_dict, merge_adapter):
-        # slots are only trusted from one forward to its own backward.
-        self._hook = parent.register_forward_pre_hook(lambda module, args: self.streamer.invalidate())
+        # Slots stay valid across steps while the host bytes do not change (Note: [Slot validity] in streamer.py);
+        # peft's merge and unmerge write through `.data`, which no version counter sees.
+        self._install_merge_invalidation()
 
     # --- used by layer_fn ----------------------------------------------------------------------------------------
     def run_layer(self, index: int, direction: int, fn: Callable[[], Any]) -> Any:
@@ -148,19 +147,28 @@ class LayerStreamingRuntime:
                 self._handles.append(layer.register_state_dict_post_hook(_placeholders_in_state_dict(encoded)))
                 self._handles.append(layer.register_load_state_dict_pre_hook(_refuse_loading_into(encoded)))
             for tuner in pack.quantized_tuners:
-                self._guarded_merges.append((tuner, tuner.__dict__.get("merge")))
+                self._guarded_merges.append((tuner, "merge", tuner.__dict__.get("merge")))
                 tuner.merge = _refuse_merge
+
+    def _install_merge_invalidation(self) -> None:
+        guarded = {id(tuner) for pack in self.store.packs for tuner in pack.quantized_tuners}  # merging refused
+        for layer in self.anatomy.layers:
+            for module in layer.modules():
+                if compat.is_peft_tuner_layer(module) and id(module) not in guarded:
+                    for name in ("merge", "unmerge"):
+                        if callable(getattr(module, name, None)):
+                            self._guarded_merges.append((module, name, module.__dict__.get(name)))
+                            setattr(module, name, _then_invalidate(getattr(module, name), self.streamer))
 
     def remove(self) -> None:
         """Undo everything: original forwards, weights back in their own storage on their original devices."""
-        self._hook.remove()
         for handle in self._handles:
             handle.remove()
-        for tuner, previous in self._guarded_merges:
+        for tuner, name, previous in reversed(self._guarded_merges):
             if previous is None:
-                del tuner.merge
+                delattr(tuner, name)
             else:
-                tuner.merge = previous
+                setattr(tuner, name, previous)
         self._handles, self._guarded_merges = [], []
         self.routed_experts.remove()
         self.streamer.close()
@@ -182,6 +190,19 @@ def _streamed_forward(runtime: LayerStreamingRuntime, index: int, layer: nn.Modu
 
     forward.__wrapped__ = original
     return forward
+
+
+def _then_invalidate(method, streamer):
+    """`method`, then forget what the device slots hold (it changed host weights through `.data`)."""
+
+    def call(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        finally:
+            streamer.invalidate()
+
+    call.__wrapped__ = method
+    return call
 
 
 def _explain_whole_layer_experts(groups, reasons: list[str], layers: nn.ModuleList) -> None:

@@ -23,6 +23,18 @@ acquisition only appends (views handed out earlier stay valid for autograd). The
 backward prefetches base + the same experts; the recompute then finds them in place. In the forward, the next
 layer's prefetch waits until this layer's experts are enqueued, so the experts it waits for are copied first.
 
+Note: [Slot validity]
+A layer stays in its slot after release and is found there again by the next acquisition: the backward finds the
+last layers of the forward, and the next forward finds the first layers the backward left. That is only right
+while the layer's host bytes have not changed since they were copied. Every in-place write to them bumps a torch
+version counter: the host buffer's (writes through views of it) or a packed parameter's (`load_state_dict`,
+`param.copy_`, an optimizer step, in-place ops under no_grad). The slot remembers the sum of those counters when
+the layer leaves it (release); an acquisition or prefetch that finds a different sum reloads the layer. Bumps
+inside the layer's window are not changes of the host bytes: the parameters point into the slot then, and
+`torch.nn.utils.parametrize` round trips (peft's `target_parameters` wrappers, the routed experts call) bump the
+counters without writing. Writes through `.data` bypass the counters (peft's merge and unmerge do this): the
+runtime calls `invalidate` after those explicitly.
+
 Note: [Allocated outside inference mode]
 Slots, the decode scratch and the views bound to parameters are made on first use and kept. The first use may be
 under `torch.inference_mode()` (a sanity eval, a pipeline); tensors made there are inference tensors, which no
@@ -68,6 +80,7 @@ class Slot:
     views: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # per layer: its parameters in this slot
     experts: dict[int, list[int]] = field(default_factory=dict)  # routed layer: per region, experts here, in order
     deferred_prefetch: int | None = None  # direction of a prefetch waiting for this layer's experts (forward)
+    host_version: int = -1  # the layer's host version at its copy, then at each release (Note: [Slot validity])
 
 
 class Streamer:
@@ -158,9 +171,15 @@ class Streamer:
         if slot is not None:
             slot.freed = self.ops.record_event()
             slot.in_use = False
+            slot.host_version = self.host_version(index)  # bumps inside the window are not host changes
             if slot.deferred_prefetch is not None:  # the layer ran no experts (no tokens routed anywhere)
                 direction, slot.deferred_prefetch = slot.deferred_prefetch, None
                 self._prefetch_after(index, direction)
+
+    def host_version(self, index: int) -> int:
+        """The sum of the version counters of layer `index`'s host bytes (see Note: [Slot validity])."""
+        pack = self.store.packs[index]
+        return pack.host._version + sum(t.param._version for t in pack.tensors)
 
     def invalidate(self) -> None:
         """Forget which layers the slots hold (their host weights may have changed); buffers are kept."""
@@ -187,8 +206,14 @@ class Streamer:
 
     # --- internals -----------------------------------------------------------------------------------------------
     def _slot_holding(self, index: int) -> Slot | None:
+        """The slot holding layer `index`'s current host bytes (see Note: [Slot validity]), if any."""
         for slot in self._slots:
             if slot.layer == index:
+                if not slot.in_use and slot.host_version != self.host_version(index):
+                    slot.layer, slot.experts = None, {}  # stale: the host bytes changed since the copy
+                    if self._scratch_layer == index:
+                        self._scratch_layer = None
+                    return None
                 return slot
         return None
 
@@ -240,7 +265,10 @@ class Streamer:
                 self.stats.experts_skipped += pack.experts[region].num_experts - len(experts)
             slot.ready = self.ops.record_event(copy_stream)
         slot.layer = index
+        slot.host_version = self.host_version(index)
         slot.deferred_prefetch = None
+        if self._scratch_layer == index:  # decoded from bytes that may have changed
+            self._scratch_layer = None
         self.stats.layer_loads += 1
         self.stats.bytes_to_device += nbytes
         if not routed:
