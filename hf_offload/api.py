@@ -113,6 +113,7 @@ def reset_stats(model: nn.Module) -> None:
 def summary(model: nn.Module) -> dict:
     """Static facts of a streamed model: layers, host store bytes, device slot and scratch bytes, bytes per train
     step, base_weight_dtype and how many linear weights it quantized, and for Mixture-of-Experts models
-    expert_fetch, moe_layers (layers whose experts can be fetched by routing) and expert_bytes; on the CPU,
+    expert_fetch, moe_layers (layers whose experts can be fetched by routing) and expert_bytes; unpinned_layers
+    (layers not in page-locked memory, whose copies are staged through bounce buffers); on the CPU,
     simulated_async_seed (the seed of the simulated asynchronous device, None when it is off)."""
     return _require_runtime(model).summary()

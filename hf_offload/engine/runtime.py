@@ -16,7 +16,7 @@ from torch import nn
 from ..config import OffloadConfig
 from . import compat, hostmem
 from .anatomy import find_decoder_layers
-from .device import DeviceOps, resolve_device
+from .device import BOUNCE_BUFFERS, DeviceOps, resolve_device
 from .layer_fn import call_streamed_layer
 from .moe import RoutedExperts, find_expert_groups, has_unroutable_experts
 from .quant import make_codec
@@ -35,8 +35,9 @@ class LayerStreamingRuntime:
         validate_layers(self.anatomy.layers, self.anatomy.shared_outside)
         self.device = resolve_device(config.device)
         self.ops = DeviceOps(self.device)
-        pin = config.pin_memory if config.pin_memory is not None else self.device.type == "cuda"
-        if pin and self.ops.is_cpu:
+        simulated = self.ops.simulation is not None
+        pin = config.pin_memory if config.pin_memory is not None else self.device.type == "cuda" or simulated
+        if pin and self.ops.is_cpu and not simulated:
             logger.info("hf_offload: pin_memory has no effect when layers compute on the CPU")
         codec = make_codec(config.base_weight_dtype)
         if config.check_host_memory:
@@ -54,6 +55,7 @@ class LayerStreamingRuntime:
             keep_resident=self.anatomy.shared_outside,
             expert_groups=lambda index: [g.params for g in groups[index]],
         )
+        self._warn_unpinned(pin)
         self.streamer = Streamer(self.store, self.ops, config.prefetch, routed=routed)
         self.routed_experts = RoutedExperts(groups if routed else [], self.streamer)
         self.routed_experts.install(self._host_views)
@@ -94,6 +96,29 @@ class LayerStreamingRuntime:
         self.streamer.stats.bytes_from_host_activations += host.numel() * host.element_size()
         return host.to(self.device, non_blocking=True)
 
+    def unpinned_layers(self) -> list[int]:
+        """Layers whose copies are staged through bounce buffers (their host buffers are not page-locked)."""
+        if not self.ops.stages_unpinned_copies:
+            return []  # the plain CPU copies synchronously anyway
+        return [pack.index for pack in self.store.packs if not pack.pinned]
+
+    def _warn_unpinned(self, pin_requested: bool) -> None:
+        unpinned = self.unpinned_layers()
+        if not unpinned:
+            return
+        why = "page-locking failed for them" if pin_requested else "pin_memory=False"
+        logger.warning(
+            "hf_offload: %d of %d layers are not in page-locked host memory (%s): their copies to %s are staged "
+            "through %d page-locked bounce buffers of %s, which costs host time per copy. hf_offload.summary(model) "
+            "lists them under unpinned_layers.",
+            len(unpinned),
+            len(self.store.packs),
+            why,
+            self.device,
+            BOUNCE_BUFFERS,
+            hostmem.format_bytes(self.ops.bounce_chunk_bytes),
+        )
+
     # --- description -----------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         n_layers = len(self.store.packs)
@@ -109,6 +134,8 @@ class LayerStreamingRuntime:
             "bytes_per_train_step": 2 * self.store.nbytes
             - sum(p.nbytes for p in self.store.packs[max(0, n_layers - prefetch - 1) :]),
             "pinned": all(p.pinned for p in self.store.packs) if self.store.packs else False,
+            # layers not page-locked, copied through bounce buffers (on the plain CPU nothing is staged: empty)
+            "unpinned_layers": self.unpinned_layers(),
             "base_weight_dtype": self.config.base_weight_dtype,
             "quantized_weights": sum(len(p.encoded) for p in self.store.packs),
             # dense form of the computing layer's encoded weights (0 unless base_weight_dtype is set)

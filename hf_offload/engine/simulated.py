@@ -116,7 +116,9 @@ class SimulatedAsync:
             self._current.stream = previous
 
     # --- events --------------------------------------------------------------------------------------------------
-    def record_event(self, stream: SimulatedStream | None = None) -> SimulatedEvent:
+    def record_event(self, stream: SimulatedStream | None = None, claims_copies: bool = True) -> SimulatedEvent:
+        """`claims_copies=False`: an event only the host waits on (bounce buffers): the copies since the stream's
+        previous event stay with its next one (see Note: [Simulated stream order])."""
         stream = stream if stream is not None else self.current_stream()
         if stream is self.compute_stream:
             self._clock += 1
@@ -124,8 +126,9 @@ class SimulatedAsync:
             event.done.set()  # the compute stream is the calling thread: its work so far is done
             return event
         self._enqueued += 1
-        event = SimulatedEvent(stream, self._enqueued, writes=self._batch)
-        self._batch = []
+        event = SimulatedEvent(stream, self._enqueued, writes=self._batch if claims_copies else [])
+        if claims_copies:
+            self._batch = []
         self._worker.put(self._enqueued, event.done.set, delayed=False)
         return event
 
@@ -140,6 +143,12 @@ class SimulatedAsync:
         event.done.wait()
         self._worker.raise_pending()
         self._reads.extend((start, end, self._clock) for start, end in event.writes)
+
+    def host_wait(self, event: SimulatedEvent) -> None:
+        """Block the calling thread until `event` has completed (`torch.cuda.Event.synchronize`)."""
+        self._worker.demand(event.number)
+        event.done.wait()
+        self._worker.raise_pending()
 
     def synchronize(self) -> None:
         self._worker.demand(self._enqueued)
