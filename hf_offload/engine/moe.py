@@ -176,7 +176,7 @@ def _routed_forward(streamer, group: ExpertGroup, original: Callable):
 
 def _routed_expert_ids(streamer, group: ExpertGroup, expert_index: torch.Tensor) -> list[int]:
     """The expert ids `expert_index` routes to, ascending: built on the device, read back to the host once."""
-    ids = expert_index.reshape(-1)
+    ids = expert_index.reshape(-1).long()  # some routers give int32 ids; index_fill_ takes int64
     outside = (ids < 0) | (ids >= group.num_experts)
     ids = torch.where(outside, group.num_experts, ids)  # out-of-range ids land in one extra bucket
     routed = torch.zeros(group.num_experts + 1, dtype=torch.uint8, device=ids.device)

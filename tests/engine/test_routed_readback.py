@@ -52,3 +52,20 @@ def test_out_of_range_expert_ids_are_refused():
     hidden = torch.zeros(2, 32)
     with pytest.raises(RuntimeError, match=r"routed to expert ids outside 0\.\.7"):
         group.entry(hidden, torch.tensor([[0, 8], [1, 2]]), torch.ones(2, 2))
+
+
+def test_int32_expert_ids_are_accepted():
+    model = with_lora(build("qwen3_moe"), lora_dropout=0.0)
+    hf_offload.enable_layer_streaming(model, OffloadConfig(device="cpu", expert_fetch="routed"))
+    streamer = get_runtime(model).streamer
+    group = get_runtime(model).routed_experts.groups[0]
+    hidden = torch.randn(2, 32)
+    index, weights = torch.tensor([[0, 5], [1, 5]]), torch.full((2, 2), 0.5)
+    streamer.acquire(0, +1)
+    try:
+        with torch.no_grad():
+            as_int64 = group.entry(hidden, index, weights)
+            as_int32 = group.entry(hidden, index.int(), weights)
+    finally:
+        streamer.release(0)
+    torch.testing.assert_close(as_int32, as_int64, rtol=0, atol=0)
