@@ -226,6 +226,9 @@ def load_quantized(path, bits: str):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, quantization_config=transformers.BitsAndBytesConfig(**options), device_map="cuda", dtype=torch.float32
     )
+    for module in model.modules():  # bitsandbytes' CPU eval repacking (as in the CPU suite); a no-op on CUDA
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     return with_lora(model)
 
 
