@@ -43,12 +43,22 @@ later training step could write into. So they are always made with inference mod
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field, fields
 
 import torch
 
 from .device import DeviceOps
 from .store import HostStore
+
+# Note: [Whole-layer fallback]
+# A routed layer's experts are copied once its experts call knows the routing: nothing overlaps that copy. When
+# each of the layer's last WHOLE_LAYER_WINDOW routed calls (two training steps: forward and recompute) used at least
+# WHOLE_LAYER_SHARE of the experts of each region, the forward loads (and prefetches) the layer whole instead, as
+# expert_fetch="all" would: a few more bytes, but copied ahead, behind the previous layer's compute. The experts call
+# then finds every expert in place (positions are the expert ids). The backward keeps the forward's exact set.
+WHOLE_LAYER_WINDOW = 4
+WHOLE_LAYER_SHARE = 0.75
 
 
 @dataclass
@@ -64,6 +74,7 @@ class StreamStats:
     bytes_to_host: int = 0  # device->host bytes of offloaded activations
     bytes_from_host_activations: int = 0  # host->device bytes of activations brought back for backward
     host_readbacks: int = 0  # device->host reads the host waited for (routed fetch: one per experts call)
+    routed_whole_loads: int = 0  # routed layers prefetched whole because their recent calls used most experts
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -93,6 +104,7 @@ class Streamer:
         self._slots: list[Slot] = []
         self._clock = 0
         self._expert_plans: dict[int, dict[int, list[int]]] = {}  # per layer: the experts its last call used
+        self._expert_hits: dict[tuple[int, int], collections.deque] = {}  # (layer, region): shares of recent calls
         self._scratch: torch.Tensor | None = None  # dense form of the computing layer's encoded weights
         self._scratch_layer: int | None = None  # whose decoded weights the scratch holds
 
@@ -125,7 +137,7 @@ class Streamer:
         pack.bind(slot.buffer, views)
         if pack.encoded:
             self._materialize(index, slot)
-        if self._is_routed(pack) and direction > 0:
+        if self._is_routed(pack) and direction > 0 and not self._holds_all_experts(slot, pack):
             slot.deferred_prefetch = direction
         else:
             self._prefetch_after(index, direction)
@@ -154,6 +166,8 @@ class Streamer:
             present.extend(missing)
             self.stats.experts_skipped -= len(missing)
         self._expert_plans.setdefault(index, {})[region] = sorted(experts)
+        hits = self._expert_hits.setdefault((index, region), collections.deque(maxlen=WHOLE_LAYER_WINDOW))
+        hits.append(len(set(experts)) / expert_region.num_experts)
         if slot.deferred_prefetch is not None:
             direction, slot.deferred_prefetch = slot.deferred_prefetch, None
             self._prefetch_after(index, direction)
@@ -249,13 +263,25 @@ class Streamer:
     def _is_routed(self, pack) -> bool:
         return self.routed and bool(pack.experts)
 
+    def _mostly_hit(self, index: int) -> bool:
+        """Whether the last routed calls of layer `index` each used most experts of every region."""
+        regions = [self._expert_hits.get((index, r)) for r in range(len(self.store.packs[index].experts))]
+        return all(h is not None and len(h) == WHOLE_LAYER_WINDOW and min(h) >= WHOLE_LAYER_SHARE for h in regions)
+
+    @staticmethod
+    def _holds_all_experts(slot: Slot, pack) -> bool:
+        return all(len(slot.experts.get(r, ())) == region.num_experts for r, region in enumerate(pack.experts))
+
     def _load(self, index: int, slot: Slot, expert_plan: dict[int, list[int]] | None = None) -> None:
         """Copy layer `index` into `slot`: whole, or for a routed layer its base and the planned experts."""
         pack = self.store.packs[index]
         routed = self._is_routed(pack)
+        if routed and expert_plan is None and self._mostly_hit(index):  # see Note: [Whole-layer fallback]
+            routed = False
+            self.stats.routed_whole_loads += 1
         nbytes = pack.base_nbytes if routed else pack.nbytes
         copy_stream = self.ops.copy_stream
-        slot.experts = {}
+        slot.experts = {} if routed else {r: list(range(region.num_experts)) for r, region in enumerate(pack.experts)}
         with self.ops.on_copy_stream():
             self.ops.wait_event(slot.freed, copy_stream)
             self.ops.copy_(slot.buffer[:nbytes], pack.host[:nbytes], non_blocking=pack.pinned)
