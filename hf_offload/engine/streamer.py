@@ -100,6 +100,10 @@ class Streamer:
         self.ops = ops
         self.prefetch = prefetch
         self.routed = routed  # see Note: [Routed expert fetch]
+        # Staged copies (Note: [Bounce buffers] in device.py) hold the host until the device has read each chunk:
+        # started at acquire, before the layer's kernels are enqueued, the device would idle meanwhile. So with any
+        # unpinned layer, prefetches start at release, once the layer's work is enqueued, and overlap it.
+        self._prefetch_at_release = ops.stages_unpinned_copies and any(not p.pinned for p in store.packs)
         self.stats = StreamStats()
         self._slots: list[Slot] = []
         self._clock = 0
@@ -137,7 +141,9 @@ class Streamer:
         pack.bind(slot.buffer, views)
         if pack.encoded:
             self._materialize(index, slot)
-        if self._is_routed(pack) and direction > 0 and not self._holds_all_experts(slot, pack):
+        if self._prefetch_at_release or (
+            self._is_routed(pack) and direction > 0 and not self._holds_all_experts(slot, pack)
+        ):
             slot.deferred_prefetch = direction
         else:
             self._prefetch_after(index, direction)
@@ -186,7 +192,7 @@ class Streamer:
             slot.freed = self.ops.record_event()
             slot.in_use = False
             slot.host_version = self.host_version(index)  # bumps inside the window are not host changes
-            if slot.deferred_prefetch is not None:  # the layer ran no experts (no tokens routed anywhere)
+            if slot.deferred_prefetch is not None:  # staged copies, or a layer that ran no experts
                 direction, slot.deferred_prefetch = slot.deferred_prefetch, None
                 self._prefetch_after(index, direction)
 

@@ -80,3 +80,32 @@ def test_the_plain_cpu_stages_nothing(monkeypatch):
     _, streamed = reference_and_streamed(build("llama"), OffloadConfig(device="cpu", pin_memory=False))
     assert hf_offload.summary(streamed)["unpinned_layers"] == []
     assert not get_runtime(streamed).ops.stages_unpinned_copies
+
+
+@pytest.mark.parametrize("pin_memory", [False, True])
+def test_staged_prefetches_start_once_the_layer_is_enqueued(simulate, pin_memory):
+    """Staging holds the host; started at acquire it would come before the layer's kernels are enqueued."""
+    config = OffloadConfig(device="cpu", prefetch=1, pin_memory=pin_memory)
+    _, streamed = reference_and_streamed(build("llama"), config)
+    streamer = get_runtime(streamed).streamer
+    events = []
+
+    def spy(name):
+        original = getattr(streamer, name)
+
+        def call(index, *rest):
+            events.append((name, index))
+            return original(index, *rest)
+
+        return call
+
+    for name in ("acquire", "release", "_load"):
+        setattr(streamer, name, spy(name))
+    streamed.eval()
+    with torch.no_grad():
+        streamed(**left_padded_batch(VOCAB))
+    for j in range(1, 4):  # what the streamer was doing when it started loading layer j
+        before = [e for e in events[: events.index(("_load", j))] if e[0] != "_load"]
+        # pinned: prefetched while layer j - 1 is acquired; staged: right after layer j - 1 is released
+        assert before[-1] == ("acquire" if pin_memory else "release", j - 1), (j, before[-1])
+    assert hf_offload.stats(streamed)["layer_reuses"] == 3  # layers 1..3 were found prefetched either way
