@@ -169,15 +169,19 @@ def test_routed_ids_and_positions_cost_one_host_sync_on_cuda():
     index = torch.tensor([[0, 3], [3, 5], [1, 0], [5, 6], [6, 0], [3, 1]], device="cuda")
     weights = torch.full((6, 2), 0.5, device="cuda")
     runtime.streamer.acquire(0, +1)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.no_grad():
-            forward(hidden, index, weights)
+            forward(hidden[:3], index[:3], weights[:3])  # warm-up (experts 0, 1, 3, 5): second slot, pinned blocks
+            readbacks = runtime.ops.readbacks
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                forward(hidden, index, weights)  # appends expert 6 to the slot: a copy, no sync
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
     finally:
-        torch.cuda.set_sync_debug_mode("default")
         runtime.streamer.release(0)
-    assert runtime.ops.readbacks == 1
+    assert runtime.ops.readbacks == readbacks + 1
 
 
 # --- without page-locked memory ------------------------------------------------------------------------------------
