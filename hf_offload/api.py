@@ -99,7 +99,8 @@ def stats(model: nn.Module) -> dict[str, int]:
 
     Returns:
         A dict of counters: bytes_to_device, layer_loads, layer_reuses, peak_resident_layers, experts_loaded,
-        experts_skipped, bytes_to_host, bytes_from_host_activations.
+        experts_skipped, bytes_to_host, bytes_from_host_activations, host_readbacks (device-to-host reads the
+        host waited for: one per routed experts call), routed_whole_loads.
 
     Raises:
         RuntimeError: streaming is not on for this model.
@@ -120,7 +121,9 @@ def reset_stats(model: nn.Module) -> None:
 def summary(model: nn.Module) -> StreamingSummary:
     """Static facts of a streamed model: layers, host store bytes, device slot and scratch bytes, bytes per train
     step, base_weight_dtype and how many linear weights it quantized, and for Mixture-of-Experts models
-    expert_fetch, moe_layers (layers whose experts can be fetched by routing) and expert_bytes.
+    expert_fetch, moe_layers (layers whose experts can be fetched by routing) and expert_bytes; unpinned_layers
+    (layers not in page-locked memory, whose copies are staged through bounce buffers); on the CPU,
+    simulated_async_seed (the seed of the simulated asynchronous device, None when it is off).
 
     Returns:
         A frozen `StreamingSummary`; `.as_dict()` for a plain dict.

@@ -16,7 +16,7 @@ from torch import nn
 from ..config import OffloadConfig
 from . import compat, hostmem
 from .anatomy import check_streamable
-from .device import DeviceOps, resolve_device
+from .device import BOUNCE_BUFFERS, DeviceOps, resolve_device
 from .facts import StreamingSummary, bytes_per_train_step
 from .layer_fn import call_streamed_layer
 from .moe import RoutedExperts, find_expert_groups, has_unroutable_experts
@@ -39,8 +39,9 @@ class LayerStreamingRuntime:
         self.device = resolve_device(config.device)
         self.prefetch = _effective_prefetch(config.prefetch, len(self.anatomy.layers))
         self.ops = DeviceOps(self.device)
-        pin = config.pin_memory if config.pin_memory is not None else self.device.type == "cuda"
-        if pin and self.ops.is_cpu:
+        simulated = self.ops.simulation is not None
+        pin = config.pin_memory if config.pin_memory is not None else self.device.type == "cuda" or simulated
+        if pin and self.ops.is_cpu and not simulated:
             logger.info("hf_offload: pin_memory has no effect when layers compute on the CPU")
         codec = make_codec(config.base_weight_dtype)
         if config.check_host_memory:
@@ -58,6 +59,7 @@ class LayerStreamingRuntime:
             keep_resident=self.anatomy.shared_outside,
             expert_groups=lambda index: [g.params for g in groups[index]],
         )
+        self._warn_unpinned(pin)
         self.streamer = Streamer(self.store, self.ops, self.prefetch, routed=routed)
         self.routed_experts = RoutedExperts(groups if routed else [], self.streamer)
         self.routed_experts.install(self._host_views)
@@ -67,15 +69,12 @@ class LayerStreamingRuntime:
         self._install_layer_forwards()
         self._handles: list[Any] = []
         self._install_quantized_guards()
-        self._guarded_applies: list[nn.Module] = []
         self._install_cast_guards(model)
-        self._guarded_saves: list[nn.Module] = []
         if any(pack.encoded for pack in self.store.packs):
             self._install_full_save_guard(model)
-        parent = _parent_module(model, self.anatomy.path)
-        # A new forward of the stack may follow a change of the host weights (load_state_dict, merge_adapter):
-        # slots are only trusted from one forward to its own backward.
-        self._hook = parent.register_forward_pre_hook(lambda module, args: self.streamer.invalidate())
+        # Slots stay valid across steps while the host bytes do not change (Note: [Slot validity] in streamer.py);
+        # peft's merge and unmerge write through `.data`, which no version counter sees.
+        self._install_merge_invalidation()
 
     # --- used by layer_fn ----------------------------------------------------------------------------------------
     def run_layer(self, index: int, direction: int, fn: Callable[[], Any]) -> Any:
@@ -103,6 +102,29 @@ class LayerStreamingRuntime:
         self.streamer.stats.bytes_from_host_activations += host.numel() * host.element_size()
         return host.to(self.device, non_blocking=True)
 
+    def unpinned_layers(self) -> list[int]:
+        """Layers whose copies are staged through bounce buffers (their host buffers are not page-locked)."""
+        if not self.ops.stages_unpinned_copies:
+            return []  # the plain CPU copies synchronously anyway
+        return [pack.index for pack in self.store.packs if not pack.pinned]
+
+    def _warn_unpinned(self, pin_requested: bool) -> None:
+        unpinned = self.unpinned_layers()
+        if not unpinned:
+            return
+        why = "page-locking failed for them" if pin_requested else "pin_memory=False"
+        logger.warning(
+            "hf_offload: %d of %d layers are not in page-locked host memory (%s): their copies to %s are staged "
+            "through %d page-locked bounce buffers of %s, which costs host time per copy. hf_offload.summary(model) "
+            "lists them under unpinned_layers.",
+            len(unpinned),
+            len(self.store.packs),
+            why,
+            self.device,
+            BOUNCE_BUFFERS,
+            hostmem.format_bytes(self.ops.bounce_chunk_bytes),
+        )
+
     # --- description -----------------------------------------------------------------------------------------------
     def summary(self) -> StreamingSummary:
         packs = self.store.packs
@@ -122,6 +144,8 @@ class LayerStreamingRuntime:
             expert_fetch=self.config.expert_fetch,
             moe_layers=sum(bool(p.experts) for p in packs),
             expert_bytes=sum(p.nbytes - p.base_nbytes for p in packs),
+            unpinned_layers=self.unpinned_layers(),
+            simulated_async_seed=None if self.ops.simulation is None else self.ops.simulation.seed,
         )
 
     # --- installation and removal ------------------------------------------------------------------------------------
@@ -158,8 +182,7 @@ class LayerStreamingRuntime:
         store's back: refused on the model, its transformers model and every streamed layer (see `_refuse_cast`)."""
         kinds = {(t.param.dtype, t.param.device) for pack in self.store.packs for t in (*pack.tensors, *pack.encoded)}
         for module in {id(m): m for m in (model, compat.peft_base_model(model), *self.anatomy.layers)}.values():
-            module._apply = _refuse_cast(module, kinds)
-            self._guarded_applies.append(module)
+            self.overrides.replace(module, "_apply", _refuse_cast(module, kinds))
 
     def _install_full_save_guard(self, model: nn.Module) -> None:
         """save_pretrained of the transformers model writes every weight; quantized ones exist only as nf4/int8
@@ -167,20 +190,23 @@ class LayerStreamingRuntime:
         Refused before anything is written; peft's save_pretrained (adapters only) is unaffected."""
         owner = compat.peft_base_model(model)
         if callable(getattr(owner, "save_pretrained", None)):
-            owner.save_pretrained = _refuse_full_save
-            self._guarded_saves.append(owner)
+            self.overrides.replace(owner, "save_pretrained", _refuse_full_save)
 
     def __deepcopy__(self, memo):
         raise_deepcopy_refusal()
 
+    def _install_merge_invalidation(self) -> None:
+        guarded = {id(tuner) for pack in self.store.packs for tuner in pack.quantized_tuners}  # merging refused
+        for layer in self.anatomy.layers:
+            for module in layer.modules():
+                if compat.is_peft_tuner_layer(module) and id(module) not in guarded:
+                    for name in ("merge", "unmerge"):
+                        if callable(getattr(module, name, None)):
+                            invalidating = _then_invalidate(getattr(module, name), self.streamer)
+                            self.overrides.replace(module, name, invalidating)
+
     def remove(self) -> None:
         """Undo everything: original forwards, weights back in their own storage on their original devices."""
-        for module in self._guarded_applies:
-            del module._apply
-        for module in self._guarded_saves:
-            del module.save_pretrained
-        self._guarded_applies, self._guarded_saves = [], []
-        self._hook.remove()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -256,6 +282,19 @@ def _effective_prefetch(prefetch: int, n_layers: int) -> int:
         n_layers,
     )
     return n_layers - 1
+
+
+def _then_invalidate(method, streamer):
+    """`method`, then forget what the device slots hold (it changed host weights through `.data`)."""
+
+    def call(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        finally:
+            streamer.invalidate()
+
+    call.__wrapped__ = method
+    return call
 
 
 def _explain_whole_layer_experts(groups, reasons: list[str], layers: nn.ModuleList) -> None:
