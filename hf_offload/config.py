@@ -81,6 +81,33 @@ class OffloadConfig:
             "have no experts to route: both values stream them whole."
         },
     )
+    chunked_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "In training forwards with labels, compute the output head and the cross-entropy in chunks of "
+            "tokens (each chunk recomputed in backward), so the logits of the whole sequence never exist: for long "
+            "sequences they are the largest tensors of a step. Exact; the model's `outputs.logits` is then an empty "
+            "tensor of shape (batch, sequence, 0) (the loss is what training needs). Eval, predict, generate() and "
+            "forwards without labels return full logits."
+        },
+    )
+    loss_chunk_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per chunk of `chunked_loss`. None: as many as keep one chunk's float32 logits under "
+            "256 MiB (2,097 tokens with a 32k vocabulary, 441 with 152k)."
+        },
+    )
+    mlp_tile_tokens: int | None = field(
+        default=8192,
+        metadata={
+            "help": "When a streamed decoder layer's input holds more tokens than this, its MLP computes in "
+            "sequence tiles of about this many tokens (in the forward and in the backward recompute, each tile "
+            "recomputed for its own backward), so the MLP's intermediate activations exist for one tile at a time. "
+            "Exact. Dense MLPs only (a `mlp`, `feed_forward` or `ffn` child of linear layers and activations); an "
+            "MLP that draws random numbers (dropout, LoRA dropout) computes whole. None turns tiling off."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.device is not None:
@@ -101,7 +128,13 @@ class OffloadConfig:
                 f"`base_weight_dtype` should be one of {', '.join(map(repr, BASE_WEIGHT_DTYPES))} or None, but the "
                 f"value passed is {self.base_weight_dtype!r}"
             )
-        for name in ("offload_activations", "preserve_rng_state", "check_host_memory"):
+        for name in ("loss_chunk_tokens", "mlp_tile_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(
+                    f"`{name}` should be a positive number of tokens or None, but the value passed is {value!r}"
+                )
+        for name in ("offload_activations", "preserve_rng_state", "check_host_memory", "chunked_loss"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"`{name}` should be True or False, but the value passed is {value!r}")

@@ -16,12 +16,14 @@ from torch import nn
 from ..config import OffloadConfig
 from . import compat, hostmem
 from .anatomy import find_decoder_layers
+from .chunked_loss import ChunkedLoss
 from .device import DeviceOps, resolve_device
 from .layer_fn import call_streamed_layer
 from .moe import RoutedExperts, find_expert_groups, has_unroutable_experts
 from .quant import make_codec
 from .store import HostStore, layout_layer, validate_layers
 from .streamer import Streamer
+from .tiled_mlp import TiledMLPs
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,13 @@ class LayerStreamingRuntime:
         self._handles: list[Any] = []
         self._guarded_merges: list[tuple[nn.Module, Any]] = []
         self._install_quantized_guards()
+        # Long sequences: MLPs in tiles, head and loss in chunks (see tiled_mlp.py and chunked_loss.py).
+        self.tiled_mlps = TiledMLPs(self.anatomy.layers, self.ops, config.mlp_tile_tokens)
+        self.chunked_loss = (
+            ChunkedLoss(compat.peft_base_model(model), self.ops, config.loss_chunk_tokens)
+            if config.chunked_loss
+            else None
+        )
         parent = _parent_module(model, self.anatomy.path)
         # A new forward of the stack may follow a change of the host weights (load_state_dict, merge_adapter):
         # slots are only trusted from one forward to its own backward.
@@ -152,6 +161,9 @@ class LayerStreamingRuntime:
     def remove(self) -> None:
         """Undo everything: original forwards, weights back in their own storage on their original devices."""
         self._hook.remove()
+        if self.chunked_loss is not None:
+            self.chunked_loss.remove()
+        self.tiled_mlps.remove()
         for handle in self._handles:
             handle.remove()
         for tuner, previous in self._guarded_merges:
