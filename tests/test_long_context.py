@@ -235,3 +235,35 @@ def test_tiled_mlp_under_cpu_autocast_matches():
     for name, g in grads_ref.items():
         assert (grads_st[name] - g).norm() / g.norm() < 5e-2, name
     assert runtime(streamed).tiled_mlps.tiled_calls > 0
+
+
+def test_trainer_flag_on_a_long_sequence_logs_the_losses_of_an_ordinary_run(tmp_path, monkeypatch):
+    """OffloadTrainer with the flag vs a plain Trainer with the same LoRA, on 8,200-token rows: the MLPs tile at the
+    default threshold (8,192 tokens) and the loss runs in chunks of 1,024 tokens (small chunk budget)."""
+    from faces import logged, tiny_args, token_dataset
+    from transformers import Trainer
+
+    from hf_offload import OffloadTrainer
+
+    monkeypatch.setattr(chunked_loss, "DEFAULT_CHUNK_BYTES", 4 * VOCAB * 1024)
+    # No attention dropout: on the CPU, attention with dropout materializes (heads x tokens x tokens) weights.
+    kwargs = dict(FAMILIES["llama"][1], attention_dropout=0.0, max_position_embeddings=8256, num_hidden_layers=2)
+    base = instantiate("LlamaConfig", kwargs)
+    data = token_dataset(rows=2, length=8200)
+    common = dict(max_steps=2, per_device_train_batch_size=1, offload_lora_dropout=0.0)
+
+    plain_args = tiny_args(tmp_path / "plain", **common)
+    torch.manual_seed(0)
+    plain_model = get_peft_model(copy.deepcopy(base), plain_args.lora_config())
+    plain = Trainer(model=plain_model, args=plain_args, train_dataset=data)
+    plain.train()
+
+    args = tiny_args(tmp_path / "streamed", layer_streaming=True, **common)
+    torch.manual_seed(0)
+    streamed = OffloadTrainer(model=copy.deepcopy(base), args=args, train_dataset=data)
+    streamed.train()
+    engine = runtime(streamed.model)
+    assert len(logged(plain)) == 2
+    assert logged(streamed) == pytest.approx(logged(plain), rel=1e-5)
+    # 2 steps, each chunked; 2 steps x (forward + backward recompute) x 2 layers tiled
+    assert engine.chunked_loss.chunked_forwards == 2 and engine.tiled_mlps.tiled_calls == 2 * 2 * 2
