@@ -267,3 +267,23 @@ def test_trainer_flag_on_a_long_sequence_logs_the_losses_of_an_ordinary_run(tmp_
     assert logged(streamed) == pytest.approx(logged(plain), rel=1e-5)
     # 2 steps, each chunked; 2 steps x (forward + backward recompute) x 2 layers tiled
     assert engine.chunked_loss.chunked_forwards == 2 and engine.tiled_mlps.tiled_calls == 2 * 2 * 2
+
+
+@pytest.mark.slow  # two fresh processes: ~25 s on 2 busy cores
+def test_streamed_step_peak_memory_is_a_fraction_of_the_ordinary_one():
+    """tools/long_context_memory.py at a small size: 1,024 tokens, a 16k vocabulary, 128-token loss chunks."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "long_context_memory.py"
+    spec = importlib.util.spec_from_file_location("long_context_memory", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = argparse.Namespace(
+        tokens=[1024], vocab=16000, hidden=128, layers=2, threads=1, loss_chunk_tokens=128, mlp_tile_tokens=256
+    )
+    (row,) = tool.run(args)
+    assert row["exact"], row
+    assert row["chunked_forwards"] == 1 and row["tiled_mlp_calls"] == 2 * 2, row
+    assert row["ratio"] <= 0.25, row

@@ -80,7 +80,12 @@ def run_case(mode: str, tokens: int, out: str, args: argparse.Namespace) -> dict
 
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     torch.save({"loss": loss.detach(), "grads": grads}, out)
-    return {"mode": mode, "tokens": tokens, "peak_growth_mib": (peak - before) / 1024, "seconds": seconds}
+    result = {"mode": mode, "tokens": tokens, "peak_growth_mib": (peak - before) / 1024, "seconds": seconds}
+    engine = hf_offload.api.get_runtime(model)
+    if engine is not None:  # what ran: chunked loss forwards, MLP calls computed in tiles
+        result["chunked_forwards"] = engine.chunked_loss.chunked_forwards if engine.chunked_loss else 0
+        result["tiled_mlp_calls"] = engine.tiled_mlps.tiled_calls
+    return result
 
 
 def compare(reference: str, streamed: str) -> dict:
@@ -129,6 +134,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "streamed_mib": results["streamed"]["peak_growth_mib"],
                 "ordinary_s": results["ordinary"]["seconds"],
                 "streamed_s": results["streamed"]["seconds"],
+                "chunked_forwards": results["streamed"].get("chunked_forwards"),
+                "tiled_mlp_calls": results["streamed"].get("tiled_mlp_calls"),
             }
             row["ratio"] = row["streamed_mib"] / row["ordinary_mib"]
             row.update(compare(paths["ordinary"], paths["streamed"]))
