@@ -14,19 +14,22 @@ training forward with labels (training mode, grad enabled, `labels` passed, the 
    calls `self.loss_function`, which for this forward is `_ChunkedLoss.loss`;
 3. that loss checks that the family transformed the probe exactly as `LOGIT_TRANSFORMS` says it does (else it
    stops with an error: the model does something to its logits this module does not know), shifts the labels as
-   `ForCausalLMLoss` does, keeps the tokens whose label is not `ignore_index`, and runs `_HeadLoss`: an autograd
-   Function whose forward computes head -> transform -> float32 -> cross-entropy sum chunk by chunk without a graph,
-   and whose backward recomputes each chunk with a graph and backprops it before the next. Only one chunk's logits
-   and their gradient exist at a time. The sum is divided by `num_items_in_batch` when given (the Trainer's count),
-   else by the number of kept tokens, as `ForCausalLMLoss` does;
+   `ForCausalLMLoss` does, and runs `_HeadLoss`: an autograd Function whose forward computes head -> transform ->
+   float32 -> cross-entropy sum (with `ignore_index`) chunk by chunk without a graph, and whose backward recomputes
+   each chunk with a graph and backprops it before the next. Only one chunk's logits and their gradient exist at a
+   time. The sum is divided by `num_items_in_batch` when given (the Trainer's count), else by the number of tokens
+   whose label is not ignored, as `ForCausalLMLoss` does. With one chunk, the operations are those of
+   `ForCausalLMLoss` on the same tensors (the loss and gradients are bitwise those of an ordinary step); with
+   several, they differ only in the order of float summation;
 4. the model's code adds what it adds after the loss (the MoE router aux loss) as in an ordinary step, and
    `outputs.logits` is replaced by an empty tensor of shape (batch, sequence, 0): the full logits were never built.
 
 Eval, predict and `generate()` (eval mode or no grad), and forwards without labels, get full logits as always.
 A head that draws random numbers (LoRA dropout on `lm_head`) could not be chunked exactly: it is detected on the
-first token and that forward runs unchunked. Tokens with an ignored label skip the head altogether (their gradient is
-zero either way). The head is called through its module (its hooks run), once per chunk, so tied heads and trainable
-heads (LoRA on `lm_head`, `modules_to_save`) get their gradients summed over chunks.
+first token and that forward runs unchunked. A chunk whose labels are all ignored (a long masked prompt) skips the
+head altogether (its loss and gradient are zero either way). The head is called through its module (its hooks run),
+once per chunk, so tied heads and trainable heads (LoRA on `lm_head`, `modules_to_save`) get their gradients summed
+over chunks.
 """
 
 from __future__ import annotations
@@ -143,16 +146,14 @@ class _Step:
 class _Job:
     """What `_HeadLoss` needs to compute one chunk again in backward."""
 
-    def __init__(self, owner: ChunkedLoss, step: _Step, targets: torch.Tensor, chunk: int, params: list):
+    def __init__(self, owner: ChunkedLoss, step: _Step, targets: torch.Tensor, ignore_index: int, bounds, params):
         self.owner = owner
         self.step = step
         self.targets = targets
-        self.chunk = chunk
+        self.ignore_index = ignore_index
+        self.bounds = bounds  # (lo, hi) of the chunks that hold at least one label that is not ignored
         self.params = params
         self.autocast_state = _autocast_state(targets.device.type)
-
-    def bounds(self, rows: int) -> list[tuple[int, int]]:
-        return [(lo, min(lo + self.chunk, rows)) for lo in range(0, rows, self.chunk)]
 
     def chunk_loss(self, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Cross-entropy summed over tokens lo:hi, computed from their hidden states as the model's forward would."""
@@ -163,11 +164,12 @@ class _Job:
         finally:
             self.step.passthrough = False
         logits = owner.transform(owner.model, logits)
-        return nn.functional.cross_entropy(logits.float(), self.targets[lo:hi], reduction="sum")
+        targets = self.targets[lo:hi]
+        return nn.functional.cross_entropy(logits.float(), targets, ignore_index=self.ignore_index, reduction="sum")
 
 
 class _HeadLoss(torch.autograd.Function):
-    """Cross-entropy summed over `rows` (hidden states of the kept tokens), chunk by chunk.
+    """Cross-entropy summed over `rows` (the hidden states of every token), chunk by chunk.
 
     See Note: [Chunked loss].
     """
@@ -175,7 +177,7 @@ class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, job: _Job, rows: torch.Tensor, *params):
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
-        for lo, hi in job.bounds(rows.shape[0]):
+        for lo, hi in job.bounds:
             total += job.chunk_loss(rows[lo:hi], lo, hi)
         ctx.save_for_backward(rows)
         ctx.job = job
@@ -187,10 +189,10 @@ class _HeadLoss(torch.autograd.Function):
         job: _Job = ctx.job
         need_rows = ctx.needs_input_grad[1]
         params = [p for p, need in zip(job.params, ctx.needs_input_grad[2:]) if need]
-        grad_rows = torch.empty_like(rows) if need_rows else None
+        grad_rows = torch.zeros_like(rows) if need_rows else None  # rows of skipped chunks: zero
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         if need_rows or params:
-            for lo, hi in job.bounds(rows.shape[0]):
+            for lo, hi in job.bounds:
                 # The chunk is recomputed under the forward's autocast state; the backward runs under the caller's.
                 with torch.enable_grad(), _autocast(job.autocast_state):
                     chunk = rows[lo:hi].detach().requires_grad_(need_rows)
@@ -367,13 +369,14 @@ class ChunkedLoss:
             raise ValueError(
                 f"Expected input batch_size ({rows.shape[0]}) to match target batch_size ({targets.shape[0]})."
             )
-        kept = (targets != ignore_index).nonzero().squeeze(1)
         chunk = self.chunk_tokens or max(1, DEFAULT_CHUNK_BYTES // (4 * step.vocab))
+        kept = (targets != ignore_index).cpu()  # one transfer: which chunks to compute, and the mean's count
+        bounds = [(lo, lo + chunk) for lo in range(0, rows.shape[0], chunk) if kept[lo : lo + chunk].any()]
         params = [p for p in self.head.parameters() if p.requires_grad]
-        job = _Job(self, step, targets.index_select(0, kept), chunk, params)
-        total = _HeadLoss.apply(job, rows.index_select(0, kept), *params)
+        job = _Job(self, step, targets, ignore_index, bounds, params)
+        total = _HeadLoss.apply(job, rows, *params)
         if num_items_in_batch is None:
-            return total / torch.tensor(kept.numel(), dtype=total.dtype, device=total.device)
+            return total / torch.tensor(int(kept.sum()), dtype=total.dtype, device=total.device)
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(total.device)
         return total / num_items_in_batch
