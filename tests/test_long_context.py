@@ -287,3 +287,16 @@ def test_streamed_step_peak_memory_is_a_fraction_of_the_ordinary_one():
     assert row["exact"], row
     assert row["chunked_forwards"] == 1 and row["tiled_mlp_calls"] == 2 * 2, row
     assert row["ratio"] <= 0.25, row
+
+
+def test_chunks_whose_labels_are_all_ignored_skip_the_head():
+    """A masked prompt: rows of 12 tokens whose first 10 labels are ignored, 5-token chunks over the 36 tokens."""
+    reference, streamed = reference_and_streamed(build("llama"), OffloadConfig(**SMALL))
+    batch = left_padded_batch(VOCAB)
+    batch["labels"][:, :10] = -100
+    calls = []
+    streamed.get_base_model().lm_head.register_forward_hook(lambda *args: calls.append(1))
+    assert_same_step(reference, streamed, batch)
+    # scored tokens (flattened, after the shift): 9, 10, 21, 22, 33, 34 -> chunks 5-10, 10-15, 20-25, 30-35.
+    # The model's own call of the head, then 4 chunks in the forward and 4 in the backward (of 8 chunks).
+    assert len(calls) == 1 + 4 + 4
