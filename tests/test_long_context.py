@@ -300,3 +300,41 @@ def test_chunks_whose_labels_are_all_ignored_skip_the_head():
     # scored tokens (flattened, after the shift): 9, 10, 21, 22, 33, 34 -> chunks 5-10, 10-15, 20-25, 30-35.
     # The model's own call of the head, then 4 chunks in the forward and 4 in the backward (of 8 chunks).
     assert len(calls) == 1 + 4 + 4
+
+
+def test_tiled_mlp_with_a_quantized_host_store_equals_the_dequantized_model():
+    """nf4 base weights: the tiles (and their recompute in backward) run inside the layer's dequantization window."""
+    from parity import with_lora
+    from test_quant import dequantized_reference
+
+    base = build("llama")
+    streamed = with_lora(copy.deepcopy(base))
+    hf_offload.enable_layer_streaming(streamed, OffloadConfig(base_weight_dtype="nf4", **SMALL))
+    reference = dequantized_reference(base, streamed)  # same adapters: with_lora seeds them alike
+    for model in (reference, streamed):  # no LoRA dropout, so that the MLPs tile
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Dropout) and ".lora_dropout." in name:
+                module.p = 0.0
+    assert_same_step(reference, streamed, left_padded_batch(VOCAB))
+    assert runtime(streamed).tiled_mlps.tiled_calls == 8
+
+
+def test_labels_passed_by_position_are_seen():
+    reference, streamed = reference_and_streamed(build("llama"), OffloadConfig(**SMALL))
+    batch = left_padded_batch(VOCAB)
+    inner = streamed.get_base_model()
+    inner.train()
+    # LlamaForCausalLM.forward(input_ids, attention_mask, position_ids, cache, inputs_embeds, labels, ...)
+    out = inner(batch["input_ids"], batch["attention_mask"], None, None, None, batch["labels"])
+    assert out.logits.shape == (3, 12, 0) and runtime(streamed).chunked_loss.chunked_forwards == 1
+
+
+def test_trainable_head_through_modules_to_save_matches():
+    targets = ["q_proj", "v_proj"]
+    reference, streamed = reference_and_streamed(
+        build("qwen2"), OffloadConfig(**SMALL), target_modules=targets, modules_to_save=["lm_head"]
+    )
+    loss, grads = train_step(reference, left_padded_batch(VOCAB))
+    assert any("modules_to_save" in name and "lm_head" in name for name in grads)
+    assert_same_step(reference, streamed, left_padded_batch(VOCAB))
+    assert runtime(streamed).chunked_loss.chunked_forwards >= 1
