@@ -167,6 +167,14 @@ def token_terms(
     Boundary activations grow with the tokens (unless offloaded). A layer's recompute keeps its activations, but
     with the MLP in tiles its intermediates only for one tile. The loss keeps one chunk of logits (plus the hidden
     states of the tokens it scores) when chunked, else the whole logits.
+
+    Args:
+        sizes: the model's sizes (`measure`).
+        tokens: tokens per micro-batch (batch x seq).
+        offload_activations, chunked_loss, loss_chunk_tokens, mlp_tile_tokens: the OffloadConfig options.
+
+    Returns:
+        {"boundary_activations", "layer_activations", "logits"}: bytes on the device.
     """
     act = 4 if sizes.dtype == torch.float32 else 2
     per_hidden, per_inter = LAYER_ACTIVATIONS_PER_TOKEN
@@ -184,7 +192,17 @@ def token_terms(
 
 
 def longest_micro_batch(sizes: ModelSizes, fixed_bytes: int, budget: float, **options) -> int:
-    """The most tokens per micro-batch whose device bytes (`fixed_bytes` + `token_terms`) fit `budget`; 0 if none."""
+    """The longest micro-batch that fits the GPU.
+
+    Args:
+        sizes: the model's sizes (`measure`).
+        fixed_bytes: device bytes that do not depend on the tokens (slots, resident modules, adapters, optimizer).
+        budget: device bytes available.
+        options: `token_terms` options.
+
+    Returns:
+        The most tokens per micro-batch whose device bytes (`fixed_bytes` + `token_terms`) fit `budget`; 0 if none.
+    """
 
     def fits(tokens: int) -> bool:
         return fixed_bytes + sum(token_terms(sizes, tokens, **options).values()) <= budget

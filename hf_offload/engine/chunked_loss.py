@@ -37,7 +37,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -121,7 +121,14 @@ def _identity(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
 
 
 def logit_transform(model: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
-    """What `model`'s forward does to the head's output before its loss (see LOGIT_TRANSFORMS)."""
+    """What `model`'s forward does to the head's output before its loss.
+
+    Args:
+        model: a transformers causal LM (not a peft wrapper).
+
+    Returns:
+        A function (model, logits) -> logits: its entry in `LOGIT_TRANSFORMS`, else the identity.
+    """
     return LOGIT_TRANSFORMS.get(getattr(getattr(model, "config", None), "model_type", None), _identity)
 
 
@@ -140,7 +147,6 @@ class _Step:
     vocab: int = 0
     restore_loss_function: Callable[[], None] | None = None
     passthrough: bool = False  # the head computes for real (the chunks of _HeadLoss)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class _Job:
@@ -211,7 +217,13 @@ class _HeadLoss(torch.autograd.Function):
 
 
 class ChunkedLoss:
-    """Installed on a streamed causal LM (the transformers model, inside any peft wrapper); see Note: [Chunked loss]."""
+    """Installed on a streamed causal LM (the transformers model, inside any peft wrapper); see Note: [Chunked loss].
+
+    Args:
+        model: the transformers model (its head is replaced on the instance, hooks go on the model; `remove` undoes).
+        ops: the device's operations (random generator state).
+        chunk_tokens: tokens per chunk; None: as many as keep a chunk's float32 logits under `DEFAULT_CHUNK_BYTES`.
+    """
 
     def __init__(self, model: nn.Module, ops: DeviceOps, chunk_tokens: int | None):
         self.model = model
@@ -242,6 +254,7 @@ class ChunkedLoss:
         self._handles.append(model.register_forward_hook(self._disarm, always_call=True))
 
     def remove(self) -> None:
+        """Give the head its forward back and remove the hooks."""
         for handle in self._handles:
             handle.remove()
         self._handles = []

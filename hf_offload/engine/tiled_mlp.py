@@ -37,7 +37,14 @@ MLP_NAMES = ("mlp", "feed_forward", "ffn")
 
 
 def find_mlp(layer: nn.Module) -> nn.Module | None:
-    """The dense, per-token MLP child of a decoder layer, or None (see Note: [Tiled MLP])."""
+    """The dense, per-token MLP of a decoder layer (see Note: [Tiled MLP]).
+
+    Args:
+        layer: one decoder layer.
+
+    Returns:
+        Its `mlp`, `feed_forward` or `ffn` child when that is a dense MLP, else None.
+    """
     for name in MLP_NAMES:
         module = getattr(layer, name, None)
         if isinstance(module, nn.Module) and _is_dense_mlp(module):
@@ -128,7 +135,13 @@ def _contiguous_input(forward):
 
 
 class TiledMLPs:
-    """The tiled forwards installed on the MLPs of the streamed layers; see Note: [Tiled MLP]."""
+    """The tiled forwards installed on the MLPs of the streamed layers; see Note: [Tiled MLP].
+
+    Args:
+        layers: the streamed decoder layers.
+        ops: the device's operations (random generator state).
+        tile_tokens: the threshold and tile size in tokens (batch x sequence); None installs nothing.
+    """
 
     def __init__(self, layers: nn.ModuleList, ops: DeviceOps, tile_tokens: int | None):
         self.ops = ops
@@ -148,6 +161,7 @@ class TiledMLPs:
             mlp.forward = self._tiled_forward(mlp, mlp.forward)
 
     def remove(self) -> None:
+        """Give every MLP its forward back."""
         for mlp, previous in self._saved:
             if previous is None:
                 del mlp.forward
