@@ -164,6 +164,16 @@ def test_outputs_logits_in_a_chunked_step_and_full_logits_elsewhere():
     assert runtime(streamed).chunked_loss.chunked_forwards == 2
 
 
+def test_summary_shows_the_long_sequence_options():
+    _, streamed = reference_and_streamed(build("gpt2"), OffloadConfig(**SMALL))
+    summary = hf_offload.summary(streamed)
+    assert summary["chunked_loss"] and summary["loss_chunk_tokens"] == 5 and summary["mlp_tile_tokens"] == 8
+    assert summary["tiled_mlp_layers"] == 4
+    _, plain = reference_and_streamed(build("bloom"), OffloadConfig(device="cpu", chunked_loss=False))
+    summary = hf_offload.summary(plain)
+    assert not summary["chunked_loss"] and summary["tiled_mlp_layers"] == 0  # Bloom's MLP takes the residual
+
+
 def test_chunked_loss_off_keeps_full_logits():
     reference, streamed = reference_and_streamed(build("llama"), OffloadConfig(device="cpu", chunked_loss=False))
     batch = left_padded_batch(VOCAB)

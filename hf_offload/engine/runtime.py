@@ -128,6 +128,12 @@ class LayerStreamingRuntime:
             # with expert_fetch="routed", bytes_per_train_step is the bound reached when every expert is routed to
             "moe_layers": sum(bool(p.experts) for p in self.store.packs),
             "expert_bytes": sum(p.nbytes - p.base_nbytes for p in self.store.packs),
+            # long sequences: training losses in chunks (when the model's head was found), MLPs tiled above
+            # mlp_tile_tokens tokens in this many layers (dense MLPs)
+            "chunked_loss": self.chunked_loss is not None and self.chunked_loss.head is not None,
+            "loss_chunk_tokens": self.config.loss_chunk_tokens,
+            "mlp_tile_tokens": self.config.mlp_tile_tokens,
+            "tiled_mlp_layers": len(self.tiled_mlps.mlps),
         }
 
     # --- installation and removal ------------------------------------------------------------------------------------
