@@ -291,7 +291,14 @@ def test_streamed_step_peak_memory_is_a_fraction_of_the_ordinary_one():
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     args = argparse.Namespace(
-        tokens=[1024], vocab=16000, hidden=128, layers=2, threads=1, loss_chunk_tokens=128, mlp_tile_tokens=256
+        tokens=[1024],
+        vocab=16000,
+        hidden=128,
+        layers=2,
+        threads=1,
+        loss_chunk_tokens=128,
+        mlp_tile_tokens=256,
+        chunked_loss=True,
     )
     (row,) = tool.run(args)
     assert row["exact"], row

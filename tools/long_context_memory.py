@@ -61,6 +61,7 @@ def run_case(mode: str, tokens: int, out: str, args: argparse.Namespace) -> dict
     model = get_peft_model(model, lora)
     if mode == "streamed":
         options = dict(loss_chunk_tokens=args.loss_chunk_tokens, mlp_tile_tokens=args.mlp_tile_tokens)
+        options["chunked_loss"] = args.chunked_loss
         options = {k: v for k, v in options.items() if v is not None}  # unset: hf_offload's defaults
         hf_offload.enable_layer_streaming(model, hf_offload.OffloadConfig(device="cpu", **options))
     generator = torch.Generator().manual_seed(7)
@@ -118,6 +119,7 @@ def _shared(args: argparse.Namespace) -> list[str]:
         shared += ["--loss-chunk-tokens", str(args.loss_chunk_tokens)]
     if args.mlp_tile_tokens is not None:
         shared += ["--mlp-tile-tokens", str(args.mlp_tile_tokens)]
+    shared += ["--chunked-loss" if args.chunked_loss else "--no-chunked-loss"]
     return shared
 
 
@@ -153,6 +155,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--loss-chunk-tokens", type=int, default=None, help="None: hf_offload's default")
     parser.add_argument("--mlp-tile-tokens", type=int, default=None, help="None: hf_offload's default")
+    parser.add_argument(
+        "--chunked-loss",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="streamed step with the chunked loss (default) or without it (to see what it saves)",
+    )
     parser.add_argument("--child", choices=("ordinary", "streamed"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
