@@ -401,8 +401,9 @@ class ChunkedLoss:
             received[(0,) * (received.dim() - 1)].float(), expected.float()
         )
         if not same:
+            model_type = getattr(self.model.config, "model_type", None)
             raise RuntimeError(
-                f"hf_offload: {type(self.model).__name__} (model_type {self.model.config.model_type!r}) transforms "
+                f"hf_offload: {type(self.model).__name__} (model_type {model_type!r}) transforms "
                 "its head's output before the loss in a way hf_offload's chunked loss does not know (see "
                 "hf_offload.engine.chunked_loss.LOGIT_TRANSFORMS). Pass OffloadConfig(chunked_loss=False) for this "
                 "model, and report it so the family can be added."
