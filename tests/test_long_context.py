@@ -355,3 +355,40 @@ def test_trainable_head_through_modules_to_save_matches():
     assert any("modules_to_save" in name and "lm_head" in name for name in grads)
     assert_same_step(reference, streamed, left_padded_batch(VOCAB))
     assert runtime(streamed).chunked_loss.chunked_forwards >= 1
+
+
+# GIT slices the logits along the sequence (image tokens) before its loss: the probe check refuses it loudly.
+REFUSED_BY_THE_PROBE_CHECK = {"git"}
+
+
+def test_every_family_that_transforms_its_logits_is_in_the_table():
+    """Scan the installed transformers: every causal LM whose forward reassigns its logits between the head and
+    `self.loss_function` must have its transform in LOGIT_TRANSFORMS (or be refused by the probe check)."""
+    import re
+    from pathlib import Path
+
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    root = Path(transformers.__file__).parent / "models"
+    transforming, scanned = {}, 0
+    for model_type, class_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        for path in sorted((root / model_type_to_module_name(model_type)).glob("modeling_*.py")):
+            found = re.search(rf"^class {class_name}\(.*?(?=^class |\Z)", path.read_text(), re.S | re.M)
+            if found:
+                break
+        else:
+            continue
+        body = found.group(0)[found.group(0).find("def forward") :]
+        head = re.search(r"^\s*\w*logits\w* = self\.(lm_head|head|embed_out|output)\(.*$", body, re.M)
+        loss = body.find("loss_function(")
+        if head is None or loss < head.end():
+            continue
+        scanned += 1
+        lines = [line.strip() for line in body[head.end() : loss].splitlines()]
+        assignments = [line for line in lines if re.match(r"(lm_|shifted_)?logits\s*=", line)]
+        if assignments:
+            transforming[model_type] = assignments
+    assert scanned > 100 and "gemma2" in transforming and "llama" not in transforming  # the scan sees the code
+    missing = {t: a for t, a in transforming.items() if t not in chunked_loss.LOGIT_TRANSFORMS}
+    assert set(missing) <= REFUSED_BY_THE_PROBE_CHECK, f"add to LOGIT_TRANSFORMS: {missing}"

@@ -59,7 +59,8 @@ def _softcap(attribute: str, upcast: bool = False) -> Callable[[nn.Module, torch
     """logits / cap -> tanh -> * cap, the final logit softcapping of the Gemma line (in float32 when `upcast`)."""
 
     def transform(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-        cap = getattr(model.config, attribute, None)
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        cap = getattr(config, attribute, None)  # multimodal Gemmas read it from their text config
         if cap is None:
             return logits
         if upcast:
@@ -95,8 +96,11 @@ LOGIT_TRANSFORMS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] =
         (
             "gemma2",
             "gemma3_text",
+            "gemma3n",
             "gemma3n_text",
+            "gemma4",
             "gemma4_text",
+            "gemma4_unified",
             "gemma4_unified_text",
             "vaultgemma",
             "nanochat",
