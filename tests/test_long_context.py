@@ -392,3 +392,12 @@ def test_every_family_that_transforms_its_logits_is_in_the_table():
     assert scanned > 100 and "gemma2" in transforming and "llama" not in transforming  # the scan sees the code
     missing = {t: a for t, a in transforming.items() if t not in chunked_loss.LOGIT_TRANSFORMS}
     assert set(missing) <= REFUSED_BY_THE_PROBE_CHECK, f"add to LOGIT_TRANSFORMS: {missing}"
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_with_offloaded_activations_and_other_prefetch_windows(prefetch):
+    config = OffloadConfig(offload_activations=True, prefetch=prefetch, **SMALL)
+    reference, streamed = reference_and_streamed(build("qwen3"), config, lora_dropout=0.0)
+    assert_same_step(reference, streamed, left_padded_batch(VOCAB))
+    assert runtime(streamed).tiled_mlps.tiled_calls == 8 and runtime(streamed).chunked_loss.chunked_forwards == 1
+    assert hf_offload.stats(streamed)["bytes_to_host"] > 0
