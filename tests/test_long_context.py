@@ -72,7 +72,10 @@ def with_expert_lora(model, family):
     return get_peft_model(model, config)
 
 
-@pytest.mark.parametrize("family", [f for f in CORE if f in MOE_FAMILIES])
+MOE_ALL = [f if f in CORE else pytest.param(f, marks=pytest.mark.slow) for f in MOE_FAMILIES]
+
+
+@pytest.mark.parametrize("family", MOE_ALL)
 def test_moe_chunked_loss_with_aux_loss_equals_ordinary(family):
     base = build_moe(family)
     batch = left_padded_batch(VOCAB)
@@ -87,8 +90,10 @@ def test_moe_chunked_loss_with_aux_loss_equals_ordinary(family):
     assert out.aux_loss is None or out.aux_loss > 0
     # MoE blocks are never tiled; DeepSeek's first (dense) layer and Qwen2-MoE's dense last layer are.
     tiled = runtime(streamed).tiled_mlps
-    expected = {"deepseek_v3": 1, "qwen2_moe": 1}.get(family, 0)
-    assert len(tiled.mlps) == expected and tiled.tiled_calls == 2 * expected
+    if family in CORE:
+        expected = {"deepseek_v3": 1, "qwen2_moe": 1}.get(family, 0)
+        assert len(tiled.mlps) == expected
+    assert tiled.tiled_calls + tiled.whole_calls == 2 * len(tiled.mlps)
 
 
 def test_tied_head_with_lora_on_it_gets_every_gradient():
