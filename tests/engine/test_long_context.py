@@ -286,7 +286,7 @@ def test_trainer_flag_on_a_long_sequence_logs_the_losses_of_an_ordinary_run(tmp_
 
 @pytest.mark.slow  # two fresh processes: ~25 s on 2 busy cores
 def test_streamed_step_peak_memory_is_a_fraction_of_the_ordinary_one():
-    """tools/long_context_memory.py at a small size: 1,024 tokens, a 16k vocabulary, 128-token loss chunks."""
+    """tools/long_context_memory.py at a small size: 2,048 tokens, a 16k vocabulary, 128-token loss chunks."""
     import argparse
     import importlib.util
     from pathlib import Path
@@ -296,7 +296,7 @@ def test_streamed_step_peak_memory_is_a_fraction_of_the_ordinary_one():
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     args = argparse.Namespace(
-        tokens=[1024],
+        tokens=[2048],
         vocab=16000,
         hidden=128,
         layers=2,

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_offload.commands.bench.models import build_model
 from test_cuda_streaming import _fresh, batch, llama, lora, release, step, streamed
 
 from hf_offload.api import get_runtime
+from hf_offload.commands.bench.models import build_model
 
 pytestmark = pytest.mark.gpu
 
