@@ -110,9 +110,24 @@ class OffloadConfig:
         faces=TRAINING_FACES,
         choices=EXPERT_FETCH_MODES,
     )
+    full_finetune: bool = option(
+        False,
+        "Train every weight of the decoder layers, not adapters: master weights (fp32 for bf16/fp16 models), their "
+        "gradients and the optimizer state stay in host memory, each layer streams in the compute dtype and sends "
+        "its gradients back to the host in backward. No LoRA is added. Mixture-of-Experts layers move all their "
+        "experts (expert_fetch='routed' applies to adapter training only).",
+        faces=TRAINING_FACES,
+        check=boolean,
+    )
 
     def __post_init__(self) -> None:
         validate(self, "config")
+        if self.full_finetune and self.base_weight_dtype is not None:
+            raise ValueError(
+                f"`full_finetune` trains the decoder weights, so they cannot be kept quantized, but "
+                f"`base_weight_dtype` is {self.base_weight_dtype!r}. Pass base_weight_dtype=None with full_finetune, "
+                "or train adapters (full_finetune=False) over a quantized store."
+            )
 
     @property
     def slots(self) -> int:

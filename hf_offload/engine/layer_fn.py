@@ -93,6 +93,7 @@ class LayerCall:
         spec: Any,
         params: list,
         recorded_keys: list[str],
+        streamed_params: list | None = None,
     ):
         self.runtime = runtime
         self.index = index
@@ -107,6 +108,8 @@ class LayerCall:
         # Saved inputs go through ctx (or host memory); never keep a second reference to them here.
         self.leaves = [None if k in self.saved_positions else x for k, x in enumerate(leaves)]
         self.params = params
+        # Trainable weights that stream (full fine-tuning): not Function inputs; their gradients go to the host.
+        self.streamed_params = streamed_params or []
         self.rng_state = None
         self.autocast_state = None
         self.host_inputs: list[torch.Tensor] | None = None
@@ -188,7 +191,7 @@ class StreamedLayerFunction(torch.autograd.Function):
         detached = [t.detach().requires_grad_(k in call.grad_positions) for k, t in zip(call.saved_positions, saved)]
         args, kwargs = call.arguments(detached)
         grad_inputs = [t for k, t in zip(call.saved_positions, detached) if k in call.grad_positions]
-        wrt = [*grad_inputs, *call.params]
+        wrt = [*grad_inputs, *call.params, *call.streamed_params]
 
         def recompute_and_backprop():
             # The recompute runs under the forward's autocast state; autograd.grad does not, so the backward ops
@@ -206,6 +209,9 @@ class StreamedLayerFunction(torch.autograd.Function):
         with rng, torch.enable_grad():
             grads = runtime.run_layer(call.index, -1, recompute_and_backprop)
         ctx.call = None  # drop references to the inputs as soon as this layer is done
+        if call.streamed_params:  # the layer is released: its weights are bound to their host masters again
+            grads, streamed_grads = grads[: -len(call.streamed_params)], grads[-len(call.streamed_params) :]
+            runtime.gradients_to_host(call.index, list(streamed_grads))
         # One gradient per Function input: saved inputs (None where no gradient is needed), then parameters.
         grads_by_position = dict(zip(call.grad_positions, grads[: len(grad_inputs)]))
         input_grads = [grads_by_position.get(k) for k in call.saved_positions]
@@ -215,13 +221,17 @@ class StreamedLayerFunction(torch.autograd.Function):
 def call_streamed_layer(runtime, index: int, layer: torch.nn.Module, forward: Forward, args: tuple, kwargs: dict):
     """The body of a streamed layer's `forward`: stream it with or without recompute, as autograd needs."""
     compat.keep_checkpointing_off(layer)
-    params = [p for p in layer.parameters() if p.requires_grad]
+    streamed = runtime.streamed_trainable(index)
+    streamed_ids = {id(p) for p in streamed}
+    params = [p for p in layer.parameters() if p.requires_grad and id(p) not in streamed_ids]
+    if streamed:
+        params.append(runtime.trainable.anchor)  # its backward must run (Note: [Trainable streamed weights])
     if not (torch.is_grad_enabled() and _any_grad(params, args, kwargs)):
         # Nothing needs a gradient through this layer: stream it once, save nothing (eval, generate, no_grad).
         return runtime.run_layer(index, +1, lambda: forward(*args, **kwargs))
     args, kwargs = compat.cache_free_arguments(args, kwargs)
     leaves, spec = tree_flatten((args, kwargs))
-    call = LayerCall(runtime, index, forward, leaves, spec, params, compat.recorded_output_keys())
+    call = LayerCall(runtime, index, forward, leaves, spec, params, compat.recorded_output_keys(), streamed)
     saved_inputs = [leaves[k] for k in call.saved_positions]
     outputs = StreamedLayerFunction.apply(call, *saved_inputs, *params)
     output, recorded = call.rebuild_output(outputs)

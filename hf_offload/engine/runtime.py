@@ -23,6 +23,7 @@ from .moe import RoutedExperts, find_expert_groups, has_unroutable_experts
 from .quant import make_codec
 from .store import HostStore, layout_layer, validate_layers
 from .streamer import Streamer
+from .trainable import TrainableLayers, check_full_finetune, packed_as_frozen, trainable_decoder_weights
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,34 @@ class LayerStreamingRuntime:
     def __init__(self, model: nn.Module, config: OffloadConfig):
         self.config = config
         self.anatomy = find_decoder_layers(model)  # raises before any work is done
+        # Full fine-tuning: the trainable decoder weights are packed like frozen ones (Note: [Trainable streamed
+        # weights] in trainable.py), then given masters and gradients.
+        trainable = trainable_decoder_weights(self.anatomy.layers, self.anatomy.shared_outside)
+        if config.full_finetune:
+            check_full_finetune(model, trainable)
+        with packed_as_frozen(trainable if config.full_finetune else []):
+            self._build_store(model, config)
+        self.trainable = (
+            TrainableLayers(self.store, self.streamer, self.ops, trainable) if config.full_finetune else None
+        )
+        self._moved: list[tuple[torch.Tensor, torch.device]] = []
+        self._move_resident_tensors(model)
+        self._saved_forwards: list[tuple[nn.Module, Any]] = []
+        self._install_layer_forwards()
+        self._handles: list[Any] = []
+        self._guarded_merges: list[tuple[nn.Module, Any]] = []
+        self._install_quantized_guards()
+        parent = _parent_module(model, self.anatomy.path)
+        # A new forward of the stack may follow a change of the host weights (load_state_dict, merge_adapter):
+        # slots are only trusted from one forward to its own backward.
+        self._hook = parent.register_forward_pre_hook(self._before_forward)
+
+    def _before_forward(self, module, args) -> None:
+        if self.trainable is not None:
+            self.trainable.sync()
+        self.streamer.invalidate()
+
+    def _build_store(self, model: nn.Module, config: OffloadConfig) -> None:
         validate_layers(self.anatomy.layers, self.anatomy.shared_outside)
         self.device = resolve_device(config.device)
         self.ops = DeviceOps(self.device)
@@ -44,7 +73,8 @@ class LayerStreamingRuntime:
             _check_host_memory(self.anatomy.layers, config.base_weight_dtype, self.anatomy.shared_outside)
         # Experts modules are found before packing: their stacked tensors are packed as expert regions.
         groups, reasons = find_expert_groups(self.anatomy.layers)
-        routed = config.expert_fetch == "routed"
+        # Full fine-tuning moves every expert: a gradient must have its parameter's (all experts') shape.
+        routed = config.expert_fetch == "routed" and not config.full_finetune
         if routed:
             _explain_whole_layer_experts(groups, reasons, self.anatomy.layers)
         self.store = HostStore.build(
@@ -58,17 +88,6 @@ class LayerStreamingRuntime:
         self.streamer = Streamer(self.store, self.ops, config.prefetch, routed=routed)
         self.routed_experts = RoutedExperts(groups if routed else [], self.streamer)
         self.routed_experts.install(self._host_views)
-        self._moved: list[tuple[torch.Tensor, torch.device]] = []
-        self._move_resident_tensors(model)
-        self._saved_forwards: list[tuple[nn.Module, Any]] = []
-        self._install_layer_forwards()
-        self._handles: list[Any] = []
-        self._guarded_merges: list[tuple[nn.Module, Any]] = []
-        self._install_quantized_guards()
-        parent = _parent_module(model, self.anatomy.path)
-        # A new forward of the stack may follow a change of the host weights (load_state_dict, merge_adapter):
-        # slots are only trusted from one forward to its own backward.
-        self._hook = parent.register_forward_pre_hook(lambda module, args: self.streamer.invalidate())
 
     # --- used by layer_fn ----------------------------------------------------------------------------------------
     def run_layer(self, index: int, direction: int, fn: Callable[[], Any]) -> Any:
@@ -77,6 +96,18 @@ class LayerStreamingRuntime:
             return fn()
         finally:
             self.streamer.release(index)
+            if self.trainable is not None:
+                self.trainable.bind_masters(index)
+
+    def streamed_trainable(self, index: int) -> list[nn.Parameter]:
+        """Layer `index`'s trainable weights that stream (full fine-tuning), whose gradients `layer_fn` hands to
+        `gradients_to_host` instead of autograd."""
+        return self.trainable.params(index) if self.trainable is not None else []
+
+    def gradients_to_host(self, index: int, grads: list[torch.Tensor | None]) -> None:
+        self.trainable.accumulate(index, grads)
+        if index == 0:
+            self.trainable.flush()  # the last layer of the backward: .grad is complete when backward returns
 
     def _host_views(self, group) -> list[torch.Tensor]:
         pack = self.store.packs[group.layer_index]
@@ -157,6 +188,9 @@ class LayerStreamingRuntime:
                 tuner.merge = previous
         self._handles, self._guarded_merges = [], []
         self.routed_experts.remove()
+        if self.trainable is not None:
+            self.trainable.remove()
+            self.trainable = None
         self.streamer.close()
         for layer, previous in self._saved_forwards:
             if previous is None:
