@@ -26,6 +26,7 @@ BAD = {
     "base_weight_dtype": "fp3",
     "check_host_memory": "yes",
     "expert_fetch": "some",
+    "full_finetune": "yes",
     "lora_r": 0,
     "lora_alpha": -2.0,
     "lora_dropout": 1.5,

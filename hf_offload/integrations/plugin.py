@@ -59,6 +59,12 @@ def check_combinations(values: dict, face: str) -> None:
     Raises:
         ValueError: two options that cannot go together, both named.
     """
+    if values.get("full_finetune") and values.get("save_merged"):
+        raise ValueError(
+            f"Can't provide both {spelled('full_finetune', face)} and {spelled('save_merged', face)}: with full "
+            "fine-tuning the saved model is already a full checkpoint, and there are no adapters to merge. Drop "
+            f"{spelled('save_merged', face)}."
+        )
     if values.get("save_merged") and values.get("base_weight_dtype") is not None:
         raise ValueError(
             f"Can't provide both {spelled('save_merged', face)} and {spelled('base_weight_dtype', face)} "
@@ -162,7 +168,8 @@ class LayerStreamingPlugin:
         )
 
     def prepare_model(self, model: nn.Module, device: str | torch.device | None = None) -> nn.Module:
-        """Add LoRA if `model` has no peft adapters, then stream its decoder layers. Returns the model to train.
+        """Add LoRA if `model` has no peft adapters (unless `full_finetune`), then stream its decoder layers.
+        Returns the model to train.
 
         A model that is already streamed is returned unchanged. A model that cannot be streamed raises
         `UnsupportedModelError` before anything about it is changed.
@@ -170,6 +177,8 @@ class LayerStreamingPlugin:
         if is_streaming(model):
             return model
         find_decoder_layers(model)  # refuse an unstreamable model before LoRA changes it
+        if self.full_finetune:
+            return enable_layer_streaming(model, self.offload_config(device))  # every weight trains: no LoRA
         if not is_peft_model(model):
             from peft import get_peft_model
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from ..api import is_streaming, summary
+from ..api import get_runtime, is_streaming
 from ..options import declared, trainer_flag, validate, with_options
 from ..units import format_bytes
 from . import hub
@@ -79,7 +79,9 @@ class OffloadTrainingArguments(TrainingArguments):
     def __post_init__(self):
         self._hf_offload_optim_chosen = self.optim != "auto"
         if self.optim == "auto":
-            self.optim = STREAMING_DEFAULT_OPTIM if self.layer_streaming else TRAINER_DEFAULT_OPTIM
+            # Full fine-tuning keeps the Trainer's own default: its optimizer state is host memory (fp32 AdamW).
+            adapters = self.layer_streaming and not self.offload_full_finetune
+            self.optim = STREAMING_DEFAULT_OPTIM if adapters else TRAINER_DEFAULT_OPTIM
         validate(self, "trainer")  # a bad offload option fails here, when the arguments are parsed
         check_combinations(self._option_values(), "trainer")
         super().__post_init__()
@@ -132,7 +134,8 @@ def _init(call, trainer, model=None, args=None, *rest, **kwargs):
         args = TrainingArguments(output_dir="tmp_trainer")  # what Trainer would create; we need its device now
     bound = _INIT_SIGNATURE.bind(trainer, model, args, *rest, **kwargs).arguments
     optimizer = (bound.get("optimizers") or (None, None))[0]
-    if optimizer is not None and model is not None and not is_peft_model(model) and not is_streaming(model):
+    adds_lora = not plugin.full_finetune and model is not None and not is_peft_model(model)
+    if optimizer is not None and adds_lora and not is_streaming(model):
         raise ValueError(
             "Layer streaming adds LoRA adapters to a model that is not a peft model, but the optimizer passed in "
             "`optimizers` was created before that and would not see them. Apply peft yourself before creating the "
@@ -179,7 +182,9 @@ def _build_accelerator_args(call, trainer, **kwargs):
 
 def _load_from_checkpoint(call, trainer, resume_from_checkpoint, model=None):
     target = model if model is not None else trainer.model
-    if getattr(trainer, "_hf_offload_plugin", None) is not None and is_streaming(target):
+    plugin = getattr(trainer, "_hf_offload_plugin", None)
+    # Full fine-tuning resumes from full weights, which the Trainer loads into the host masters in place.
+    if plugin is not None and not plugin.full_finetune and is_streaming(target):
         check_adapter_checkpoint(resume_from_checkpoint, target)
     return call(resume_from_checkpoint, model)
 
@@ -275,8 +280,9 @@ def _refuse_unsupported_arguments(args: TrainingArguments) -> None:
 
 
 def _use_default_optimizer(args: TrainingArguments, plugin: LayerStreamingPlugin, chosen) -> None:
-    """Swap the Trainer's default optimizer for the plugin's (8-bit AdamW) unless the script chose one."""
-    if plugin.default_optim is None or chosen or args.optim == plugin.default_optim:
+    """Swap the Trainer's default optimizer for the plugin's (8-bit AdamW) unless the script chose one (or full
+    fine-tuning, which keeps the Trainer's default)."""
+    if plugin.full_finetune or plugin.default_optim is None or chosen or args.optim == plugin.default_optim:
         return
     explicit = getattr(args, "_hf_offload_optim_chosen", None)
     if explicit or (explicit is None and args.optim != TRAINER_DEFAULT_OPTIM):
@@ -291,12 +297,18 @@ def _use_default_optimizer(args: TrainingArguments, plugin: LayerStreamingPlugin
 
 def startup_summary(model, args: TrainingArguments) -> str:
     """What the Trainer adds to the engine's own start-up line: what stays on the device, and the optimizer."""
-    layers = model.get_submodule(summary(model).layer_path)
-    streamed = {id(p) for p in layers.parameters() if not p.requires_grad}
+    runtime = get_runtime(model)
+    streamed = {id(t.param) for pack in runtime.store.packs for t in (*pack.tensors, *pack.encoded)}
     tensors = [*model.parameters(), *model.buffers()]
     resident = sum(t.numel() * t.element_size() for t in tensors if id(t) not in streamed)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optim = getattr(args.optim, "value", args.optim)
+    if runtime.trainable is not None:
+        return (
+            f"hf_offload: full fine-tuning; the Trainer keeps {format_bytes(resident)} resident on the device "
+            f"(embeddings, head, norms) and trains every weight with {optim}: the decoder layers' master weights, "
+            "gradients and optimizer state are in host memory."
+        )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return (
         f"hf_offload: the Trainer keeps {format_bytes(resident)} resident on the device (embeddings, head, norms and "
         f"{trainable:,} trainable adapter parameters) and trains them with {optim}; device memory also holds the "

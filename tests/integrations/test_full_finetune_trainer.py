@@ -1,0 +1,146 @@
+"""Full fine-tuning through the Trainer: an unmodified Trainer script, run plainly and under the launcher's patch with
+full_finetune, logs the same losses, saves the same weights and resumes exactly (fp32, CPU, dropout on)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from faces import token_dataset
+from families import build
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+import hf_offload
+from hf_offload import OffloadTrainer, OffloadTrainingArguments
+from hf_offload.api import get_runtime
+from hf_offload.integrations.plugin import ENV_VAR, LayerStreamingPlugin
+from hf_offload.integrations.trainer import TRAINER_DEFAULT_OPTIM, patch_trainer, unpatch_trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def base():
+    return build("llama")
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """What `hf-offload launch --full_finetune -- python train.py ...` sets up in the script's process."""
+    monkeypatch.setenv(ENV_VAR, LayerStreamingPlugin(full_finetune=True).to_env()[ENV_VAR])
+    patch_trainer()
+    yield
+    unpatch_trainer()
+
+
+def script(model, output_dir, resume=None, **overrides) -> Trainer:
+    """The user's training script: a plain Trainer, full fine-tuning, AdamW, default clipping (max_grad_norm=1)."""
+    options = dict(
+        output_dir=str(output_dir),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=5e-3,
+        weight_decay=0.01,
+        optim="adamw_torch",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=7,
+    )
+    options.update(overrides)
+    trainer = Trainer(model=model, args=TrainingArguments(**options), train_dataset=token_dataset(32))
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    return trainer
+
+
+def logged(trainer, key: str = "loss") -> dict[int, float]:
+    return {h["step"]: h[key] for h in trainer.state.log_history if key in h}
+
+
+def assert_close_values(found: dict, expected: dict) -> None:
+    assert found.keys() == expected.keys() and expected
+    torch.testing.assert_close(
+        torch.tensor(list(found.values())), torch.tensor(list(expected.values())), rtol=RTOL, atol=0
+    )
+
+
+def saved_weights(folder) -> dict[str, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return {name: tensor.detach() for name, tensor in model.state_dict().items()}
+
+
+def assert_same_weights(found: dict, expected: dict) -> None:
+    assert found.keys() == expected.keys()
+    for name, value in expected.items():
+        rel = float((found[name] - value).norm() / value.norm())
+        assert rel <= RTOL, f"{name}: relative error {rel:.2e}"
+
+
+def test_the_same_trainer_script_trains_and_saves_the_same_model(base, tmp_path, monkeypatch):
+    plain = script(copy.deepcopy(base), tmp_path / "plain")
+    assert not hf_offload.is_streaming(plain.model)
+
+    monkeypatch.setenv(ENV_VAR, LayerStreamingPlugin(full_finetune=True).to_env()[ENV_VAR])
+    patch_trainer()
+    try:
+        streamed = script(copy.deepcopy(base), tmp_path / "streamed")
+        assert hf_offload.is_streaming(streamed.model)
+        assert get_runtime(streamed.model).trainable is not None
+        assert not any("lora" in name for name, _ in streamed.model.named_parameters())
+        assert type(streamed.optimizer.optimizer) is torch.optim.AdamW
+        # the grad norm is above max_grad_norm=1 on some steps: clipping is exercised
+        assert any(norm > 1.0 for norm in logged(plain, "grad_norm").values())
+
+        assert_close_values(logged(streamed), logged(plain))
+        assert_close_values(logged(streamed, "grad_norm"), logged(plain, "grad_norm"))
+        files = set(os.listdir(tmp_path / "streamed"))
+        assert "model.safetensors" in files or "model.safetensors.index.json" in files
+        assert not any(name.startswith("adapter_") for name in files)
+        final = saved_weights(tmp_path / "plain")
+        assert_same_weights(saved_weights(tmp_path / "streamed"), final)
+        mid = saved_weights(tmp_path / "plain" / "checkpoint-2")
+        assert_same_weights(saved_weights(tmp_path / "streamed" / "checkpoint-2"), mid)
+
+        # resume from the mid-run checkpoint: the remaining steps log the uninterrupted losses
+        checkpoint = str(tmp_path / "streamed" / "checkpoint-2")
+        resumed = script(copy.deepcopy(build("llama", seed=5)), tmp_path / "resumed", resume=checkpoint)
+        assert hf_offload.is_streaming(resumed.model)
+        after = {step: loss for step, loss in logged(resumed).items() if step > 2}
+        assert_close_values(after, {step: loss for step, loss in logged(plain).items() if step > 2})
+        assert_same_weights(saved_weights(tmp_path / "resumed"), final)
+    finally:
+        unpatch_trainer()
+
+
+def test_offload_trainer_flag_and_defaults(base, tmp_path):
+    """--layer_streaming --offload_full_finetune: no LoRA, the Trainer's default optimizer, full checkpoints."""
+    args = OffloadTrainingArguments(
+        output_dir=str(tmp_path),
+        layer_streaming=True,
+        offload_full_finetune=True,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    assert args.optim == TRAINER_DEFAULT_OPTIM  # 'auto' keeps the Trainer's default with full fine-tuning
+    trainer = OffloadTrainer(model=copy.deepcopy(base), args=args, train_dataset=token_dataset())
+    trainer.train()
+    assert get_runtime(trainer.model).trainable is not None
+    assert not any("lora" in name for name, _ in trainer.model.named_parameters())
+
+
+def test_full_finetune_and_save_merged_are_refused_together():
+    with pytest.raises(ValueError, match="full_finetune.*save_merged"):
+        LayerStreamingPlugin(full_finetune=True, save_merged=True)
