@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -41,6 +42,13 @@ logger = logging.getLogger(__name__)
 
 # Layers stored in these dtypes train against an fp32 master: small updates would round away in place.
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every TrainableLayers not yet removed, for optimizers to find
+
+
+def live_trainable_layers() -> list:
+    """The `TrainableLayers` of every model streamed with full fine-tuning now (an optimizer finds its own)."""
+    return list(_LIVE)
 
 
 @dataclass
@@ -117,7 +125,7 @@ class TrainableLayers:
         self._by_param = {id(t.param): index for index, tensors in enumerate(self.layers) for t in tensors}
         self._versions = [self._version(index) for index in range(len(self.layers))]
         self.anchor = torch.empty(0, requires_grad=True)  # see the Note
-        self._pending: list[tuple[object, list[tuple[TrainableTensor, torch.Tensor, torch.Tensor]]]] = []
+        self._pending: list[tuple[object, list[tuple[TrainableTensor, torch.Tensor, torch.Tensor]], int]] = []
         self._grad_stream = None if ops.is_cpu else torch.get_device_module(ops.device.type).Stream(device=ops.device)
         self._hooks = [
             register_optimizer_step_pre_hook(self._before_step),
@@ -125,6 +133,13 @@ class TrainableLayers:
         ]
         for index in range(len(self.layers)):
             self.bind_masters(index)
+        # Called as listener(self, index) on the main thread once layer `index`'s gradients are complete in `.grad`.
+        self.listeners: list = []
+        _LIVE.add(self)
+
+    def layer_of(self, param) -> int | None:
+        """The layer whose trainable streamed weight `param` is, or None."""
+        return self._by_param.get(id(param))
 
     # --- layer windows ---------------------------------------------------------------------------------------------
     def params(self, index: int) -> list[nn.Parameter]:
@@ -146,6 +161,7 @@ class TrainableLayers:
         if self.ops.is_cpu:
             for tensor, grad in pairs:
                 _add_grad(tensor.param, grad.to(tensor.master.dtype))
+            self._arrived(index)
             return
         # Complete the previous layer's copies (they ran while this layer computed), then start this layer's.
         self.flush()
@@ -159,15 +175,20 @@ class TrainableLayers:
                 copies.append((tensor, host, grad))  # `grad` is kept alive until its copy has completed
             done = self.ops.record_event(self._grad_stream)
         self.streamer.stats.bytes_to_host += sum(g.numel() * g.element_size() for _, g in pairs)
-        self._pending.append((done, copies))
+        self._pending.append((done, copies, index))
 
     def flush(self) -> None:
         """Finish the gradient copies still in flight and add them into `.grad`."""
         pending, self._pending = self._pending, []
-        for done, copies in pending:
+        for done, copies, index in pending:
             done.synchronize()
             for tensor, host, _ in copies:
                 _add_grad(tensor.param, host.to(tensor.master.dtype))
+            self._arrived(index)
+
+    def _arrived(self, index: int) -> None:
+        for listener in list(self.listeners):
+            listener(self, index)
 
     # --- after the weights changed ---------------------------------------------------------------------------------
     def sync(self) -> list[int]:
@@ -176,19 +197,30 @@ class TrainableLayers:
         The streamer forgets their slots, so the next use copies the new bytes.
         """
         changed = []
-        for index, tensors in enumerate(self.layers):
+        for index in range(len(self.layers)):
             version = self._version(index)
             if version == self._versions[index]:
                 continue
-            with torch.no_grad():
-                for tensor in tensors:
-                    if tensor.separate:
-                        tensor.host.copy_(tensor.master)  # rounds to the compute dtype
+            self.refresh_copy(index)  # rounds to the compute dtype
             self._versions[index] = version
             changed.append(index)
         if changed:
             self.streamer.forget(changed)
         return changed
+
+    def refresh_copy(self, index: int) -> None:
+        """Round layer `index`'s masters into its compute copy (any thread; the layer must not be computing)."""
+        with torch.no_grad():
+            for tensor in self.layers[index]:
+                if tensor.separate:
+                    tensor.host.copy_(tensor.master)
+
+    def mark_refreshed(self, layers: list[int]) -> None:
+        """`layers` were stepped and their compute copies refreshed (main thread): forget their slots."""
+        for index in layers:
+            self._versions[index] = self._version(index)
+        if layers:
+            self.streamer.forget(layers)
 
     def _version(self, index: int) -> int:
         # Every in-place write through a parameter (optimizer steps, load_state_dict, copy_) bumps its own counter.
@@ -214,6 +246,8 @@ class TrainableLayers:
     def remove(self) -> None:
         """Before the store unpacks: finish gradients, bring the compute copies up to date, drop the hooks."""
         self.flush()
+        _LIVE.discard(self)
+        self.listeners = []
         for hook in self._hooks:
             hook.remove()
         self._hooks = []

@@ -142,7 +142,10 @@ def _init(call, trainer, model=None, args=None, *rest, **kwargs):
             "optimizer, or let the Trainer create it (drop `optimizers`)."
         )
     _refuse_unsupported_arguments(args)
-    _use_default_optimizer(args, plugin, chosen=optimizer is not None or bound.get("optimizer_cls_and_kwargs"))
+    chosen = optimizer is not None or bound.get("optimizer_cls_and_kwargs")
+    _use_default_optimizer(args, plugin, chosen=chosen)
+    if plugin.full_finetune and not chosen and not _optim_chosen(args) and "optimizer_cls_and_kwargs" not in bound:
+        kwargs["optimizer_cls_and_kwargs"] = _host_adamw(trainer, args)
     if model is not None:
         model = plugin.prepare_model(model, device=args.device)  # raises before training for unstreamable models
     call(model, args, *rest, **kwargs)
@@ -156,7 +159,8 @@ def _init(call, trainer, model=None, args=None, *rest, **kwargs):
     if is_streaming(trainer.model):
         trainer._hf_offload_metrics.watch(trainer.model)
         if trainer.is_world_process_zero():
-            logger.info(startup_summary(trainer.model, args))
+            chosen_cls = (getattr(trainer, "optimizer_cls_and_kwargs", None) or (None, None))[0]
+            logger.info(startup_summary(trainer.model, args, chosen_cls))
 
 
 def _call_model_init(call, trainer, trial=None):
@@ -193,6 +197,14 @@ def _load_optimizer_and_scheduler(call, trainer, checkpoint):
     if checkpoint is not None and getattr(trainer, "_hf_offload_plugin", None) is not None:
         check_optimizer_state(checkpoint, trainer.optimizer)
     return call(checkpoint)
+
+
+def _clip_grad_norm(call, trainer, model):
+    total = call(model)
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    if hasattr(inner, "note_clipping"):  # HostAdamW: whether the layers it stepped during backward stand
+        inner.note_clipping(total, trainer.args.max_grad_norm)
+    return total
 
 
 def _log(call, trainer, logs, start_time=None):
@@ -240,7 +252,8 @@ def _add_card(trainer, folder: str) -> None:
 
 
 # Trainer methods wrapped, private ones included (`_move_model_to_device`, `_build_accelerator_args`,
-# `_load_from_checkpoint`, `_load_optimizer_and_scheduler`): checked against transformers 5.23 and TRL 1.16.
+# `_load_from_checkpoint`, `_load_optimizer_and_scheduler`): checked against transformers 5.23 and TRL 1.16;
+# `_clip_grad_norm` against transformers 5.24.
 HOOKS = {
     "__init__": _init,
     "call_model_init": _call_model_init,
@@ -248,6 +261,7 @@ HOOKS = {
     "_build_accelerator_args": _build_accelerator_args,
     "_load_from_checkpoint": _load_from_checkpoint,
     "_load_optimizer_and_scheduler": _load_optimizer_and_scheduler,
+    "_clip_grad_norm": _clip_grad_norm,
     "log": _log,
     "save_model": _save_model,
     "create_model_card": _create_model_card,
@@ -279,6 +293,30 @@ def _refuse_unsupported_arguments(args: TrainingArguments) -> None:
             raise ValueError(f"Layer streaming cannot be combined with {what}: {way_out}.")
 
 
+def _optim_chosen(args: TrainingArguments) -> bool:
+    """Whether the script chose `--optim` (else it is the Trainer's default, or 'auto')."""
+    explicit = getattr(args, "_hf_offload_optim_chosen", None)
+    return bool(explicit) or (explicit is None and args.optim != TRAINER_DEFAULT_OPTIM)
+
+
+def _host_adamw(trainer, args: TrainingArguments):
+    """The Trainer's `optimizer_cls_and_kwargs` for full fine-tuning: `HostAdamW` with the AdamW settings of `args`,
+    stepping layers during the backward of the last micro-batch of each accumulation (see host_optimizer.py)."""
+    from ..engine.host_optimizer import HostAdamW
+
+    def completes_the_gradients() -> bool:
+        accelerator = trainer.accelerator
+        # A gradient scaler (fp16) may skip the step after the backward: never speculate then.
+        return accelerator.gradient_state.sync_gradients and accelerator.scaler is None
+
+    logger.info(
+        "hf_offload: full fine-tuning with hf_offload's host AdamW (torch AdamW arithmetic, layers stepped on host "
+        "threads as their gradients arrive); pass --optim to choose another optimizer."
+    )
+    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    return HostAdamW, dict(kwargs, step_during_backward=completes_the_gradients)
+
+
 def _use_default_optimizer(args: TrainingArguments, plugin: LayerStreamingPlugin, chosen) -> None:
     """Swap the Trainer's default optimizer for the plugin's (8-bit AdamW) unless the script chose one (or full
     fine-tuning, which keeps the Trainer's default)."""
@@ -295,13 +333,15 @@ def _use_default_optimizer(args: TrainingArguments, plugin: LayerStreamingPlugin
     args.optim = OptimizerNames(plugin.default_optim)
 
 
-def startup_summary(model, args: TrainingArguments) -> str:
+def startup_summary(model, args: TrainingArguments, optimizer_cls: type | None = None) -> str:
     """What the Trainer adds to the engine's own start-up line: what stays on the device, and the optimizer."""
     runtime = get_runtime(model)
     streamed = {id(t.param) for pack in runtime.store.packs for t in (*pack.tensors, *pack.encoded)}
     tensors = [*model.parameters(), *model.buffers()]
     resident = sum(t.numel() * t.element_size() for t in tensors if id(t) not in streamed)
     optim = getattr(args.optim, "value", args.optim)
+    if optimizer_cls is not None:
+        optim = optimizer_cls.__name__
     if runtime.trainable is not None:
         return (
             f"hf_offload: full fine-tuning; the Trainer keeps {format_bytes(resident)} resident on the device "
@@ -346,6 +386,9 @@ class OffloadTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         return _load_optimizer_and_scheduler(super()._load_optimizer_and_scheduler, self, checkpoint)
+
+    def _clip_grad_norm(self, model):
+        return _clip_grad_norm(super()._clip_grad_norm, self, model)
 
     def log(self, logs, start_time=None):
         return _log(super().log, self, logs, start_time)
