@@ -77,6 +77,9 @@ class HostAdamW(torch.optim.AdamW):
         self._speculated: dict[tuple[int, int], Future] = {}
         self._backups: dict[tuple[int, int], list] = {}
         self._coefficient_was_one: bool | None = None
+        # Counters: layer steps made during backward, and those of them redone in step() because clipping scaled.
+        self.layers_stepped_during_backward = 0
+        self.layers_rolled_back = 0
         self._layers = []  # the TrainableLayers whose parameters this optimizer steps
         ours = {id(p) for group in self.param_groups for p in group["params"]}
         for trainable in live_trainable_layers():
@@ -170,6 +173,7 @@ class HostAdamW(torch.optim.AdamW):
         if not members or (k, index) in self._speculated:
             return
         self._speculated[(k, index)] = self._pool.submit(self._step_layer, (k, index), members, True)
+        self.layers_stepped_during_backward += 1
 
     def synchronize(self) -> None:
         """Wait until the layer steps started during backward have finished (`step()` does this itself)."""
@@ -208,6 +212,7 @@ class HostAdamW(torch.optim.AdamW):
                 if self._speculation_stands(unit, members):
                     continue
                 self._roll_back(unit, members)
+                self.layers_rolled_back += 1
             futures.append(self._pool.submit(self._step_layer, unit, members, False))
         if rest:
             self._apply(rest, foreach=None)  # resident parameters: torch's default kernels for their device
@@ -240,6 +245,6 @@ class HostAdamW(torch.optim.AdamW):
 
     def __getstate__(self):
         state = super().__getstate__()
-        for name in ("_pool", "_lock", "_speculated", "_backups", "_layers", "step_during_backward"):
+        for name in ("_pool", "_lock", "_speculated", "_backups", "_layers", "step_during_backward"):  # not state
             state.pop(name, None)
         return state

@@ -86,7 +86,13 @@ def test_host_adamw_equals_torch_adamw_with_clipping_and_accumulation(clip):
     def observe(model):
         return model.model.layers[2].mlp.down_proj.weight.detach()
 
-    losses, norms = run(streamed, make, clip, observe=observe)
+    optimizers = []
+    losses, norms = run(streamed, lambda m: optimizers.append(make(m)) or optimizers[-1], clip, observe=observe)
+    layers = len(streamed.model.layers)
+    assert optimizers[0].layers_stepped_during_backward == layers * len(MAX_NORMS)
+    # rolled back where clipping scaled the gradients; with torch's clip (versions moved) on every step
+    redone = sum(clipped) if clip is _own_clip else len(MAX_NORMS)
+    assert optimizers[0].layers_rolled_back == layers * redone
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=RTOL, atol=0)
     torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=RTOL, atol=0)
     _assert_same_weights(streamed, reference)

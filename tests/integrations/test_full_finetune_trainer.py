@@ -144,3 +144,33 @@ def test_offload_trainer_flag_and_defaults(base, tmp_path):
 def test_full_finetune_and_save_merged_are_refused_together():
     with pytest.raises(ValueError, match="full_finetune.*save_merged"):
         LayerStreamingPlugin(full_finetune=True, save_merged=True)
+
+
+def test_the_default_host_adamw_equals_plain_adamw_torch(base, tmp_path, monkeypatch):
+    """The Trainer's default under full fine-tuning is HostAdamW (layers stepped during the last backward of each
+    accumulation): same losses, grad norms and weights as the plain run's adamw_torch, clipping active on some steps
+    (max_grad_norm=1) and not on others; resume from its mid-run checkpoint reproduces the rest."""
+    plain = script(copy.deepcopy(base), tmp_path / "plain")
+    norms = logged(plain, "grad_norm").values()
+    assert any(norm > 1.0 for norm in norms) and any(norm <= 1.0 for norm in norms)
+
+    monkeypatch.setenv(ENV_VAR, LayerStreamingPlugin(full_finetune=True).to_env()[ENV_VAR])
+    patch_trainer()
+    try:
+        streamed = script(copy.deepcopy(base), tmp_path / "streamed", optim=TRAINER_DEFAULT_OPTIM)
+        optimizer = streamed.optimizer.optimizer
+        assert type(optimizer).__name__ == "HostAdamW"
+        # 4 layers x 4 steps stepped during backward; redone on the 3 steps that clipped
+        assert optimizer.layers_stepped_during_backward == 16
+        assert optimizer.layers_rolled_back == 4 * sum(norm > 1.0 for norm in norms)
+        assert_close_values(logged(streamed), logged(plain))
+        assert_close_values(logged(streamed, "grad_norm"), logged(plain, "grad_norm"))
+        assert_same_weights(saved_weights(tmp_path / "streamed"), saved_weights(tmp_path / "plain"))
+
+        checkpoint = str(tmp_path / "streamed" / "checkpoint-2")
+        resumed = script(build("llama", seed=5), tmp_path / "resumed", resume=checkpoint, optim=TRAINER_DEFAULT_OPTIM)
+        after = {step: loss for step, loss in logged(resumed).items() if step > 2}
+        assert_close_values(after, {step: loss for step, loss in logged(plain).items() if step > 2})
+        assert_same_weights(saved_weights(tmp_path / "resumed"), saved_weights(tmp_path / "plain"))
+    finally:
+        unpatch_trainer()
