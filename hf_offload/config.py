@@ -116,7 +116,7 @@ class OffloadConfig:
         "gradients and the optimizer state stay in host memory, each layer streams in the compute dtype and sends "
         "its gradients back to the host in backward. No LoRA is added. Mixture-of-Experts layers move all their "
         "experts (expert_fetch='routed' applies to adapter training only).",
-        faces=TRAINING_FACES,
+        faces=TRAINING_FACES | {"plan"},
         check=boolean,
     )
 

@@ -27,6 +27,7 @@ from ..engine import hostmem
 from ..engine.anatomy import UnsupportedModelError, find_decoder_layers
 from ..engine.quant import BASE_WEIGHT_DTYPES, linear_weights, make_codec
 from ..engine.store import layout_layer
+from ..engine.trainable import training_host_bytes
 from ..optimizer_state import adamw8bit_state_bytes
 from ..options import add_arguments, add_flag, all_options, values_from
 from ..units import GB, parse_dtype
@@ -160,8 +161,13 @@ def estimate(
     lora_r: int = 16,
     prefetch: int = 1,
     offload_activations: bool = False,
+    full_finetune: bool = False,
 ) -> dict:
-    """Host bytes, device bytes (with their terms), bytes per step and break-even tokens for one configuration."""
+    """Host bytes, device bytes (with their terms), bytes per step and break-even tokens for one configuration.
+
+    With `full_finetune`, host memory also holds the layers' fp32 masters (bf16/fp16 models), fp32 gradients and
+    AdamW state (`host_terms`), the device trains the resident modules with AdamW instead of adapters, and each step
+    sends every layer's gradients back to the host (`grad_bytes_to_host`)."""
     codec = make_codec(base_weight_dtype)
     layouts = [layout_layer(layer, codec, params=list(layer.parameters())) for layer in sizes.layers]
     store = [layout.nbytes for layout in layouts]
@@ -176,12 +182,23 @@ def estimate(
         "dequant_scratch": max(layout.scratch_nbytes for layout in layouts),
         "resident_modules": sizes.resident_bytes,
         # fp32 adapters (peft's default for bf16/fp16 bases), their fp32 gradients, 8-bit AdamW state
-        "adapters_and_optimizer": sum(8 * n + adamw8bit_state_bytes(n) for n in lora),
+        "adapters_and_optimizer": 0 if full_finetune else sum(8 * n + adamw8bit_state_bytes(n) for n in lora),
         "boundary_activations": 0 if offload_activations else boundary,
         "layer_activations": tokens * (per_hidden * sizes.hidden + per_inter * sizes.intermediate) * act,
         "logits": tokens * sizes.vocab * (act + LOGIT_EXTRA_BYTES),
     }
-    host_bytes = sum(store) + (boundary if offload_activations else 0)
+    host_terms = {"compute_copy": sum(store)}
+    grad_bytes_to_host = 0
+    if full_finetune:
+        # the engine's own accounting (fp32 masters, gradients, AdamW moments), on the meta model's parameters
+        host_terms.update(training_host_bytes([p for layer in sizes.layers for p in layer.parameters()]))
+        # the resident modules train on the device with torch AdamW: gradient and two moments in their dtype
+        gpu_terms["resident_grads_adamw"] = 3 * sizes.resident_bytes
+        gpu_terms["layer_gradients"] = max(store)  # one layer's weight gradients, until they reach the host
+        grad_bytes_to_host = sum(store)  # each layer's weight gradients, in the compute dtype
+    if offload_activations:
+        host_terms["offloaded_activations"] = boundary
+    host_bytes = sum(host_terms.values())
     # forward loads every layer; backward every layer but those still in their slots at the turnaround
     bytes_per_step = 2 * sum(store) - sum(store[max(0, n_layers - prefetch - 1) :])
     bandwidth, flops_per_s = pcie_gbps * GB, gpu_tflops * 1e12
@@ -192,6 +209,9 @@ def estimate(
         "base_weight_dtype": base_weight_dtype,
         "tokens_per_step": tokens,
         "host_bytes": host_bytes,
+        "host_terms": host_terms,
+        "full_finetune": full_finetune,
+        "grad_bytes_to_host": grad_bytes_to_host,
         # weight matrices the codec leaves dense: not nn.Linear/Conv1D (fused MoE expert tensors), or odd sizes
         "unquantized_matrix_bytes": sum(r.nbytes for layout in layouts for p, r in layout.dense if p.dim() >= 2)
         if codec is not None
@@ -220,13 +240,21 @@ def make_plan(
     `options` are those of `estimate`. Host memory: `host_mem_gb`, else what this machine has available now.
     """
     base_weight_dtype = options.get("base_weight_dtype")
+    if options.get("full_finetune") and base_weight_dtype is not None:
+        raise PlanError(
+            f"--full_finetune trains the decoder weights, so they cannot be stored quantized (--base_weight_dtype "
+            f"{base_weight_dtype}); drop one of the two."
+        )
     if base_weight_dtype is not None and base_weight_dtype not in BASE_WEIGHT_DTYPES:
         raise PlanError(
             f"--base_weight_dtype should be one of {', '.join(BASE_WEIGHT_DTYPES)}, not {base_weight_dtype!r}"
         )
     sizes = measure(config, dtype)
     plan = estimate(sizes, **options)
-    others = {d: estimate(sizes, **{**options, "base_weight_dtype": d}) for d in (None, *BASE_WEIGHT_DTYPES)}
+    if options.get("full_finetune"):
+        others = dict.fromkeys((None, *BASE_WEIGHT_DTYPES), plan)  # the weights train: no quantized store to suggest
+    else:
+        others = {d: estimate(sizes, **{**options, "base_weight_dtype": d}) for d in (None, *BASE_WEIGHT_DTYPES)}
     gpu_budget = gpu_mem_gb * GB * GPU_HEADROOM if gpu_mem_gb else None
     host_available = host_mem_gb * GB if host_mem_gb else hostmem.available_bytes()
     fits_gpu = gpu_budget is None or plan["gpu_bytes"] <= gpu_budget
@@ -288,7 +316,7 @@ def _advice(plan: dict, others: dict, gpu_budget, host_available, options: dict)
             f"speed: link-bound (the copy of {plan['bytes_per_step'] / GB:.1f} GB per step takes longer than the "
             f"compute); the GPU is busy from {plan['break_even_tokens']} tokens per micro-batch"
         )
-        if chosen != "nf4":
+        if chosen != "nf4" and not options.get("full_finetune"):
             line += f", or from {others['nf4']['break_even_tokens']} with --base_weight_dtype nf4"
         advice.append(line)
     return advice
@@ -306,12 +334,17 @@ def format_plan(plan: dict) -> str:
             if plan["host_available_bytes"] is not None
             else ""
         ),
+    ]
+    if len(plan["host_terms"]) > 1:
+        lines += [f"    {name:<24}{gb(value)}" for name, value in plan["host_terms"].items()]
+    lines += [
         f"  GPU memory         {gb(plan['gpu_bytes'])} at {plan['tokens_per_step']} tokens per micro-batch"
         + (f"   (budget: {gb(plan['gpu_budget_bytes'])})" if plan["gpu_budget_bytes"] else ""),
     ]
     lines += [f"    {name:<24}{gb(value)}" for name, value in plan["gpu_terms"].items()]
     lines += [
-        f"  bytes per step     {gb(plan['bytes_per_step'])}",
+        f"  bytes per step     {gb(plan['bytes_per_step'])}"
+        + (f"   (+ {gb(plan['grad_bytes_to_host'])} of gradients to the host)" if plan["grad_bytes_to_host"] else ""),
         f"  break-even         {plan['break_even_tokens']} tokens per micro-batch "
         f"(transfer {plan['transfer_seconds']:.2f} s vs compute {plan['compute_seconds']:.2f} s per step: "
         f"{plan['bound']}-bound, ~{plan['tokens_per_second']:,.0f} tokens/s)",

@@ -23,7 +23,13 @@ from .moe import RoutedExperts, find_expert_groups, has_unroutable_experts
 from .quant import make_codec
 from .store import HostStore, layout_layer, validate_layers
 from .streamer import Streamer
-from .trainable import TrainableLayers, check_full_finetune, packed_as_frozen, trainable_decoder_weights
+from .trainable import (
+    TrainableLayers,
+    check_full_finetune,
+    packed_as_frozen,
+    trainable_decoder_weights,
+    warn_if_host_memory_short,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +45,8 @@ class LayerStreamingRuntime:
         trainable = trainable_decoder_weights(self.anatomy.layers, self.anatomy.shared_outside)
         if config.full_finetune:
             check_full_finetune(model, trainable)
+            if config.check_host_memory:
+                warn_if_host_memory_short(trainable)
         with packed_as_frozen(trainable if config.full_finetune else []):
             self._build_store(model, config)
         self.trainable = (

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from . import compat
+from ..units import format_bytes
+from . import compat, hostmem
 from .device import DeviceOps
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,30 @@ def check_full_finetune(model: nn.Module, params: list[nn.Parameter]) -> None:
         raise ValueError(
             "`full_finetune` needs floating-point decoder weights, but this model holds quantized ones (loaded in "
             "4/8 bits). Load the model in bf16 or fp32 for full fine-tuning, or train adapters over it (QLoRA)."
+        )
+
+
+def training_host_bytes(params: list[nn.Parameter]) -> dict[str, int]:
+    """Host bytes full fine-tuning adds to the store for `params` once training runs: fp32 masters (bf16/fp16
+    weights), gradients and AdamW's two moments (in the master's dtype)."""
+    low = sum(p.numel() for p in params if p.dtype in LOW_PRECISION)
+    master = sum(p.numel() * max(4, p.element_size()) for p in params)
+    return {"fp32_masters": 4 * low, "gradients": master, "optimizer_state": 2 * master}
+
+
+def warn_if_host_memory_short(params: list[nn.Parameter]) -> None:
+    """Warn before training starts when host memory cannot hold what full fine-tuning will add to the store."""
+    available = hostmem.available_bytes()
+    needs = training_host_bytes(params)
+    if available is not None and sum(needs.values()) > available:
+        logger.warning(
+            "hf_offload: full fine-tuning will need %s of host memory besides the layer store (%s), but %s is "
+            "available: training is likely to be stopped by the out-of-memory killer. Use a machine with more host "
+            "memory, or train adapters instead (full_finetune=False). `hf-offload plan --full_finetune` shows the "
+            "whole budget.",
+            format_bytes(sum(needs.values())),
+            ", ".join(f"{name} {format_bytes(n)}" for name, n in needs.items()),
+            format_bytes(available),
         )
 
 

@@ -224,3 +224,17 @@ def test_full_finetune_refusals():
     assert all(p.requires_grad for n, p in peft_model.named_parameters() if "lora_" in n)
     with pytest.raises(ValueError, match="full_finetune=True"):
         hf_offload.enable_layer_streaming(families.build("llama"), OffloadConfig(device="cpu"))
+
+
+def test_a_warning_before_training_when_host_memory_is_short(monkeypatch, caplog):
+    from hf_offload.engine import hostmem
+
+    monkeypatch.setattr(hostmem, "available_bytes", lambda: 10_000)
+    monkeypatch.setattr(hostmem, "check_fits", lambda *args: None)  # the store itself is checked elsewhere
+    with caplog.at_level("WARNING", logger="hf_offload"):
+        hf_offload.enable_layer_streaming(families.build("llama"), full_config())
+    assert "full fine-tuning will need" in caplog.text and "optimizer_state" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_offload"):
+        hf_offload.enable_layer_streaming(families.build("llama"), full_config(check_host_memory=False))
+    assert "full fine-tuning will need" not in caplog.text
