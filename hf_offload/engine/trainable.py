@@ -150,6 +150,7 @@ class TrainableLayers:
         self._by_param = {id(t.param): index for index, tensors in enumerate(self.layers) for t in tensors}
         self._versions = [self._version(index) for index in range(len(self.layers))]
         self.anchor = torch.empty(0, requires_grad=True)  # see the Note
+        self.grad_bytes_to_host = 0  # weight gradients returned by the layers since streaming began (compute dtype)
         self._pending: list[tuple[object, list[tuple[TrainableTensor, torch.Tensor, torch.Tensor]], int]] = []
         self._grad_stream = None if ops.is_cpu else torch.get_device_module(ops.device.type).Stream(device=ops.device)
         self._hooks = [
@@ -183,6 +184,7 @@ class TrainableLayers:
         pairs = [(t, g) for t, g in zip(self.layers[index], grads, strict=True) if g is not None]
         if not pairs:
             return
+        self.grad_bytes_to_host += sum(g.numel() * g.element_size() for _, g in pairs)
         if self.ops.is_cpu:
             for tensor, grad in pairs:
                 _add_grad(tensor.param, grad.to(tensor.master.dtype))
@@ -199,7 +201,6 @@ class TrainableLayers:
                 host.copy_(grad, non_blocking=True)
                 copies.append((tensor, host, grad))  # `grad` is kept alive until its copy has completed
             done = self.ops.record_event(self._grad_stream)
-        self.streamer.stats.bytes_to_host += sum(g.numel() * g.element_size() for _, g in pairs)
         self._pending.append((done, copies, index))
 
     def flush(self) -> None:
