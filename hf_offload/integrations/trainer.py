@@ -248,6 +248,7 @@ def _add_card(trainer, folder: str) -> None:
         base_model=hub.base_model_name(trainer.model),
         repo_id=getattr(trainer, "hub_model_id", None),
         merged=os.path.isdir(os.path.join(folder, hub.MERGED_SUBFOLDER)),
+        full_finetune=trainer._hf_offload_plugin.full_finetune,
     )
 
 

@@ -105,6 +105,8 @@ def test_the_same_trainer_script_trains_and_saves_the_same_model(base, tmp_path,
         files = set(os.listdir(tmp_path / "streamed"))
         assert "model.safetensors" in files or "model.safetensors.index.json" in files
         assert not any(name.startswith("adapter_") for name in files)
+        card = (tmp_path / "streamed" / "README.md").read_text()
+        assert "Every weight of this model was fine-tuned" in card and "PeftModel" not in card
         final = saved_weights(tmp_path / "plain")
         assert_same_weights(saved_weights(tmp_path / "streamed"), final)
         mid = saved_weights(tmp_path / "plain" / "checkpoint-2")
