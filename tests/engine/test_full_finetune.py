@@ -238,3 +238,17 @@ def test_a_warning_before_training_when_host_memory_is_short(monkeypatch, caplog
     with caplog.at_level("WARNING", logger="hf_offload"):
         hf_offload.enable_layer_streaming(families.build("llama"), full_config(check_host_memory=False))
     assert "full fine-tuning will need" not in caplog.text
+
+
+def test_bf16_gradients_accumulate_in_fp32_across_backwards():
+    """A second backward adds into the fp32 .grad while the weights stream in bf16 (no dropout: eval mode)."""
+    model = hf_offload.enable_layer_streaming(
+        copy.deepcopy(families.build("llama")).to(torch.bfloat16), full_config()
+    ).eval()
+    batch = left_padded_batch(families.VOCAB)
+    weight = model.model.layers[1].mlp.up_proj.weight
+    model(**batch).loss.backward()
+    first = weight.grad.clone()
+    model(**batch).loss.backward()
+    assert weight.grad.dtype == torch.float32 and first.abs().max() > 0
+    torch.testing.assert_close(weight.grad, 2 * first, rtol=0, atol=0)
