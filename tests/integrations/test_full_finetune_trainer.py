@@ -176,3 +176,27 @@ def test_the_default_host_adamw_equals_plain_adamw_torch(base, tmp_path, monkeyp
         assert_same_weights(saved_weights(tmp_path / "resumed"), saved_weights(tmp_path / "plain"))
     finally:
         unpatch_trainer()
+
+
+def test_offload_accelerator_full_finetune_with_an_optimizer_made_before(base):
+    """A plain accelerate loop: the optimizer made before prepare() holds the parameters that train (no LoRA)."""
+    from families import VOCAB
+    from parity import left_padded_batch
+
+    from hf_offload.integrations.accelerator import OffloadAccelerator
+
+    model = copy.deepcopy(base)
+    reference = copy.deepcopy(base)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    accelerator = OffloadAccelerator(cpu=True, layer_streaming_plugin=LayerStreamingPlugin(full_finetune=True))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    assert get_runtime(model).trainable is not None
+    ref_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    batch = left_padded_batch(VOCAB)
+    model.eval()  # no dropout: the two loops draw random numbers differently around prepare()
+    reference.eval()
+    accelerator.backward(model(**batch).loss)
+    optimizer.step()
+    reference(**batch).loss.backward()
+    ref_optimizer.step()
+    assert_same_weights(dict(model.named_parameters()), dict(reference.named_parameters()))
