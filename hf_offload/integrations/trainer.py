@@ -207,6 +207,14 @@ def _clip_grad_norm(call, trainer, model):
     return total
 
 
+def _get_grad_norm(call, trainer, model, grad_norm=None):
+    total = call(model, grad_norm)
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    if grad_norm is None and hasattr(inner, "note_clipping"):  # measured with max_norm=inf: nothing was scaled
+        inner.note_clipping(total, float("inf"))
+    return total
+
+
 def _log(call, trainer, logs, start_time=None):
     metrics = getattr(trainer, "_hf_offload_metrics", None)
     if metrics is not None and is_streaming(trainer.model):
@@ -254,7 +262,7 @@ def _add_card(trainer, folder: str) -> None:
 
 # Trainer methods wrapped, private ones included (`_move_model_to_device`, `_build_accelerator_args`,
 # `_load_from_checkpoint`, `_load_optimizer_and_scheduler`): checked against transformers 5.23 and TRL 1.16;
-# `_clip_grad_norm` against transformers 5.24.
+# `_clip_grad_norm` and `_get_grad_norm` against transformers 5.24.
 HOOKS = {
     "__init__": _init,
     "call_model_init": _call_model_init,
@@ -263,6 +271,7 @@ HOOKS = {
     "_load_from_checkpoint": _load_from_checkpoint,
     "_load_optimizer_and_scheduler": _load_optimizer_and_scheduler,
     "_clip_grad_norm": _clip_grad_norm,
+    "_get_grad_norm": _get_grad_norm,
     "log": _log,
     "save_model": _save_model,
     "create_model_card": _create_model_card,
@@ -390,6 +399,9 @@ class OffloadTrainer(Trainer):
 
     def _clip_grad_norm(self, model):
         return _clip_grad_norm(super()._clip_grad_norm, self, model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return _get_grad_norm(super()._get_grad_norm, self, model, grad_norm)
 
     def log(self, logs, start_time=None):
         return _log(super().log, self, logs, start_time)

@@ -199,4 +199,23 @@ def test_offload_accelerator_full_finetune_with_an_optimizer_made_before(base):
     optimizer.step()
     reference(**batch).loss.backward()
     ref_optimizer.step()
-    assert_same_weights(dict(model.named_parameters()), dict(reference.named_parameters()))
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    assert_same_weights(weights, {name: p.detach() for name, p in reference.named_parameters()})
+
+
+def test_host_adamw_keeps_its_early_steps_without_clipping(base, tmp_path, monkeypatch):
+    """max_grad_norm=0: the Trainer only measures the norm (a multiplication by 1.0); nothing is rolled back."""
+    plain = script(copy.deepcopy(base), tmp_path / "plain", max_grad_norm=0.0, save_strategy="no", max_steps=2)
+    monkeypatch.setenv(ENV_VAR, LayerStreamingPlugin(full_finetune=True).to_env()[ENV_VAR])
+    patch_trainer()
+    try:
+        streamed = script(
+            copy.deepcopy(base), tmp_path / "streamed", max_grad_norm=0.0, save_strategy="no", max_steps=2,
+            optim=TRAINER_DEFAULT_OPTIM,
+        )  # fmt: skip
+        optimizer = streamed.optimizer.optimizer
+        assert optimizer.layers_stepped_during_backward == 8 and optimizer.layers_rolled_back == 0
+        assert_close_values(logged(streamed), logged(plain))
+        assert_same_weights(saved_weights(tmp_path / "streamed"), saved_weights(tmp_path / "plain"))
+    finally:
+        unpatch_trainer()
