@@ -83,6 +83,11 @@ class LayerStreamingRuntime:
         groups, reasons = find_expert_groups(self.anatomy.layers)
         # Full fine-tuning moves every expert: a gradient must have its parameter's (all experts') shape.
         routed = config.expert_fetch == "routed" and not config.full_finetune
+        if config.full_finetune and config.expert_fetch == "routed" and any(groups):
+            logger.info(
+                "hf_offload: full fine-tuning moves every expert with its layer (expert_fetch='routed' applies to "
+                "adapter training): each experts weight's gradient has all its experts' shape."
+            )
         if routed:
             _explain_whole_layer_experts(groups, reasons, self.anatomy.layers)
         self.store = HostStore.build(

@@ -109,9 +109,12 @@ def test_full_finetune_trains_exactly_like_ordinary(family):
 
 
 @pytest.mark.parametrize("family", MOE)
-def test_full_finetune_moe_experts_and_routers_train_exactly(family):
+def test_full_finetune_moe_experts_and_routers_train_exactly(family, caplog):
     base = moe_families.build(family)
-    reference, streamed = assert_trains_like_ordinary(base, steps=2, vocab=moe_families.VOCAB)
+    with caplog.at_level("INFO", logger="hf_offload"):
+        reference, streamed = assert_trains_like_ordinary(base, steps=2, vocab=moe_families.VOCAB)
+    assert "full fine-tuning moves every expert" in caplog.text
+    assert hf_offload.stats(streamed)["experts_skipped"] == 0
     names = [n for n, _ in streamed.named_parameters() if "expert" in n]
     assert names, "no expert weights in this family"
     if family not in moe_families.NO_AUX_LOSS:
