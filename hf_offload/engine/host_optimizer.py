@@ -85,7 +85,7 @@ class HostAdamW(torch.optim.AdamW):
         for trainable in live_trainable_layers():
             if any(id(t.param) in ours for tensors in trainable.layers for t in tensors):
                 self._layers.append(trainable)
-                trainable.listeners.append(self._layer_gradients_ready)
+                trainable.listen(self._layer_gradients_ready)
 
     # --- what the step is made of ---------------------------------------------------------------------------------
     def _units(self) -> tuple[dict[tuple[int, int], list], list]:
@@ -239,8 +239,7 @@ class HostAdamW(torch.optim.AdamW):
     def close(self) -> None:
         """Stop the worker threads and stop listening to the layers' gradients."""
         for trainable in self._layers:
-            if self._layer_gradients_ready in trainable.listeners:
-                trainable.listeners.remove(self._layer_gradients_ready)
+            trainable.unlisten(self._layer_gradients_ready)
         self._pool.shutdown(wait=True)
 
     def __getstate__(self):

@@ -52,6 +52,27 @@ def live_trainable_layers() -> list:
     return list(_LIVE)
 
 
+# torch's optimizer hooks are global and hold what they are given: one pair for the process, reaching the models
+# through the weak set, so that a model dropped without disable_layer_streaming is still freed.
+_GLOBAL_HOOKS: list = []
+
+
+def _before_any_step(optimizer, args, kwargs) -> None:
+    for trainable in list(_LIVE):
+        trainable.before_step(optimizer)
+
+
+def _after_any_step(optimizer, args, kwargs) -> None:
+    for trainable in list(_LIVE):
+        trainable.after_step(optimizer)
+
+
+def _install_global_hooks() -> None:
+    if not _GLOBAL_HOOKS:
+        _GLOBAL_HOOKS.append(register_optimizer_step_pre_hook(_before_any_step))
+        _GLOBAL_HOOKS.append(register_optimizer_step_post_hook(_after_any_step))
+
+
 @dataclass
 class TrainableTensor:
     """One trainable streamed parameter: its master (what the optimizer steps) and its compute copy in the store."""
@@ -153,15 +174,20 @@ class TrainableLayers:
         self.grad_bytes_to_host = 0  # weight gradients returned by the layers since streaming began (compute dtype)
         self._pending: list[tuple[object, list[tuple[TrainableTensor, torch.Tensor, torch.Tensor]], int]] = []
         self._grad_stream = None if ops.is_cpu else torch.get_device_module(ops.device.type).Stream(device=ops.device)
-        self._hooks = [
-            register_optimizer_step_pre_hook(self._before_step),
-            register_optimizer_step_post_hook(self._after_step),
-        ]
         for index in range(len(self.layers)):
             self.bind_masters(index)
         # Called as listener(self, index) on the main thread once layer `index`'s gradients are complete in `.grad`.
-        self.listeners: list = []
+        # (weak references: an optimizer dropped without close() is freed with its state)
+        self.listeners: list[weakref.WeakMethod] = []
         _LIVE.add(self)
+        _install_global_hooks()
+
+    def listen(self, method) -> None:
+        """Call the bound `method(self, index)` once layer `index`'s gradients are complete in `.grad`."""
+        self.listeners.append(weakref.WeakMethod(method))
+
+    def unlisten(self, method) -> None:
+        self.listeners = [ref for ref in self.listeners if ref() is not None and ref() != method]
 
     def layer_of(self, param) -> int | None:
         """The layer whose trainable streamed weight `param` is, or None."""
@@ -213,8 +239,10 @@ class TrainableLayers:
             self._arrived(index)
 
     def _arrived(self, index: int) -> None:
-        for listener in list(self.listeners):
-            listener(self, index)
+        for ref in list(self.listeners):
+            listener = ref()
+            if listener is not None:
+                listener(self, index)
 
     # --- after the weights changed ---------------------------------------------------------------------------------
     def sync(self) -> list[int]:
@@ -255,11 +283,13 @@ class TrainableLayers:
     def _steps_ours(self, optimizer) -> bool:
         return any(id(p) in self._by_param for group in optimizer.param_groups for p in group["params"])
 
-    def _before_step(self, optimizer, args, kwargs) -> None:
+    def before_step(self, optimizer) -> None:
+        """Any optimizer is about to step: gradients still in flight must be in `.grad` if it steps ours."""
         if self._pending and self._steps_ours(optimizer):
             self.flush()
 
-    def _after_step(self, optimizer, args, kwargs) -> None:
+    def after_step(self, optimizer) -> None:
+        """Any optimizer has stepped: refresh the compute copies of our layers it changed."""
         if self._steps_ours(optimizer):
             self.sync()
 
@@ -274,9 +304,6 @@ class TrainableLayers:
         self.flush()
         _LIVE.discard(self)
         self.listeners = []
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
         self.sync()
         for tensors in self.layers:
             for tensor in tensors:

@@ -133,3 +133,28 @@ def test_a_step_outside_the_last_backward_is_not_speculated():
 def test_bad_threads_is_refused():
     with pytest.raises(ValueError, match="`threads` should be a positive integer"):
         HostAdamW([torch.nn.Parameter(torch.zeros(2))], threads=0)
+
+
+def test_dropped_models_and_optimizers_are_freed():
+    """torch's optimizer hooks are global: they must not keep a dropped model's host store (or an optimizer's
+    state) alive."""
+    import gc
+    import weakref
+
+    from hf_offload.api import get_runtime
+
+    model = hf_offload.enable_layer_streaming(
+        copy.deepcopy(families.build("llama")), OffloadConfig(device="cpu", full_finetune=True)
+    )
+    optimizer = HostAdamW(model.parameters(), lr=1e-3, step_during_backward=lambda: True)
+    model(**left_padded_batch(families.VOCAB)).loss.backward()
+    optimizer.step()
+    trainable = weakref.ref(get_runtime(model).trainable)
+    dropped_optimizer = weakref.ref(optimizer)
+    del optimizer
+    gc.collect()
+    assert dropped_optimizer() is None
+    model(**left_padded_batch(families.VOCAB)).loss.backward()  # no listener left behind to call
+    del model
+    gc.collect()
+    assert trainable() is None
