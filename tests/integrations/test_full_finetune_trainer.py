@@ -219,3 +219,17 @@ def test_host_adamw_keeps_its_early_steps_without_clipping(base, tmp_path, monke
         assert_same_weights(saved_weights(tmp_path / "streamed"), saved_weights(tmp_path / "plain"))
     finally:
         unpatch_trainer()
+
+
+def test_bf16_autocast_trains_like_the_plain_run(base, tmp_path, monkeypatch):
+    """--bf16 (autocast on the CPU) with an fp32 model: the recompute runs under the forward's autocast state."""
+    common = dict(bf16=True, save_strategy="no", max_steps=2)
+    plain = script(copy.deepcopy(base), tmp_path / "plain", **common)
+    monkeypatch.setenv(ENV_VAR, LayerStreamingPlugin(full_finetune=True).to_env()[ENV_VAR])
+    patch_trainer()
+    try:
+        streamed = script(copy.deepcopy(base), tmp_path / "streamed", **common)
+        assert_close_values(logged(streamed), logged(plain))
+        assert_same_weights(saved_weights(tmp_path / "streamed"), saved_weights(tmp_path / "plain"))
+    finally:
+        unpatch_trainer()
