@@ -76,6 +76,7 @@ class HostAdamW(torch.optim.AdamW):
         # Per speculated layer (trainable layers object, index): the future of its step, and what a rollback needs.
         self._speculated: dict[tuple[int, int], Future] = {}
         self._backups: dict[tuple[int, int], list] = {}
+        self._stale: set[tuple[int, int]] = set()  # speculated layers whose gradients grew afterwards: always redone
         self._coefficient_was_one: bool | None = None
         # Counters: layer steps made during backward, and those of them redone in step() because clipping scaled.
         self.layers_stepped_during_backward = 0
@@ -170,7 +171,10 @@ class HostAdamW(torch.optim.AdamW):
         k = self._layers.index(trainable)
         members = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         members = [(g, p) for g, p in members if trainable.layer_of(p) == index]
-        if not members or (k, index) in self._speculated:
+        if not members:
+            return
+        if (k, index) in self._speculated:  # more gradient for a layer already stepped (a layer called twice)
+            self._stale.add((k, index))
             return
         self._speculated[(k, index)] = self._pool.submit(self._step_layer, (k, index), members, True)
         self.layers_stepped_during_backward += 1
@@ -220,10 +224,12 @@ class HostAdamW(torch.optim.AdamW):
             future.result()
         for k, trainable in enumerate(self._layers):
             trainable.mark_refreshed(sorted({index for (j, index) in by_layer if j == k}))
-        self._speculated, self._backups, self._coefficient_was_one = {}, {}, None
+        self._speculated, self._backups, self._stale, self._coefficient_was_one = {}, {}, set(), None
         return loss
 
     def _speculation_stands(self, unit, members) -> bool:
+        if unit in self._stale:
+            return False
         if self._coefficient_was_one is not None:
             return self._coefficient_was_one
         return all(entry[4] == param.grad._version for entry, (_, param) in zip(self._backups[unit], members))

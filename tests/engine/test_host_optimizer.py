@@ -158,3 +158,27 @@ def test_dropped_models_and_optimizers_are_freed():
     del model
     gc.collect()
     assert trainable() is None
+
+
+def test_a_layer_whose_gradients_grow_after_its_early_step_is_redone():
+    """If more gradient reaches a layer already stepped during backward (a layer called twice), step() redoes it,
+    even when clipping reported that nothing was scaled."""
+    base = families.build("llama")
+    streamed = hf_offload.enable_layer_streaming(copy.deepcopy(base), OffloadConfig(device="cpu", full_finetune=True))
+    optimizer = HostAdamW(streamed.parameters(), lr=1e-2, step_during_backward=lambda: True)
+    runtime = hf_offload.api.get_runtime(streamed)
+    streamed(**left_padded_batch(families.VOCAB)).loss.backward()
+    optimizer.synchronize()
+    extra = [torch.full_like(p, 0.01) for p in runtime.trainable.params(1)]
+    runtime.trainable.accumulate(1, extra)  # a second arrival for layer 1, after its early step
+    optimizer.note_clipping(torch.tensor(0.0), 1.0)  # "not scaled": the stale layer must be redone anyway
+    grads = {n: p.grad.clone() for n, p in streamed.named_parameters()}
+    optimizer.step()
+    assert optimizer.layers_rolled_back == 1
+
+    reference = copy.deepcopy(base)
+    plain = torch.optim.AdamW(reference.parameters(), lr=1e-2, foreach=False)
+    for name, p in reference.named_parameters():
+        p.grad = grads[name]
+    plain.step()
+    _assert_same_weights(streamed, reference)
