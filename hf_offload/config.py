@@ -20,6 +20,7 @@ from .options import (
     option,
     optional_boolean,
     optional_positive_int,
+    spelled,
     validate,
     zero_is_none,
 )
@@ -112,6 +113,15 @@ class OffloadConfig:
         faces=TRAINING_FACES,
         choices=EXPERT_FETCH_MODES,
     )
+    full_finetune: bool = option(
+        False,
+        "Train every weight of the decoder layers, not adapters: master weights (fp32 for bf16/fp16 models), their "
+        "gradients and the optimizer state stay in host memory, each layer streams in the compute dtype and sends "
+        "its gradients back to the host in backward. No LoRA is added. Mixture-of-Experts layers move all their "
+        "experts (expert_fetch='routed' applies to adapter training only).",
+        faces=TRAINING_FACES | {"plan"},
+        check=boolean,
+    )
 
     eval_group_size: int | None = option(
         None,
@@ -152,8 +162,23 @@ class OffloadConfig:
 
     def __post_init__(self) -> None:
         validate(self, "config")
+        check_engine_combinations(vars(self), "config")
 
     @property
     def slots(self) -> int:
         """Device slots: the layer computing plus the ones loading ahead."""
         return self.prefetch + 1
+
+
+def check_engine_combinations(values: dict, face: str) -> None:
+    """Rules between the engine's options, each option spelled as `face` spells it (every face checks them).
+
+    Raises:
+        ValueError: two options that cannot go together, both named, and what to do.
+    """
+    if values.get("full_finetune") and values.get("base_weight_dtype") is not None:
+        raise ValueError(
+            f"{spelled('full_finetune', face)} trains the decoder weights, so they cannot be kept quantized, but "
+            f"{spelled('base_weight_dtype', face)} is {values['base_weight_dtype']!r}. Leave the base weights as "
+            "loaded with full fine-tuning, or train adapters over a quantized store."
+        )

@@ -30,6 +30,7 @@ BAD = {
     "chunked_loss": "yes",
     "loss_chunk_tokens": -1,
     "mlp_tile_tokens": -5,
+    "full_finetune": "yes",
     "lora_r": 0,
     "lora_alpha": -2.0,
     "lora_dropout": 1.5,

@@ -27,6 +27,7 @@ from ..engine.chunked_loss import DEFAULT_CHUNK_BYTES
 from ..engine.facts import bytes_per_train_step
 from ..engine.layer_major import MEMORY_FRACTION
 from ..engine.quant import BASE_WEIGHT_DTYPES
+from ..engine.trainable import training_host_bytes
 from ..optimizer_state import adamw8bit_state_bytes
 from ..options import add_arguments, add_flag, all_options, values_from
 from ..records import Record
@@ -55,6 +56,9 @@ class Estimate(Record):
     base_weight_dtype: str | None
     tokens_per_step: int
     host_bytes: int
+    host_terms: dict[str, int]  # what the host memory holds: the compute copy, and with full fine-tuning the rest
+    full_finetune: bool
+    grad_bytes_to_host: int  # full fine-tuning: the layers' weight gradients sent back per step
     unquantized_matrix_bytes: int  # weight matrices the codec leaves dense (fused MoE experts, odd sizes)
     gpu_bytes: int
     gpu_terms: dict[str, int]
@@ -173,11 +177,15 @@ def estimate(
     chunked_loss: bool = True,
     loss_chunk_tokens: int | None = None,
     mlp_tile_tokens: int | None = 8192,
+    full_finetune: bool = False,
 ) -> Estimate:
     """Host bytes, device bytes (with their terms), bytes per step and break-even tokens for one configuration.
 
     `chunked_loss`, `loss_chunk_tokens` and `mlp_tile_tokens` are the OffloadConfig options (same defaults): with
-    them the logits and the MLP intermediates stop growing with the sequence (see `token_terms`).
+    them the logits and the MLP intermediates stop growing with the sequence (see `token_terms`). With
+    `full_finetune`, host memory also holds the layers' fp32 masters (bf16/fp16 models), fp32 gradients and AdamW
+    state (`host_terms`), the device trains the resident modules with AdamW instead of adapters, and each step sends
+    every layer's gradients back to the host (`grad_bytes_to_host`).
     """
     layouts = sizes.store_layouts(base_weight_dtype)
     store = [layout.nbytes for layout in layouts]
@@ -192,10 +200,21 @@ def estimate(
         "dequant_scratch": max(layout.scratch_nbytes for layout in layouts),
         "resident_modules": sizes.resident_bytes,
         # fp32 adapters (peft's default for bf16/fp16 bases), their fp32 gradients, 8-bit AdamW state
-        "adapters_and_optimizer": sum(8 * n + adamw8bit_state_bytes(n) for n in lora),
+        "adapters_and_optimizer": 0 if full_finetune else sum(8 * n + adamw8bit_state_bytes(n) for n in lora),
         **token_terms(sizes, tokens, offload_activations=offload_activations, **long_context),
     }
-    host_bytes = sum(store) + (boundary if offload_activations else 0)
+    host_terms = {"compute_copy": sum(store)}
+    grad_bytes_to_host = 0
+    if full_finetune:
+        # the engine's own accounting (fp32 masters, gradients, AdamW moments), on the meta model's parameters
+        host_terms.update(training_host_bytes([p for layer in sizes.layers for p in layer.parameters()]))
+        # the resident modules train on the device with torch AdamW: gradient and two moments in their dtype
+        gpu_terms["resident_grads_adamw"] = 3 * sizes.resident_bytes
+        gpu_terms["layer_gradients"] = max(store)  # one layer's weight gradients, until they reach the host
+        grad_bytes_to_host = sum(store)  # each layer's weight gradients, in the compute dtype
+    if offload_activations:
+        host_terms["offloaded_activations"] = boundary
+    host_bytes = sum(host_terms.values())
     bytes_per_step = bytes_per_train_step(store, prefetch)
     bandwidth, flops_per_s = pcie_gbps * GB, gpu_tflops * 1e12
     flops = 6 * sizes.compute_params * tokens  # forward, recompute, input gradients
@@ -205,6 +224,9 @@ def estimate(
         base_weight_dtype=base_weight_dtype,
         tokens_per_step=tokens,
         host_bytes=host_bytes,
+        host_terms=host_terms,
+        full_finetune=full_finetune,
+        grad_bytes_to_host=grad_bytes_to_host,
         # not nn.Linear/Conv1D (fused MoE expert tensors), or odd sizes
         unquantized_matrix_bytes=sum(r.nbytes for layout in layouts for p, r in layout.dense if p.dim() >= 2)
         if base_weight_dtype is not None
@@ -240,6 +262,11 @@ def make_plan(
     `options` are those of `estimate`. Host memory: `host_mem_gb`, else what this machine has available now.
     """
     base_weight_dtype = options.get("base_weight_dtype")
+    if options.get("full_finetune") and base_weight_dtype is not None:
+        raise PlanError(
+            f"--full_finetune trains the decoder weights, so they cannot be stored quantized (--base_weight_dtype "
+            f"{base_weight_dtype}); drop one of the two."
+        )
     if base_weight_dtype is not None and base_weight_dtype not in BASE_WEIGHT_DTYPES:
         raise PlanError(
             f"--base_weight_dtype should be one of {', '.join(BASE_WEIGHT_DTYPES)}, not {base_weight_dtype!r}"
@@ -247,7 +274,10 @@ def make_plan(
     eval_batches = options.pop("eval_batches", DEFAULT_EVAL_BATCHES)
     sizes = measure(config, dtype)
     plan = estimate(sizes, **options)
-    others = {d: estimate(sizes, **{**options, "base_weight_dtype": d}) for d in (None, *BASE_WEIGHT_DTYPES)}
+    if options.get("full_finetune"):
+        others = dict.fromkeys((None, *BASE_WEIGHT_DTYPES), plan)  # the weights train: no quantized store to suggest
+    else:
+        others = {d: estimate(sizes, **{**options, "base_weight_dtype": d}) for d in (None, *BASE_WEIGHT_DTYPES)}
     gpu_budget = gpu_mem_gb * GB * GPU_HEADROOM if gpu_mem_gb else None
     host_available = host_mem_gb * GB if host_mem_gb else hostmem.available_bytes()
     fits_gpu = gpu_budget is None or plan["gpu_bytes"] <= gpu_budget
@@ -334,7 +364,7 @@ def _advice(
             f"speed: link-bound (the copy of {plan['bytes_per_step'] / GB:.1f} GB per step takes longer than the "
             f"compute); the GPU is busy from {plan['break_even_tokens']} tokens per micro-batch"
         )
-        if chosen != "nf4":
+        if chosen != "nf4" and not options.get("full_finetune"):
             line += f", or from {others['nf4']['break_even_tokens']} with --base_weight_dtype nf4"
         advice.append(line)
     return advice
@@ -353,6 +383,10 @@ def format_plan(plan: Plan) -> str:
             if plan["host_available_bytes"] is not None
             else ""
         ),
+    ]
+    if len(plan["host_terms"]) > 1:
+        lines += [f"    {name:<24}{gb(value)}" for name, value in plan["host_terms"].items()]
+    lines += [
         f"  GPU memory         {gb(plan['gpu_bytes'])} at {plan['tokens_per_step']} tokens per micro-batch"
         + (f"   (budget: {gb(plan['gpu_budget_bytes'])})" if plan["gpu_budget_bytes"] else ""),
     ]
@@ -361,7 +395,8 @@ def format_plan(plan: Plan) -> str:
         longest = plan.max_tokens_per_micro_batch
         lines.append(f"  longest fitting    {longest:,} tokens per micro-batch (batch x seq)")
     lines += [
-        f"  bytes per step     {gb(plan['bytes_per_step'])}",
+        f"  bytes per step     {gb(plan['bytes_per_step'])}"
+        + (f"   (+ {gb(plan['grad_bytes_to_host'])} of gradients to the host)" if plan["grad_bytes_to_host"] else ""),
         f"  break-even         {plan['break_even_tokens']} tokens per micro-batch "
         f"(transfer {plan['transfer_seconds']:.2f} s vs compute {plan['compute_seconds']:.2f} s per step: "
         f"{plan['bound']}-bound, ~{plan['tokens_per_second']:,.0f} tokens/s)",

@@ -100,6 +100,7 @@ class LayerCall:
         params: list,
         recorded_keys: list[str],
         param_names: list[str] | None = None,
+        streamed_params: list | None = None,
     ):
         self.runtime = runtime
         self.index = index
@@ -117,6 +118,8 @@ class LayerCall:
         self.param_names = param_names or [f"parameter {k}" for k in range(len(params))]
         # See Note: [Trainable weights changed before backward]
         self.param_versions = [p._version for p in params]
+        # Trainable weights that stream (full fine-tuning): not Function inputs; their gradients go to the host.
+        self.streamed_params = streamed_params or []
         self.rng_state = None
         self.autocast_state = None
         self.recorded_keys = recorded_keys  # see Note: [Recorded outputs]
@@ -205,6 +208,12 @@ class StreamedLayerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outputs):
         call: LayerCall = ctx.call
+        if call is None:
+            raise RuntimeError(
+                "hf_offload: a second backward through a streamed layer (retain_graph=True) is not supported with "
+                "full_finetune: each layer's weight gradients were already sent to the host masters. Run one "
+                "backward per forward, or train adapters (full_finetune=False), which support retain_graph."
+            )
         runtime = call.runtime
         saved = ctx.saved_tensors  # raises autograd's own error on a second backward without retain_graph
         if ctx.offloaded:
@@ -213,7 +222,7 @@ class StreamedLayerFunction(torch.autograd.Function):
         call.check_param_versions()
         args, kwargs = call.arguments(detached, recompute=True)
         grad_inputs = [t for k, t in zip(call.saved_positions, detached) if k in call.grad_positions]
-        wrt = [*grad_inputs, *call.params]
+        wrt = [*grad_inputs, *call.params, *call.streamed_params]
 
         def recompute_and_backprop():
             # The recompute runs under the forward's autocast state; autograd.grad does not, so the backward ops
@@ -230,6 +239,12 @@ class StreamedLayerFunction(torch.autograd.Function):
         rng = runtime.ops.replay_rng(call.rng_state) if call.rng_state is not None else contextlib.nullcontext()
         with rng, torch.enable_grad():
             grads = runtime.run_layer(call.index, -1, recompute_and_backprop)
+        if call.streamed_params:  # the layer is released: its weights are bound to their host masters again
+            # Its weights' gradients are on their way to the host masters, and the call must not keep the runtime
+            # alive through autograd's graph; a second backward of it (retain_graph=True) is refused at the top.
+            ctx.call = None
+            grads, streamed_grads = grads[: -len(call.streamed_params)], grads[-len(call.streamed_params) :]
+            runtime.gradients_to_host(call.index, list(streamed_grads))
         # One gradient per Function input: saved inputs (None where no gradient is needed), then parameters.
         grads_by_position = dict(zip(call.grad_positions, grads[: len(grad_inputs)]))
         input_grads = [grads_by_position.get(k) for k in call.saved_positions]
@@ -239,16 +254,20 @@ class StreamedLayerFunction(torch.autograd.Function):
 def call_streamed_layer(runtime, index: int, layer: torch.nn.Module, forward: Forward, args: tuple, kwargs: dict):
     """The body of a streamed layer's `forward`: stream it with or without recompute, as autograd needs."""
     compat.keep_checkpointing_off(layer)
-    named = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
+    streamed = runtime.streamed_trainable(index)
+    streamed_ids = {id(p) for p in streamed}
+    named = [(n, p) for n, p in layer.named_parameters() if p.requires_grad and id(p) not in streamed_ids]
     params = [p for _, p in named]
+    names = [n for n, _ in named]
+    if streamed:
+        params.append(runtime.trainable.anchor)  # its backward must run (Note: [Trainable streamed weights])
+        names.append("the anchor of the streamed trainable weights")
     if not (torch.is_grad_enabled() and _any_grad(params, args, kwargs)):
         # Nothing needs a gradient through this layer: stream it once, save nothing (eval, generate, no_grad).
         return runtime.run_layer(index, +1, lambda: forward(*args, **kwargs))
     compat.check_cache_arguments(args, kwargs, index)
     leaves, spec = tree_flatten((args, kwargs))
-    call = LayerCall(
-        runtime, index, forward, leaves, spec, params, compat.recorded_output_keys(), [n for n, _ in named]
-    )
+    call = LayerCall(runtime, index, forward, leaves, spec, params, compat.recorded_output_keys(), names, streamed)
     saved_inputs = [leaves[k] for k in call.saved_positions]
     outputs = StreamedLayerFunction.apply(call, *saved_inputs, *params)
     output, recorded = call.rebuild_output(outputs)

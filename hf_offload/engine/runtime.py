@@ -26,6 +26,13 @@ from .quant import make_codec
 from .store import HostStore, layout_layer, require_frozen_weights
 from .streamer import Streamer
 from .tiled_mlp import TiledMLPs
+from .trainable import (
+    TrainableLayers,
+    check_full_finetune,
+    packed_as_frozen,
+    trainable_decoder_weights,
+    warn_if_host_memory_short,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +44,47 @@ class LayerStreamingRuntime:
         self.config = config
         self.anatomy = check_streamable(model)  # every refusal comes before any work is done
         _refuse_streaming_twice(self.anatomy.layers)
-        require_frozen_weights(self.anatomy.layers, self.anatomy.shared_outside)
+        # Full fine-tuning: the trainable decoder weights are packed like frozen ones (Note: [Trainable streamed
+        # weights] in trainable.py), then given masters and gradients.
+        trainable = trainable_decoder_weights(self.anatomy.layers, self.anatomy.shared_outside)
+        if config.full_finetune:
+            check_full_finetune(model, trainable)
+            if config.check_host_memory:
+                warn_if_host_memory_short(trainable)
+        with packed_as_frozen(trainable if config.full_finetune else []):
+            require_frozen_weights(self.anatomy.layers, self.anatomy.shared_outside)
+            self._build_store(model, config)
+        self.trainable = (
+            TrainableLayers(self.store, self.streamer, self.ops, trainable) if config.full_finetune else None
+        )
+        self._moved: list[tuple[torch.Tensor, torch.device]] = []
+        self._move_resident_tensors(model)
+        self.overrides = Overrides()  # every method replaced on the model, restored by remove()
+        self._install_layer_forwards()
+        self._handles: list[Any] = []
+        self._install_quantized_guards()
+        self._install_cast_guards(model)
+        if any(pack.encoded for pack in self.store.packs):
+            self._install_full_save_guard(model)
+        # Slots stay valid across steps while the host bytes do not change (Note: [Slot validity] in streamer.py);
+        # peft's merge and unmerge write through `.data`, which no version counter sees.
+        self._install_merge_invalidation()
+        if self.trainable is not None:
+            # weights written outside an optimizer step (load_state_dict) reach the compute copy before a forward
+            parent = _parent_module(model, self.anatomy.path)
+            self._handles.append(parent.register_forward_pre_hook(self._sync_trainable))
+        # Long sequences: MLPs in tiles, head and loss in chunks (see tiled_mlp.py and chunked_loss.py).
+        self.tiled_mlps = TiledMLPs(self.anatomy.layers, self.ops, config.mlp_tile_tokens)
+        self.chunked_loss = (
+            ChunkedLoss(compat.peft_base_model(model), self.ops, config.loss_chunk_tokens)
+            if config.chunked_loss
+            else None
+        )
+
+    def _sync_trainable(self, module, args) -> None:  # a forward pre-hook: returns None, the arguments unchanged
+        self.trainable.sync()
+
+    def _build_store(self, model: nn.Module, config: OffloadConfig) -> None:
         self.device = resolve_device(config.device)
         self.prefetch = _effective_prefetch(config.prefetch, len(self.anatomy.layers))
         self.ops = DeviceOps(self.device)
@@ -50,7 +97,13 @@ class LayerStreamingRuntime:
             _check_host_memory(self.anatomy.layers, config.base_weight_dtype, self.anatomy.shared_outside)
         # Experts modules are found before packing: their stacked tensors are packed as expert regions.
         groups, reasons = find_expert_groups(self.anatomy.layers)
-        routed = config.expert_fetch == "routed"
+        # Full fine-tuning moves every expert: a gradient must have its parameter's (all experts') shape.
+        routed = config.expert_fetch == "routed" and not config.full_finetune
+        if config.full_finetune and config.expert_fetch == "routed" and any(groups):
+            logger.info(
+                "hf_offload: full fine-tuning moves every expert with its layer (expert_fetch='routed' applies to "
+                "adapter training): each experts weight's gradient has all its experts' shape."
+            )
         if routed:
             _explain_whole_layer_experts(groups, reasons, self.anatomy.layers)
         self.store = HostStore.build(
@@ -65,25 +118,6 @@ class LayerStreamingRuntime:
         self.streamer = Streamer(self.store, self.ops, self.prefetch, routed=routed)
         self.routed_experts = RoutedExperts(groups if routed else [], self.streamer)
         self.routed_experts.install(self._host_views)
-        self._moved: list[tuple[torch.Tensor, torch.device]] = []
-        self._move_resident_tensors(model)
-        self.overrides = Overrides()  # every method replaced on the model, restored by remove()
-        self._install_layer_forwards()
-        self._handles: list[Any] = []
-        self._install_quantized_guards()
-        self._install_cast_guards(model)
-        if any(pack.encoded for pack in self.store.packs):
-            self._install_full_save_guard(model)
-        # Slots stay valid across steps while the host bytes do not change (Note: [Slot validity] in streamer.py);
-        # peft's merge and unmerge write through `.data`, which no version counter sees.
-        self._install_merge_invalidation()
-        # Long sequences: MLPs in tiles, head and loss in chunks (see tiled_mlp.py and chunked_loss.py).
-        self.tiled_mlps = TiledMLPs(self.anatomy.layers, self.ops, config.mlp_tile_tokens)
-        self.chunked_loss = (
-            ChunkedLoss(compat.peft_base_model(model), self.ops, config.loss_chunk_tokens)
-            if config.chunked_loss
-            else None
-        )
 
     # --- used by layer_fn ----------------------------------------------------------------------------------------
     def run_layer(self, index: int, direction: int, fn: Callable[[], Any]) -> Any:
@@ -92,6 +126,18 @@ class LayerStreamingRuntime:
             return fn()
         finally:
             self.streamer.release(index)
+            if self.trainable is not None:
+                self.trainable.bind_masters(index)
+
+    def streamed_trainable(self, index: int) -> list[nn.Parameter]:
+        """Layer `index`'s trainable weights that stream (full fine-tuning), whose gradients `layer_fn` hands to
+        `gradients_to_host` instead of autograd."""
+        return self.trainable.params(index) if self.trainable is not None else []
+
+    def gradients_to_host(self, index: int, grads: list[torch.Tensor | None]) -> None:
+        self.trainable.accumulate(index, grads)
+        if index == 0:
+            self.trainable.flush()  # the last layer of the backward: .grad is complete when backward returns
 
     def _host_views(self, group) -> list[torch.Tensor]:
         pack = self.store.packs[group.layer_index]
@@ -227,6 +273,9 @@ class LayerStreamingRuntime:
             handle.remove()
         self._handles = []
         self.routed_experts.remove()
+        if self.trainable is not None:
+            self.trainable.remove()
+            self.trainable = None
         self.streamer.close()
         self.overrides.restore()
         self.store.unpack(self.ops.unpin)

@@ -292,7 +292,8 @@ def require_frozen_weights(layers: nn.ModuleList, keep_resident: frozenset[int] 
         raise UnsupportedModelError(
             "Every parameter of the decoder layers is trainable, so there is nothing to stream: layer streaming "
             "keeps frozen weights in host memory. Freeze the base model and train adapters (for example "
-            "peft.get_peft_model(model, LoraConfig(target_modules='all-linear'))) before enable_layer_streaming."
+            "peft.get_peft_model(model, LoraConfig(target_modules='all-linear'))) before enable_layer_streaming, or "
+            "pass OffloadConfig(full_finetune=True) to train every weight with master weights in host memory."
         )
 
 

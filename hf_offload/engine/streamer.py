@@ -210,6 +210,17 @@ class Streamer:
         if not any(slot.in_use for slot in self._slots):
             self._scratch_layer = None
 
+    def forget(self, layers: list[int]) -> None:
+        """The host bytes of `layers` changed (an optimizer step on trainable streamed weights): slots holding them
+        must be loaded again before use. Slots in use keep their layer until released."""
+        changed = set(layers)
+        for slot in self._slots:
+            if slot.layer in changed and not slot.in_use:
+                slot.layer = None
+                slot.experts = {}
+        if self._scratch_layer in changed:
+            self._scratch_layer = None
+
     def close(self) -> None:
         self.ops.synchronize()
         self._slots = []

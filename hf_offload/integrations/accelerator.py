@@ -47,6 +47,8 @@ class OffloadAccelerator(Accelerator):
 
     def prepare(self, *args, device_placement=None):
         adds_lora = [m for m in args if isinstance(m, nn.Module) and not is_peft_model(m) and not is_streaming(m)]
+        if self.layer_streaming_plugin.full_finetune:
+            adds_lora = []  # nothing is added: an optimizer created before holds the very parameters that train
         if adds_lora and any(isinstance(obj, torch.optim.Optimizer) for obj in args):
             raise ValueError(
                 "OffloadAccelerator.prepare() would add LoRA adapters to a model that is not a peft model, but an "

@@ -206,10 +206,12 @@ def _parse_size(size: int | str) -> int:
 
 
 # --- model card ----------------------------------------------------------------------------------------------------
-def model_card_section(base_model: str | None, repo_id: str | None, merged: bool) -> str:
+def model_card_section(base_model: str | None, repo_id: str | None, merged: bool, full_finetune: bool = False) -> str:
     """The part of README.md that says the model was trained with hf_offload and how to load it."""
     base = base_model or "<base model id or path>"
     repo = repo_id or "<this repo id or local path>"
+    if full_finetune:
+        return _full_finetune_card(repo)
     lines = [
         _CARD_MARKER,
         "## Trained with hf_offload",
@@ -245,7 +247,30 @@ def model_card_section(base_model: str | None, repo_id: str | None, merged: bool
     return "\n".join(lines) + "\n"
 
 
-def add_to_model_card(output_dir: str, base_model: str | None, repo_id: str | None, merged: bool) -> str:
+def _full_finetune_card(repo: str) -> str:
+    lines = [
+        _CARD_MARKER,
+        "## Trained with hf_offload",
+        "",
+        "Every weight of this model was fine-tuned with [hf_offload](https://pypi.org/project/hf-offload/): the "
+        "master weights, gradients and optimizer state stayed in host memory and the decoder layers streamed to the "
+        "GPU one at a time. Nothing about the result depends on hf_offload: it is an ordinary transformers checkpoint.",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
+        "```",
+        "",
+        "To keep fine-tuning it on a GPU smaller than the model, run the training script under "
+        "`hf-offload launch --full_finetune -- ...`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def add_to_model_card(
+    output_dir: str, base_model: str | None, repo_id: str | None, merged: bool, full_finetune: bool = False
+) -> str:
     """Add the hf_offload section and tag to `output_dir/README.md` (creating it if needed). Returns the path."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -261,7 +286,7 @@ def add_to_model_card(output_dir: str, base_model: str | None, repo_id: str | No
     text = card.text
     if _CARD_MARKER in text:  # written again on every push: replace our section, keep the rest
         text = text[: text.index(_CARD_MARKER)].rstrip() + "\n"
-    card.text = text.rstrip() + "\n\n" + model_card_section(base_model, repo_id, merged)
+    card.text = text.rstrip() + "\n\n" + model_card_section(base_model, repo_id, merged, full_finetune)
     with atomic_file(path) as tmp:  # a kill leaves the old card or the new one
         card.save(tmp)
     return path

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..api import enable_layer_streaming, is_streaming
-from ..config import OffloadConfig
+from ..config import OffloadConfig, check_engine_combinations
 from ..engine import compat
 from ..engine.anatomy import check_streamable
 from ..options import (
@@ -60,7 +60,14 @@ def check_combinations(values: dict, face: str) -> None:
     Raises:
         ValueError: two options that cannot go together, both named.
     """
+    check_engine_combinations(values, face)
     check_window(values, face)
+    if values.get("full_finetune") and values.get("save_merged"):
+        raise ValueError(
+            f"Can't provide both {spelled('full_finetune', face)} and {spelled('save_merged', face)}: with full "
+            "fine-tuning the saved model is already a full checkpoint, and there are no adapters to merge. Drop "
+            f"{spelled('save_merged', face)}."
+        )
     if values.get("save_merged") and values.get("base_weight_dtype") is not None:
         raise ValueError(
             f"Can't provide both {spelled('save_merged', face)} and {spelled('base_weight_dtype', face)} "
@@ -170,7 +177,7 @@ class LayerStreamingPlugin:
         )
 
     def prepare_model(self, model: nn.Module, device: str | torch.device | None = None) -> nn.Module:
-        """Add LoRA if `model` has no peft adapters, then stream its decoder layers.
+        """Add LoRA if `model` has no peft adapters (unless `full_finetune`), then stream its decoder layers.
 
         Args:
             model: a causal LM or a peft model over one; a model already streaming is returned unchanged.
@@ -186,6 +193,8 @@ class LayerStreamingPlugin:
         if is_streaming(model):
             return model
         check_streamable(model)  # refuse an unstreamable model before LoRA changes it
+        if self.full_finetune:
+            return enable_layer_streaming(model, self.offload_config(device))  # every weight trains: no LoRA
         if not is_peft_model(model):
             model = compat.add_lora(model, self.lora_config())
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

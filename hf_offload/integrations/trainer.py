@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from ..api import is_streaming, summary
+from ..api import get_runtime, is_streaming
 from ..engine.overrides import Overrides
 from ..options import declared, trainer_flag, validate, with_options
 from ..units import format_bytes
@@ -90,7 +90,9 @@ class OffloadTrainingArguments(TrainingArguments):
             )
         self._hf_offload_optim_chosen = self.optim != "auto"
         if self.optim == "auto":
-            self.optim = STREAMING_DEFAULT_OPTIM if self.layer_streaming else TRAINER_DEFAULT_OPTIM
+            # Full fine-tuning keeps the Trainer's own default: its optimizer state is host memory (fp32 AdamW).
+            adapters = self.layer_streaming and not self.offload_full_finetune
+            self.optim = STREAMING_DEFAULT_OPTIM if adapters else TRAINER_DEFAULT_OPTIM
         validate(self, "trainer")  # a bad offload option fails here, when the arguments are parsed
         check_combinations(self._option_values(), "trainer")
         super().__post_init__()
@@ -164,14 +166,18 @@ def _init(call, trainer, model=None, args=None, *rest, **kwargs):
         args = TrainingArguments(output_dir="tmp_trainer")  # what Trainer would create; we need its device now
     bound = _INIT_SIGNATURE.bind(trainer, model, args, *rest, **kwargs).arguments
     optimizer = (bound.get("optimizers") or (None, None))[0]
-    if optimizer is not None and model is not None and not is_peft_model(model) and not is_streaming(model):
+    adds_lora = not plugin.full_finetune and model is not None and not is_peft_model(model)
+    if optimizer is not None and adds_lora and not is_streaming(model):
         raise ValueError(
             "Layer streaming adds LoRA adapters to a model that is not a peft model, but the optimizer passed in "
             "`optimizers` was created before that and would not see them. Apply peft yourself before creating the "
             "optimizer, or let the Trainer create it (drop `optimizers`)."
         )
     _refuse_unsupported_arguments(args)
-    _use_default_optimizer(args, plugin, chosen=optimizer is not None or bound.get("optimizer_cls_and_kwargs"))
+    chosen = optimizer is not None or bound.get("optimizer_cls_and_kwargs")
+    _use_default_optimizer(args, plugin, chosen=chosen)
+    if plugin.full_finetune and not chosen and not _optim_chosen(args) and "optimizer_cls_and_kwargs" not in bound:
+        kwargs["optimizer_cls_and_kwargs"] = _host_adamw(trainer, args)
     if model is not None:
         model = plugin.prepare_model(model, device=args.device)  # raises before training for unstreamable models
     call(model, args, *rest, **kwargs)
@@ -186,7 +192,8 @@ def _init(call, trainer, model=None, args=None, *rest, **kwargs):
     if is_streaming(trainer.model):
         state.metrics.watch(trainer.model)
         if trainer.is_world_process_zero():
-            logger.info(startup_summary(trainer.model, args))
+            chosen_cls = (getattr(trainer, "optimizer_cls_and_kwargs", None) or (None, None))[0]
+            logger.info(startup_summary(trainer.model, args, chosen_cls))
 
 
 def _install_bad_step_guard(trainer, args, state: StreamingState) -> None:
@@ -227,7 +234,9 @@ def _build_accelerator_args(call, trainer, **kwargs):
 
 def _load_from_checkpoint(call, trainer, resume_from_checkpoint, model=None):
     target = model if model is not None else trainer.model
-    if state_of(trainer).plugin is not None and is_streaming(target):
+    plugin = state_of(trainer).plugin
+    # Full fine-tuning resumes from full weights, which the Trainer loads into the host masters in place.
+    if plugin is not None and not plugin.full_finetune and is_streaming(target):
         check_adapter_checkpoint(resume_from_checkpoint, target)
         check_base_model_identity(resume_from_checkpoint, target)
     return call(resume_from_checkpoint, model)
@@ -237,6 +246,22 @@ def _load_optimizer_and_scheduler(call, trainer, checkpoint):
     if checkpoint is not None and state_of(trainer).plugin is not None:
         check_optimizer_state(checkpoint, trainer.optimizer)
     return call(checkpoint)
+
+
+def _clip_grad_norm(call, trainer, model):
+    total = call(model)
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    if hasattr(inner, "note_clipping"):  # HostAdamW: whether the layers it stepped during backward stand
+        inner.note_clipping(total, trainer.args.max_grad_norm)
+    return total
+
+
+def _get_grad_norm(call, trainer, model, grad_norm=None):
+    total = call(model, grad_norm)
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    if grad_norm is None and hasattr(inner, "note_clipping"):  # measured with max_norm=inf: nothing was scaled
+        inner.note_clipping(total, float("inf"))
+    return total
 
 
 def _log(call, trainer, logs, start_time=None):
@@ -300,11 +325,13 @@ def _add_card(trainer, folder: str) -> None:
         base_model=hub.base_model_name(trainer.model),
         repo_id=getattr(trainer, "hub_model_id", None),
         merged=os.path.isdir(os.path.join(folder, hub.MERGED_SUBFOLDER)),
+        full_finetune=state_of(trainer).plugin.full_finetune,
     )
 
 
 # Trainer methods wrapped, private ones included (`_move_model_to_device`, `_build_accelerator_args`,
-# `_load_from_checkpoint`, `_load_optimizer_and_scheduler`): checked against transformers 5.23 and TRL 1.16.
+# `_load_from_checkpoint`, `_load_optimizer_and_scheduler`): checked against transformers 5.23 and TRL 1.16;
+# `_clip_grad_norm` and `_get_grad_norm` against transformers 5.24.
 HOOKS = {
     "__init__": _init,
     "call_model_init": _call_model_init,
@@ -312,6 +339,8 @@ HOOKS = {
     "_build_accelerator_args": _build_accelerator_args,
     "_load_from_checkpoint": _load_from_checkpoint,
     "_load_optimizer_and_scheduler": _load_optimizer_and_scheduler,
+    "_clip_grad_norm": _clip_grad_norm,
+    "_get_grad_norm": _get_grad_norm,
     "log": _log,
     "train": _train,
     "training_step": _training_step,
@@ -346,9 +375,34 @@ def _refuse_unsupported_arguments(args: TrainingArguments) -> None:
             raise ValueError(f"Layer streaming cannot be combined with {what}: {way_out}.")
 
 
+def _optim_chosen(args: TrainingArguments) -> bool:
+    """Whether the script chose `--optim` (else it is the Trainer's default, or 'auto')."""
+    explicit = getattr(args, "_hf_offload_optim_chosen", None)
+    return bool(explicit) or (explicit is None and args.optim != TRAINER_DEFAULT_OPTIM)
+
+
+def _host_adamw(trainer, args: TrainingArguments):
+    """The Trainer's `optimizer_cls_and_kwargs` for full fine-tuning: `HostAdamW` with the AdamW settings of `args`,
+    stepping layers during the backward of the last micro-batch of each accumulation (see host_optimizer.py)."""
+    from ..engine.host_optimizer import HostAdamW
+
+    def completes_the_gradients() -> bool:
+        accelerator = trainer.accelerator
+        # A gradient scaler (fp16) may skip the step after the backward: never speculate then.
+        return accelerator.gradient_state.sync_gradients and accelerator.scaler is None
+
+    logger.info(
+        "hf_offload: full fine-tuning with hf_offload's host AdamW (torch AdamW arithmetic, layers stepped on host "
+        "threads as their gradients arrive); pass --optim to choose another optimizer."
+    )
+    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    return HostAdamW, dict(kwargs, step_during_backward=completes_the_gradients)
+
+
 def _use_default_optimizer(args: TrainingArguments, plugin: LayerStreamingPlugin, chosen) -> None:
-    """Swap the Trainer's default optimizer for the plugin's (8-bit AdamW) unless the script chose one."""
-    if plugin.default_optim is None or chosen or args.optim == plugin.default_optim:
+    """Swap the Trainer's default optimizer for the plugin's (8-bit AdamW) unless the script chose one (or full
+    fine-tuning, which keeps the Trainer's default)."""
+    if plugin.full_finetune or plugin.default_optim is None or chosen or args.optim == plugin.default_optim:
         return
     explicit = getattr(args, "_hf_offload_optim_chosen", None)
     if explicit or (explicit is None and args.optim != TRAINER_DEFAULT_OPTIM):
@@ -361,14 +415,22 @@ def _use_default_optimizer(args: TrainingArguments, plugin: LayerStreamingPlugin
     args.optim = OptimizerNames(plugin.default_optim)
 
 
-def startup_summary(model, args: TrainingArguments) -> str:
+def startup_summary(model, args: TrainingArguments, optimizer_cls: type | None = None) -> str:
     """What the Trainer adds to the engine's own start-up line: what stays on the device, and the optimizer."""
-    layers = model.get_submodule(summary(model).layer_path)
-    streamed = {id(p) for p in layers.parameters() if not p.requires_grad}
+    runtime = get_runtime(model)
+    streamed = {id(t.param) for pack in runtime.store.packs for t in (*pack.tensors, *pack.encoded)}
     tensors = [*model.parameters(), *model.buffers()]
     resident = sum(t.numel() * t.element_size() for t in tensors if id(t) not in streamed)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optim = getattr(args.optim, "value", args.optim)
+    if optimizer_cls is not None:
+        optim = optimizer_cls.__name__
+    if runtime.trainable is not None:
+        return (
+            f"hf_offload: full fine-tuning; the Trainer keeps {format_bytes(resident)} resident on the device "
+            f"(embeddings, head, norms) and trains every weight with {optim}: the decoder layers' master weights, "
+            "gradients and optimizer state are in host memory."
+        )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return (
         f"hf_offload: the Trainer keeps {format_bytes(resident)} resident on the device (embeddings, head, norms and "
         f"{trainable:,} trainable adapter parameters) and trains them with {optim}; device memory also holds the "
@@ -406,6 +468,12 @@ class OffloadTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         return _load_optimizer_and_scheduler(super()._load_optimizer_and_scheduler, self, checkpoint)
+
+    def _clip_grad_norm(self, model):
+        return _clip_grad_norm(super()._clip_grad_norm, self, model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return _get_grad_norm(super()._get_grad_norm, self, model, grad_norm)
 
     def log(self, logs, start_time=None):
         return _log(super().log, self, logs, start_time)

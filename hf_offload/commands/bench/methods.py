@@ -173,6 +173,63 @@ class HfOffload(Method):
         return Session(model, _batch(setup, setup.device), _adamw(model, setup.lr), outcome, cleanup)
 
 
+class ResidentFull(Method):
+    name = "resident-full"
+    description = "full fine-tuning, whole model on the device, torch AdamW over every weight"
+
+    def prepare(self, setup, clock):
+        model = build_model(setup.config, setup.dtype, setup.device, seed=setup.seed)
+        return Session(model, _batch(setup, setup.device), torch.optim.AdamW(model.parameters(), lr=setup.lr))
+
+
+class HfOffloadFull(Method):
+    name = "hf_offload-full"
+    description = "full fine-tuning with layer streaming: host master weights and HostAdamW stepping during backward"
+
+    def prepare(self, setup, clock):
+        from ...engine.host_optimizer import HostAdamW
+
+        model = build_model(setup.config, setup.dtype, "cpu", seed=setup.seed)
+        config = OffloadConfig(
+            device=setup.device,
+            prefetch=setup.prefetch,
+            offload_activations=setup.offload_activations,
+            show_progress=False,
+            full_finetune=True,
+        )
+        api.enable_layer_streaming(model, config)
+        # one micro-batch per step: every backward completes the gradients, so layers step as they arrive
+        optimizer = HostAdamW(model.parameters(), lr=setup.lr, step_during_backward=lambda: True)
+        trainable = api.get_runtime(model).trainable
+        outcome = Outcome()
+        start = {}
+
+        def reset():
+            api.reset_stats(model)
+            start.update(grad_bytes=trainable.grad_bytes_to_host, early=optimizer.layers_stepped_during_backward)
+
+        def read_stats():
+            stats = api.stats(model)
+            timed = len(clock.times)
+            grad_bytes = (trainable.grad_bytes_to_host - start["grad_bytes"]) // timed
+            outcome.h2d_bytes_per_step = stats["bytes_to_device"] // timed
+            outcome.extra.update(stats=stats, grad_bytes_to_host_per_step=grad_bytes)
+            outcome.notes.append(
+                f"{grad_bytes / 1e6:.2f} MB of weight gradients to the host per step; "
+                f"{(optimizer.layers_stepped_during_backward - start['early']) / timed:.0f} layers stepped during "
+                "each backward"
+            )
+
+        clock.on_first_timed_step.append(reset)
+        clock.after_timed_steps.append(read_stats)
+
+        def cleanup():
+            optimizer.close()
+            api.disable_layer_streaming(model)
+
+        return Session(model, _batch(setup, setup.device), optimizer, outcome, cleanup)
+
+
 class AccelerateCpuOffload(Method):
     name = "accelerate-cpu-offload"
     description = "accelerate.cpu_offload hooks (weights in host memory, moved per module per call)"
@@ -359,5 +416,13 @@ def _single_process_distributed_env() -> None:
 
 METHODS: dict[str, Method] = {
     m.name: m
-    for m in (Resident(), ResidentCheckpointed(), HfOffload(), AccelerateCpuOffload(), DeepSpeedZero3Offload())
+    for m in (
+        Resident(),
+        ResidentCheckpointed(),
+        HfOffload(),
+        AccelerateCpuOffload(),
+        DeepSpeedZero3Offload(),
+        ResidentFull(),
+        HfOffloadFull(),
+    )
 }

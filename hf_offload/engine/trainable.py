@@ -1,0 +1,336 @@
+"""Full fine-tuning of streamed decoder layers: host master weights, their compute copy, gradients back to the host.
+
+Note: [Trainable streamed weights]
+With `OffloadConfig(full_finetune=True)` the decoder layers' trainable weights are streamed like frozen ones: the
+store packs them (so each layer is still one host->device copy), and the streamer binds them to their slot inside the
+layer's window. What changes:
+- Master weights. Between windows a trainable parameter's `.data` is its master in host memory: fp32 for a bf16/fp16
+  layer (a new fp32 buffer per layer), or the store's own bytes for any other dtype (fp32 models: master and compute
+  copy are one tensor, no extra memory). Any torch optimizer over `model.parameters()` steps these host tensors.
+- The compute copy. The store's bytes are what streams. After an optimizer step (a global post-step hook) and before
+  each forward, the layers whose parameters changed in place (their version counters moved) get their compute copy
+  rounded from the master (nothing to copy when they are one tensor), and the streamer is told to forget those
+  layers' slots: a layer whose host bytes changed must be copied again.
+- Gradients. The parameters are not inputs of the layer's autograd Function (autograd would accumulate a
+  device/compute-dtype gradient into a host/fp32 parameter). The recompute in backward asks `autograd.grad` for
+  them along with the rest, and `accumulate` adds them into the master's `.grad` (the master's dtype) once the
+  layer is released: on the CPU directly; on an accelerator via a copy to pinned host memory enqueued on a stream of
+  its own, completed while the next layer computes (`flush` finishes them; it runs at the end of the backward of the
+  first layer and before any optimizer step).
+- A zero-element `anchor` tensor that requires grad is an input of every such layer's Function, so its backward runs
+  even when nothing else entering the layer needs a gradient (frozen embeddings).
+- Mixture-of-Experts: experts move with their layer (expert_fetch='routed' would bind a parameter to a view of the
+  routed experts only, and its gradient would not have the parameter's shape).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from ..units import format_bytes
+from . import compat, hostmem
+from .device import DeviceOps
+
+logger = logging.getLogger(__name__)
+
+# Layers stored in these dtypes train against an fp32 master: small updates would round away in place.
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every TrainableLayers not yet removed, for optimizers to find
+
+
+def live_trainable_layers() -> list:
+    """The `TrainableLayers` of every model streamed with full fine-tuning now (an optimizer finds its own)."""
+    return list(_LIVE)
+
+
+# torch's optimizer hooks are global and hold what they are given: one pair for the process, reaching the models
+# through the weak set, so that a model dropped without disable_layer_streaming is still freed.
+_GLOBAL_HOOKS: list = []
+
+
+def _before_any_step(optimizer, args, kwargs) -> None:
+    for trainable in list(_LIVE):
+        trainable.before_step(optimizer)
+
+
+def _after_any_step(optimizer, args, kwargs) -> None:
+    for trainable in list(_LIVE):
+        trainable.after_step(optimizer)
+
+
+def _install_global_hooks() -> None:
+    if not _GLOBAL_HOOKS:
+        _GLOBAL_HOOKS.append(register_optimizer_step_pre_hook(_before_any_step))
+        _GLOBAL_HOOKS.append(register_optimizer_step_post_hook(_after_any_step))
+
+
+@dataclass
+class TrainableTensor:
+    """One trainable streamed parameter: its master (what the optimizer steps) and its compute copy in the store."""
+
+    param: nn.Parameter
+    master: torch.Tensor  # host; is `host` itself when the layer's dtype needs no separate master
+    host: torch.Tensor  # the view of the store's bytes that streams
+
+    @property
+    def separate(self) -> bool:
+        return self.master is not self.host
+
+
+def trainable_decoder_weights(layers: nn.ModuleList, keep_resident: frozenset[int]) -> list[nn.Parameter]:
+    """The trainable parameters of the decoder layers that full fine-tuning streams (each once)."""
+    seen: dict[int, nn.Parameter] = {}
+    for param in layers.parameters():
+        if param.requires_grad and id(param) not in keep_resident:
+            seen.setdefault(id(param), param)
+    return list(seen.values())
+
+
+@contextlib.contextmanager
+def packed_as_frozen(params: list[nn.Parameter]) -> Iterator[None]:
+    """The store packs (and validates, and lays out) frozen parameters: show it `params` frozen while it builds."""
+    for param in params:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param in params:
+            param.requires_grad_(True)
+
+
+def check_full_finetune(model: nn.Module, params: list[nn.Parameter]) -> None:
+    """Refuse what full fine-tuning cannot train: a peft model, no trainable decoder weight, quantized ones.
+
+    Raises:
+        ValueError: with what to do instead.
+    """
+    if compat.peft_base_model(model) is not model:
+        raise ValueError(
+            "`full_finetune` trains the model's own weights, but this is a peft model (adapters over a frozen base). "
+            "Pass the plain transformers model for full fine-tuning, or turn full_finetune off to train the adapters."
+        )
+    if not params:
+        raise ValueError(
+            "`full_finetune` is on, but no weight of the decoder layers requires grad (a peft model freezes them). "
+            "Pass the plain model (all weights trainable) for full fine-tuning, or turn full_finetune off to train "
+            "the adapters."
+        )
+    quantized = [p for p in params if compat.is_quantized_parameter(p) or not p.is_floating_point()]
+    if quantized:
+        raise ValueError(
+            "`full_finetune` needs floating-point decoder weights, but this model holds quantized ones (loaded in "
+            "4/8 bits). Load the model in bf16 or fp32 for full fine-tuning, or train adapters over it (QLoRA)."
+        )
+
+
+def training_host_bytes(params: list[nn.Parameter]) -> dict[str, int]:
+    """Host bytes full fine-tuning adds to the store for `params` once training runs: fp32 masters (bf16/fp16
+    weights), gradients and AdamW's two moments (in the master's dtype)."""
+    low = sum(p.numel() for p in params if p.dtype in LOW_PRECISION)
+    master = sum(p.numel() * max(4, p.element_size()) for p in params)
+    return {"fp32_masters": 4 * low, "gradients": master, "optimizer_state": 2 * master}
+
+
+def warn_if_host_memory_short(params: list[nn.Parameter]) -> None:
+    """Warn before training starts when host memory cannot hold what full fine-tuning will add to the store."""
+    available = hostmem.available_bytes()
+    needs = training_host_bytes(params)
+    if available is not None and sum(needs.values()) > available:
+        logger.warning(
+            "hf_offload: full fine-tuning will need %s of host memory besides the layer store (%s), but %s is "
+            "available: training is likely to be stopped by the out-of-memory killer. Use a machine with more host "
+            "memory, or train adapters instead (full_finetune=False). `hf-offload plan --full_finetune` shows the "
+            "whole budget.",
+            format_bytes(sum(needs.values())),
+            ", ".join(f"{name} {format_bytes(n)}" for name, n in needs.items()),
+            format_bytes(available),
+        )
+
+
+class TrainableLayers:
+    """The trainable streamed weights of every layer; see Note: [Trainable streamed weights]."""
+
+    def __init__(self, store, streamer, ops: DeviceOps, params: list[nn.Parameter]):
+        self.store = store
+        self.streamer = streamer
+        self.ops = ops
+        wanted = {id(p) for p in params}
+        self.layers: list[list[TrainableTensor]] = []
+        for pack in store.packs:
+            packed = [t for t in pack.tensors if id(t.param) in wanted]
+            self.layers.append(_masters(pack, packed))
+        self._by_param = {id(t.param): index for index, tensors in enumerate(self.layers) for t in tensors}
+        self._versions = [self._version(index) for index in range(len(self.layers))]
+        self.anchor = torch.empty(0, requires_grad=True)  # see the Note
+        self.grad_bytes_to_host = 0  # weight gradients returned by the layers since streaming began (compute dtype)
+        self._pending: list[tuple[object, list[tuple[TrainableTensor, torch.Tensor, torch.Tensor]], int]] = []
+        self._grad_stream = None if ops.is_cpu else torch.get_device_module(ops.device.type).Stream(device=ops.device)
+        for index in range(len(self.layers)):
+            self.bind_masters(index)
+        # Called as listener(self, index) on the main thread once layer `index`'s gradients are complete in `.grad`.
+        # (weak references: an optimizer dropped without close() is freed with its state)
+        self.listeners: list[weakref.WeakMethod] = []
+        _LIVE.add(self)
+        _install_global_hooks()
+
+    def listen(self, method) -> None:
+        """Call the bound `method(self, index)` once layer `index`'s gradients are complete in `.grad`."""
+        self.listeners.append(weakref.WeakMethod(method))
+
+    def unlisten(self, method) -> None:
+        self.listeners = [ref for ref in self.listeners if ref() is not None and ref() != method]
+
+    def layer_of(self, param) -> int | None:
+        """The layer whose trainable streamed weight `param` is, or None."""
+        return self._by_param.get(id(param))
+
+    # --- layer windows ---------------------------------------------------------------------------------------------
+    def params(self, index: int) -> list[nn.Parameter]:
+        """Layer `index`'s trainable streamed parameters, in a fixed order."""
+        return [t.param for t in self.layers[index]]
+
+    def bind_masters(self, index: int) -> None:
+        """Point layer `index`'s trainable parameters at their masters (after the streamer bound them to the host)."""
+        for tensor in self.layers[index]:
+            if tensor.separate:
+                tensor.param.data = tensor.master
+
+    # --- gradients -------------------------------------------------------------------------------------------------
+    def accumulate(self, index: int, grads: list[torch.Tensor | None]) -> None:
+        """Add layer `index`'s gradients (device, compute dtype; None for unused weights) into the masters' `.grad`."""
+        pairs = [(t, g) for t, g in zip(self.layers[index], grads, strict=True) if g is not None]
+        if not pairs:
+            return
+        self.grad_bytes_to_host += sum(g.numel() * g.element_size() for _, g in pairs)
+        if self.ops.is_cpu:
+            for tensor, grad in pairs:
+                _add_grad(tensor.param, grad.to(tensor.master.dtype))
+            self._arrived(index)
+            return
+        # Complete the previous layer's copies (they ran while this layer computed), then start this layer's.
+        self.flush()
+        computed = self.ops.record_event()
+        copies = []
+        with torch.get_device_module(self.ops.device.type).stream(self._grad_stream):
+            self.ops.wait_event(computed, self._grad_stream)
+            for tensor, grad in pairs:
+                host = torch.empty(grad.shape, dtype=grad.dtype, pin_memory=True)
+                host.copy_(grad, non_blocking=True)
+                copies.append((tensor, host, grad))  # `grad` is kept alive until its copy has completed
+            done = self.ops.record_event(self._grad_stream)
+        self._pending.append((done, copies, index))
+
+    def flush(self) -> None:
+        """Finish the gradient copies still in flight and add them into `.grad`."""
+        pending, self._pending = self._pending, []
+        for done, copies, index in pending:
+            done.synchronize()
+            for tensor, host, _ in copies:
+                _add_grad(tensor.param, host.to(tensor.master.dtype))
+            self._arrived(index)
+
+    def _arrived(self, index: int) -> None:
+        for ref in list(self.listeners):
+            listener = ref()
+            if listener is not None:
+                listener(self, index)
+
+    # --- after the weights changed ---------------------------------------------------------------------------------
+    def sync(self) -> list[int]:
+        """Refresh the compute copy of every layer whose trainable weights changed in place; returns those layers.
+
+        The streamer forgets their slots, so the next use copies the new bytes.
+        """
+        changed = []
+        for index in range(len(self.layers)):
+            version = self._version(index)
+            if version == self._versions[index]:
+                continue
+            self.refresh_copy(index)  # rounds to the compute dtype
+            self._versions[index] = version
+            changed.append(index)
+        if changed:
+            self.streamer.forget(changed)
+        return changed
+
+    def refresh_copy(self, index: int) -> None:
+        """Round layer `index`'s masters into its compute copy (any thread; the layer must not be computing)."""
+        with torch.no_grad():
+            for tensor in self.layers[index]:
+                if tensor.separate:
+                    tensor.host.copy_(tensor.master)
+
+    def mark_refreshed(self, layers: list[int]) -> None:
+        """`layers` were stepped and their compute copies refreshed (main thread): forget their slots."""
+        for index in layers:
+            self._versions[index] = self._version(index)
+        if layers:
+            self.streamer.forget(layers)
+
+    def _version(self, index: int) -> int:
+        # Every in-place write through a parameter (optimizer steps, load_state_dict, copy_) bumps its own counter.
+        return sum(t.param._version for t in self.layers[index])
+
+    def _steps_ours(self, optimizer) -> bool:
+        return any(id(p) in self._by_param for group in optimizer.param_groups for p in group["params"])
+
+    def before_step(self, optimizer) -> None:
+        """Any optimizer is about to step: gradients still in flight must be in `.grad` if it steps ours."""
+        if self._pending and self._steps_ours(optimizer):
+            self.flush()
+
+    def after_step(self, optimizer) -> None:
+        """Any optimizer has stepped: refresh the compute copies of our layers it changed."""
+        if self._steps_ours(optimizer):
+            self.sync()
+
+    # --- bytes and removal -----------------------------------------------------------------------------------------
+    @property
+    def master_bytes(self) -> int:
+        """Host bytes of the separate fp32 masters (0 when the layers train in their own dtype)."""
+        return sum(t.master.numel() * t.master.element_size() for ts in self.layers for t in ts if t.separate)
+
+    def remove(self) -> None:
+        """Before the store unpacks: finish gradients, bring the compute copies up to date, drop the hooks."""
+        self.flush()
+        _LIVE.discard(self)
+        self.listeners = []
+        self.sync()
+        for tensors in self.layers:
+            for tensor in tensors:
+                if tensor.separate:
+                    tensor.param.data = tensor.host  # the store gives each parameter its own storage back
+                    if tensor.param.grad is not None and tensor.param.grad.dtype != tensor.host.dtype:
+                        tensor.param.grad = None  # an fp32 gradient cannot stay on a bf16 parameter
+        self.layers = []
+
+
+def _masters(pack, packed: list) -> list[TrainableTensor]:
+    """The masters of one layer's trainable tensors: one fp32 buffer for the low-precision ones."""
+    views = [t.view_in(pack.host) for t in packed]
+    low = [k for k, t in enumerate(packed) if t.dtype in LOW_PRECISION]
+    buffer = torch.empty(sum(packed[k].param.numel() for k in low), dtype=torch.float32)
+    masters, offset = list(views), 0
+    for k in low:
+        numel = views[k].numel()
+        masters[k] = buffer[offset : offset + numel].view(views[k].shape)
+        masters[k].copy_(views[k])
+        offset += numel
+    return [TrainableTensor(t.param, master, view) for t, master, view in zip(packed, masters, views)]
+
+
+def _add_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
+    """What autograd's gradient accumulation does: the first gradient becomes `.grad`, later ones add in place."""
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)

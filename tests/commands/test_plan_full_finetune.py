@@ -1,0 +1,92 @@
+"""`hf-offload plan --full_finetune`: host bytes of masters, gradients, optimizer state and compute copy."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers
+from families import FAMILIES, VOCAB, build
+from parity import left_padded_batch
+
+import hf_offload
+from hf_offload import OffloadConfig
+from hf_offload.api import get_runtime
+from hf_offload.commands.cli import main
+from hf_offload.commands.plan import PlanError, make_plan
+
+LLAMA_70B = dict(
+    model_type="llama",
+    hidden_size=8192,
+    num_hidden_layers=80,
+    intermediate_size=28672,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    vocab_size=128256,
+)
+
+
+@pytest.fixture(scope="module")
+def llama_70b(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama-70b") / "config.json"
+    path.write_text(json.dumps(LLAMA_70B))
+    return path
+
+
+def test_70b_full_finetune_needs_about_18_bytes_per_layer_parameter(llama_70b, capsys):
+    assert main(["plan", str(llama_70b), "--full_finetune", "--json", "--host_mem", "1000"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    terms = plan["host_terms"]
+    layer_params = terms["compute_copy"] / 2  # bf16 (alignment padding is negligible here)
+    assert terms["fp32_masters"] == pytest.approx(4 * layer_params, rel=1e-3)
+    assert terms["gradients"] == pytest.approx(4 * layer_params, rel=1e-3)
+    assert terms["optimizer_state"] == pytest.approx(8 * layer_params, rel=1e-3)
+    assert plan["host_bytes"] == sum(terms.values()) == pytest.approx(18 * layer_params, rel=1e-3)
+    assert plan["grad_bytes_to_host"] == terms["compute_copy"]
+    assert plan["gpu_terms"]["adapters_and_optimizer"] == 0
+    assert plan["gpu_terms"]["resident_grads_adamw"] > 0
+    assert not plan["fits_host"]  # ~1.2 TB of host memory
+    assert plan["advice"][0].startswith("host memory") and "no base_weight_dtype fits" in plan["advice"][0]
+
+    assert main(["plan", str(llama_70b), "--full_finetune"]) == 0
+    out = capsys.readouterr().out
+    assert "fp32_masters" in out and "optimizer_state" in out and "of gradients to the host" in out
+
+
+def test_full_finetune_plan_refuses_a_quantized_store(llama_70b, capsys):
+    with pytest.raises(PlanError, match="--full_finetune.*--base_weight_dtype"):
+        make_plan(transformers.LlamaConfig(**{k: v for k, v in LLAMA_70B.items() if k != "model_type"}),
+                  full_finetune=True, base_weight_dtype="nf4")  # fmt: skip
+    assert main(["plan", str(llama_70b), "--full_finetune", "--base_weight_dtype", "nf4"]) == 2
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_plan_host_bytes_match_a_training_step_within_10_percent():
+    """A bf16 model after one streamed AdamW step: the host tensors it holds (store, masters, gradients, moments)."""
+    name, kwargs = FAMILIES["llama"]
+    plan = make_plan(getattr(transformers, name)(**kwargs), dtype=torch.bfloat16, full_finetune=True)
+    model = hf_offload.enable_layer_streaming(
+        copy.deepcopy(build("llama")).to(torch.bfloat16), OffloadConfig(device="cpu", full_finetune=True)
+    )
+    runtime = get_runtime(model)
+    layer_params = [t.param for tensors in runtime.trainable.layers for t in tensors]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(**left_padded_batch(VOCAB)).loss.backward()
+    optimizer.step()
+    measured = {
+        "compute_copy": runtime.store.nbytes,
+        "fp32_masters": runtime.trainable.master_bytes,
+        "gradients": _tensor_bytes(p.grad for p in layer_params),
+        "optimizer_state": _tensor_bytes(
+            optimizer.state[p][k] for p in layer_params for k in ("exp_avg", "exp_avg_sq")
+        ),
+    }
+    for term, value in measured.items():
+        assert abs(plan["host_terms"][term] - value) <= 0.10 * value, (term, plan["host_terms"][term], value)
+    total = sum(measured.values())
+    assert abs(plan["host_bytes"] - total) <= 0.10 * total
