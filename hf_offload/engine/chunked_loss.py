@@ -215,7 +215,6 @@ class _HeadLoss(torch.autograd.Function):
                 for k, g in enumerate(grads):
                     if g is not None:
                         grad_params[k] = g if grad_params[k] is None else grad_params[k] + g
-        ctx.job = None
         by_param = dict(zip(map(id, params), grad_params))
         return (None, grad_rows, *[by_param.get(id(p)) for p in job.params])
 
