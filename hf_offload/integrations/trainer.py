@@ -40,7 +40,7 @@ from ..options import declared, trainer_flag, validate, with_options
 from ..units import format_bytes
 from . import hub, trainer_eval
 from .checkpoint import check_adapter_checkpoint, check_optimizer_state
-from .metrics import OffloadMetricsCallback
+from .metrics import OffloadMetricsCallback, is_evaluation_line
 from .plugin import ENV_VAR, STREAMING_DEFAULT_OPTIM, LayerStreamingPlugin, check_combinations, is_peft_model
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ PATCH_ATTRIBUTE = "_hf_offload_patch"  # on a patched Trainer class: the Overrid
 
 TRAINER_DEFAULT_OPTIM = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "optim")
 _INIT_SIGNATURE = inspect.signature(Trainer.__init__)
+_LOOP_SIGNATURE = inspect.signature(Trainer.evaluation_loop)
 
 
 @dataclass
@@ -212,10 +213,26 @@ def _load_optimizer_and_scheduler(call, trainer, checkpoint):
 
 def _log(call, trainer, logs, start_time=None):
     metrics = state_of(trainer).metrics
-    if metrics is not None and is_streaming(trainer.model):
+    if metrics is not None and is_streaming(trainer.model) and not is_evaluation_line(logs):
         # the line that closes training (train_runtime, train_loss, ...) reports the whole run
         logs.update(metrics.collect(trainer.model, whole_run="train_runtime" in logs))
     return call(logs, start_time)
+
+
+def _evaluation_loop(call, trainer, *args, **kwargs):
+    """Layer-major evaluation, measured apart from training: `<prefix>_offload/...` in the metrics it returns."""
+    metrics = state_of(trainer).metrics
+    if metrics is None or not is_streaming(trainer.model):
+        return trainer_eval.evaluation_loop(call, trainer, *args, **kwargs)
+    try:
+        prefix = _LOOP_SIGNATURE.bind(trainer, *args, **kwargs).arguments.get("metric_key_prefix", "eval")
+    except TypeError:  # a subclass's own loop arguments
+        prefix = kwargs.get("metric_key_prefix", "eval")
+    with metrics.evaluation(trainer.model, prefix) as measured:
+        output = trainer_eval.evaluation_loop(call, trainer, *args, **kwargs)
+    if isinstance(getattr(output, "metrics", None), dict):
+        output.metrics.update(measured)
+    return output
 
 
 def _save_model(call, trainer, output_dir=None, _internal_call=False):
@@ -266,7 +283,7 @@ HOOKS = {
     "log": _log,
     "save_model": _save_model,
     "create_model_card": _create_model_card,
-    "evaluation_loop": trainer_eval.evaluation_loop,  # evaluate() and predict() run layer-major
+    "evaluation_loop": _evaluation_loop,  # evaluate() and predict() run layer-major
 }
 
 
@@ -366,7 +383,7 @@ class OffloadTrainer(Trainer):
         return _create_model_card(super().create_model_card, self, *args, **kwargs)
 
     def evaluation_loop(self, *args, **kwargs):
-        return trainer_eval.evaluation_loop(super().evaluation_loop, self, *args, **kwargs)
+        return _evaluation_loop(super().evaluation_loop, self, *args, **kwargs)
 
 
 def patch_trainer(cls: type = Trainer) -> None:

@@ -92,9 +92,10 @@ def test_flag_trains_exactly_like_an_ordinary_lora_run(base, tmp_path):
     )
     assert recorder.events == plain_recorder.events and "step" in recorder.events
 
-    # every log line carries the offload/ metrics; training steps moved layers
+    # every training log line carries the offload/ metrics, every evaluation eval_offload/; steps moved layers
     for line in streamed.state.log_history:
-        assert {"offload/tokens_per_s", "offload/h2d_GB", "offload/h2d_GBps"} <= line.keys()
+        prefix = "eval_" if "eval_loss" in line else ""
+        assert {f"{prefix}offload/tokens_per_s", f"{prefix}offload/h2d_GB"} <= line.keys()
     step_lines = [h for h in streamed.state.log_history if "loss" in h]
     layer_bytes = hf_offload.summary(streamed.model)["host_store_bytes"]
     assert all(h["offload/h2d_GB"] * 1e9 >= layer_bytes for h in step_lines)  # at least one pass per step
