@@ -6,8 +6,8 @@ peft inside its own `__init__` before calling `Trainer.__init__`. So streaming i
 overrides: on entry to `Trainer.__init__` (after peft, before placement), and in `call_model_init`. A few more
 small hooks keep the Trainer from undoing it or tripping over it:
 
-- `_move_model_to_device` skips a streamed model and `_build_accelerator_args` turns off accelerate's
-  `device_placement`: either would copy every decoder layer to the device;
+- `_move_model_to_device` skips a streamed model and `create_accelerator_and_postprocess` turns off accelerate's
+  `device_placement` on the accelerator it creates: either would copy every decoder layer to the device;
 - `log` adds the `offload/` metrics to every log line;
 - `_load_from_checkpoint` / `_load_optimizer_and_scheduler` refuse checkpoints a streamed run cannot resume from,
   before loading them (see `hf_offload.integrations.checkpoint`);
@@ -191,11 +191,12 @@ def _move_model_to_device(call, trainer, model, device):
     return call(model, device)
 
 
-def _build_accelerator_args(call, trainer, **kwargs):
-    accelerator_args = call(**kwargs)
+def _create_accelerator_and_postprocess(call, trainer):
+    result = call()
     if state_of(trainer).plugin is not None:
-        accelerator_args["device_placement"] = False
-    return accelerator_args
+        # what `Accelerator(device_placement=False)` sets; read by every `prepare()` that is not told otherwise
+        trainer.accelerator.device_placement = False
+    return result
 
 
 def _load_from_checkpoint(call, trainer, resume_from_checkpoint, model=None):
@@ -271,13 +272,14 @@ def _add_card(trainer, folder: str) -> None:
     )
 
 
-# Trainer methods wrapped, private ones included (`_move_model_to_device`, `_build_accelerator_args`,
-# `_load_from_checkpoint`, `_load_optimizer_and_scheduler`): checked against transformers 5.23 and TRL 1.16.
+# Trainer methods wrapped, private ones included (`_move_model_to_device`, `_load_from_checkpoint`,
+# `_load_optimizer_and_scheduler`): checked against every transformers release from MINIMUM_VERSIONS (versions.py)
+# to 5.24, and TRL 1.16.
 HOOKS = {
     "__init__": _init,
     "call_model_init": _call_model_init,
     "_move_model_to_device": _move_model_to_device,
-    "_build_accelerator_args": _build_accelerator_args,
+    "create_accelerator_and_postprocess": _create_accelerator_and_postprocess,
     "_load_from_checkpoint": _load_from_checkpoint,
     "_load_optimizer_and_scheduler": _load_optimizer_and_scheduler,
     "log": _log,
@@ -364,8 +366,8 @@ class OffloadTrainer(Trainer):
     def _move_model_to_device(self, model, device):
         return _move_model_to_device(super()._move_model_to_device, self, model, device)
 
-    def _build_accelerator_args(self, **kwargs):
-        return _build_accelerator_args(super()._build_accelerator_args, self, **kwargs)
+    def create_accelerator_and_postprocess(self):
+        return _create_accelerator_and_postprocess(super().create_accelerator_and_postprocess, self)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         return _load_from_checkpoint(super()._load_from_checkpoint, self, resume_from_checkpoint, model)
