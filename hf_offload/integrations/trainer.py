@@ -38,6 +38,7 @@ from ..api import is_streaming, summary
 from ..engine.overrides import Overrides
 from ..options import declared, trainer_flag, validate, with_options
 from ..units import format_bytes
+from ..verbosity import follow_trainer_log_level
 from . import hub, trainer_eval
 from .checkpoint import check_adapter_checkpoint, check_optimizer_state
 from .metrics import OffloadMetricsCallback, is_evaluation_line
@@ -160,6 +161,9 @@ def _init(call, trainer, model=None, args=None, *rest, **kwargs):
             "optimizer, or let the Trainer create it (drop `optimizers`)."
         )
     _refuse_unsupported_arguments(args)
+    follow_trainer_log_level(args)
+    if args.disable_tqdm and plugin.show_progress is None:  # --disable_tqdm: no packing bar either
+        plugin = state.plugin = dataclasses.replace(plugin, show_progress=False)
     _use_default_optimizer(args, plugin, chosen=optimizer is not None or bound.get("optimizer_cls_and_kwargs"))
     if model is not None:
         model = plugin.prepare_model(model, device=args.device)  # raises before training for unstreamable models
