@@ -12,7 +12,7 @@ import torch
 from faces import example_argv, logged, run_example, state_losses, tiny_args, tiny_t5, token_dataset
 from families import build
 from peft import get_peft_model
-from transformers import HfArgumentParser, TrainerCallback
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
 import hf_offload
 from hf_offload import OffloadTrainer, OffloadTrainingArguments, UnsupportedModelError
@@ -122,7 +122,13 @@ def test_trainer_never_moves_the_streamed_model(base, tmp_path):
 
 def test_gradient_checkpointing_flag_does_not_add_a_second_recompute(base, tmp_path):
     calls = []
-    args = tiny_args(tmp_path, layer_streaming=True, max_steps=2, activation_checkpointing=True)
+    # transformers >= 5.2x names the flag activation_checkpointing, earlier 5.x releases gradient_checkpointing
+    flag = (
+        "activation_checkpointing"
+        if hasattr(TrainingArguments, "activation_checkpointing")
+        else "gradient_checkpointing"
+    )
+    args = tiny_args(tmp_path, layer_streaming=True, max_steps=2, **{flag: True})
     model = copy.deepcopy(base)
     for layer in model.model.layers:
         layer.self_attn.register_forward_hook(lambda *a: calls.append(1))
