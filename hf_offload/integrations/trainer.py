@@ -31,15 +31,16 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from ..api import is_streaming, summary
+from ..api import get_runtime, is_streaming, summary
+from ..engine import compat
 from ..engine.overrides import Overrides
-from ..options import declared, trainer_flag, validate, with_options
+from ..options import declared, option_fields, trainer_flag, validate, with_options
 from ..units import format_bytes
 from ..verbosity import follow_trainer_log_level
-from . import hub, trainer_eval
+from . import hub, recipe, trainer_eval
 from .checkpoint import check_adapter_checkpoint, check_optimizer_state
 from .metrics import OffloadMetricsCallback, is_evaluation_line
 from .plugin import ENV_VAR, STREAMING_DEFAULT_OPTIM, LayerStreamingPlugin, check_combinations, is_peft_model
@@ -87,6 +88,7 @@ class OffloadTrainingArguments(TrainingArguments):
             self.optim = STREAMING_DEFAULT_OPTIM if self.layer_streaming else TRAINER_DEFAULT_OPTIM
         validate(self, "trainer")  # a bad offload option fails here, when the arguments are parsed
         check_combinations(self._option_values(), "trainer")
+        recipe.warn_offload_options_without_streaming(self, option_fields(OffloadTrainingArguments))
         super().__post_init__()
 
     def _option_values(self) -> dict:
@@ -143,6 +145,20 @@ def state_of(trainer) -> StreamingState:
     return getattr(trainer, STATE_ATTRIBUTE, None) or StreamingState(plugin=None)
 
 
+class _CheckpointingOff(TrainerCallback):
+    """Clears HF's per-layer checkpointing flag that `--gradient_checkpointing` sets on the streamed layers.
+
+    The layers clear it themselves when they run, but before transformers 5.2x `GradientCheckpointingLayer.__call__`
+    reads it before the layer's forward does: the first step would recompute every layer a second time.
+    """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        runtime = get_runtime(model) if model is not None else None
+        if runtime is not None:
+            for layer in runtime.anatomy.layers:
+                compat.keep_checkpointing_off(layer)
+
+
 # --- the hooks (see Note: [Where streaming enters the Trainer]) ----------------------------------------------------
 def _init(call, trainer, model=None, args=None, *rest, **kwargs):
     plugin = plugin_for(args)
@@ -165,8 +181,8 @@ def _init(call, trainer, model=None, args=None, *rest, **kwargs):
     if args.disable_tqdm and plugin.show_progress is None:  # --disable_tqdm: no packing bar either
         plugin = state.plugin = dataclasses.replace(plugin, show_progress=False)
     _use_default_optimizer(args, plugin, chosen=optimizer is not None or bound.get("optimizer_cls_and_kwargs"))
-    if model is not None:
-        model = plugin.prepare_model(model, device=args.device)  # raises before training for unstreamable models
+    if model is not None:  # raises before training for unstreamable models
+        model = plugin.prepare_model(model, device=args.device, learning_rate=args.learning_rate, face=_face(args))
     call(model, args, *rest, **kwargs)
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
         raise ValueError(
@@ -175,6 +191,7 @@ def _init(call, trainer, model=None, args=None, *rest, **kwargs):
         )
     state.metrics = OffloadMetricsCallback()
     trainer.add_callback(state.metrics)
+    trainer.add_callback(_CheckpointingOff())
     if is_streaming(trainer.model):
         state.metrics.watch(trainer.model)
         if trainer.is_world_process_zero():
@@ -186,7 +203,13 @@ def _call_model_init(call, trainer, trial=None):
     plugin = state_of(trainer).plugin
     if plugin is None:
         return model
-    return plugin.prepare_model(model, device=trainer.args.device)
+    args = trainer.args
+    return plugin.prepare_model(model, device=args.device, learning_rate=args.learning_rate, face=_face(args))
+
+
+def _face(args) -> str:
+    """Where the plugin's options were given, to spell them in messages: the script's flags or the launcher's."""
+    return "trainer" if isinstance(args, OffloadTrainingArguments) and args.layer_streaming else "launch"
 
 
 def _move_model_to_device(call, trainer, model, device):
@@ -319,18 +342,34 @@ def _refuse_unsupported_arguments(args: TrainingArguments) -> None:
 
 
 def _use_default_optimizer(args: TrainingArguments, plugin: LayerStreamingPlugin, chosen) -> None:
-    """Swap the Trainer's default optimizer for the plugin's (8-bit AdamW) unless the script chose one."""
-    if plugin.default_optim is None or chosen or args.optim == plugin.default_optim:
+    """Use the plugin's optimizer (8-bit AdamW) in place of the Trainer's default unless the script chose one; say so.
+
+    `chosen`: the script passed an optimizer (or its class) to the Trainer itself.
+    """
+    current = getattr(args.optim, "value", args.optim)
+    explicit = getattr(args, "_hf_offload_optim_chosen", None)  # OffloadTrainingArguments: --optim other than auto
+    plain = explicit is None
+    if plain:  # plain TrainingArguments: chosen when not the default, or passed on the command line even if it is
+        explicit = current != TRAINER_DEFAULT_OPTIM or recipe.optimizer_chosen_on_command_line()
+    target = plugin.default_optim
+    if chosen or explicit:
+        if plain and target not in (None, STREAMING_DEFAULT_OPTIM, current):  # the launcher's own --optim
+            logger.warning(
+                "hf_offload: the script chose its optimizer (%s), so the --optim %s given to `hf-offload launch` is "
+                "not used.",
+                "passed to the Trainer" if chosen else current,
+                target,
+            )
         return
-    explicit = getattr(args, "_hf_offload_optim_chosen", None)
-    if explicit or (explicit is None and args.optim != TRAINER_DEFAULT_OPTIM):
+    if target is None:
         return
-    logger.info(
-        "hf_offload: optimizer %s instead of the default %s, to keep optimizer state small (pass --optim to choose).",
-        plugin.default_optim,
-        getattr(args.optim, "value", args.optim),
+    args.optim = OptimizerNames(target)
+    logger.warning(
+        "hf_offload: layer streaming trains with %s instead of the Trainer's default %s, to keep the optimizer state "
+        "small (pass --optim to choose).",
+        target,
+        TRAINER_DEFAULT_OPTIM,
     )
-    args.optim = OptimizerNames(plugin.default_optim)
 
 
 def startup_summary(model, args: TrainingArguments) -> str:
