@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 # CPU kernel that plays no part here).
 from hf_offload import OffloadTrainer, OffloadTrainingArguments  # isort: skip
 
-import datasets
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -31,6 +30,14 @@ from transformers import (
     HfArgumentParser,
     set_seed,
 )
+
+try:
+    import datasets
+except ImportError as err:  # an extra: the hf_offload package itself does not need it
+    raise SystemExit(
+        'This example reads its data with the `datasets` library. Install it: pip install -e ".[examples]" '
+        "(or pip install datasets)."
+    ) from err
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
