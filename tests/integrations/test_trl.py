@@ -1,0 +1,74 @@
+"""TRL's trainers beyond SFT with streaming on (the in-place patch `hf-offload launch` installs): the same training
+as without streaming. DPO needs no separate reference model: given a peft model, TRL computes the reference with a
+copy of the initial adapter ("ref"), through the same streamed layers; when streaming adds LoRA itself, with the
+adapter disabled. (`tools/trl_trainers.py` runs DPO, KTO, ORPO, reward modelling and GRPO under the launcher.)"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hf_offload
+from hf_offload.integrations.plugin import ENV_VAR, LayerStreamingPlugin
+from hf_offload.integrations.trainer import patch_trainer, unpatch_trainer
+
+trl = pytest.importorskip("trl")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    """A peft LoRA model over the tiny checkpoint, and its tokenizer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _preferences():
+    from datasets import Dataset
+
+    pairs = [(a, b) for a in range(4) for b in range(2)]
+    return Dataset.from_list(
+        [{"prompt": f"{a} + {b} =", "chosen": f" {a + b}", "rejected": f" {a + b + 1}"} for a, b in pairs]
+    )
+
+
+def _dpo(model, tokenizer, out):
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(
+        output_dir=str(out), max_steps=2, per_device_train_batch_size=4, logging_steps=1, report_to="none",
+        use_cpu=True, disable_tqdm=True, learning_rate=1e-2, optim="adamw_torch", max_length=32, save_strategy="no",
+        bf16=False, gradient_checkpointing=False, seed=3,
+    )  # fmt: skip
+    trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=_preferences())
+    trainer.train()
+    return trainer
+
+
+def test_dpo_streams_policy_and_reference_and_trains_as_without_streaming(policy, tmp_path, monkeypatch):
+    model, tokenizer = policy
+    plain = _dpo(copy.deepcopy(model), tokenizer, tmp_path / "plain")
+    monkeypatch.setenv(ENV_VAR, LayerStreamingPlugin().to_env()[ENV_VAR])
+    patch_trainer()
+    try:
+        streamed = _dpo(copy.deepcopy(model), tokenizer, tmp_path / "streamed")
+    finally:
+        unpatch_trainer()
+    assert hf_offload.is_streaming(streamed.model) and streamed.ref_model is None  # no separate reference model
+    keys = ["loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"]
+    plain_lines = [[h[k] for k in keys] for h in plain.state.log_history if "loss" in h]
+    streamed_lines = [[h[k] for k in keys] for h in streamed.state.log_history if "loss" in h]
+    assert len(plain_lines) == 2
+    for ours, theirs in zip(streamed_lines, plain_lines):
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7)
+    assert plain_lines[1][1] != 0  # after a step the policy has moved away from the reference: rewards are not 0
+    assert all(h["offload/h2d_GB"] > 0 for h in streamed.state.log_history if "loss" in h)
+    streamed.save_model()
+    assert (tmp_path / "streamed" / "adapter_model.safetensors").is_file()
