@@ -150,11 +150,12 @@ class LayerStreamingPlugin:
         names = [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
         return "all-linear" if names == ["all-linear"] else names
 
-    def lora_config(self):
+    def lora_config(self, task_type: str = "CAUSAL_LM"):
+        """The `peft.LoraConfig` of the `lora_*` options; `task_type` "SEQ_CLS" for a sequence classifier."""
         from peft import LoraConfig
 
         return LoraConfig(
-            task_type="CAUSAL_LM",
+            task_type=task_type,
             r=self.lora_r,
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
@@ -195,7 +196,9 @@ class LayerStreamingPlugin:
         if is_peft_model(model):
             recipe.warn_unused_lora_options(model, self, face)
         else:
-            model = compat.add_lora(model, self.lora_config())
+            # a sequence classifier (a reward model) keeps its task: peft then also trains its new score head
+            task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
+            model = compat.add_lora(model, self.lora_config(task))
             recipe.announce_lora(model, self, learning_rate, face)
         model = enable_layer_streaming(model, self.offload_config(device))
         recipe.note_launch_event(recipe.STREAMED)

@@ -72,3 +72,18 @@ def test_dpo_streams_policy_and_reference_and_trains_as_without_streaming(policy
     assert all(h["offload/h2d_GB"] > 0 for h in streamed.state.log_history if "loss" in h)
     streamed.save_model()
     assert (tmp_path / "streamed" / "adapter_model.safetensors").is_file()
+
+
+def test_a_reward_model_gets_sequence_classification_lora_with_its_score_head_trained(tiny_model_dir):
+    """What TRL's reward script trains: LoRA of task SEQ_CLS, so peft also trains (and saves) the new score head."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.config.pad_token_id = model.config.eos_token_id
+    streamed = LayerStreamingPlugin(lora_r=4).prepare_model(model, device="cpu")
+    assert type(streamed).__name__ == "PeftModelForSequenceClassification" and hf_offload.is_streaming(streamed)
+    score = [name for name, p in streamed.named_parameters() if "score" in name and p.requires_grad]
+    assert score, "the score head must train"
+    ids = torch.tensor([[5, 6, 7, 8]])
+    streamed(input_ids=ids).logits.sum().backward()
+    assert all(p.grad is not None for name, p in streamed.named_parameters() if name in score)
