@@ -34,8 +34,10 @@ from dataclasses import dataclass, field
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from ..api import get_runtime, is_streaming, summary
+from ..api import enable_layer_streaming, get_runtime, is_streaming, summary
 from ..engine import compat
+from ..engine.anatomy import check_streamable
+from ..engine.errors import UnsupportedModelError
 from ..engine.overrides import Overrides
 from ..options import declared, option_fields, trainer_flag, validate, with_options
 from ..units import format_bytes
@@ -220,10 +222,36 @@ def _move_model_to_device(call, trainer, model, device):
 
 def _create_accelerator_and_postprocess(call, trainer):
     result = call()
-    if state_of(trainer).plugin is not None:
+    plugin = state_of(trainer).plugin
+    if plugin is not None:
+        accelerator = trainer.accelerator
         # what `Accelerator(device_placement=False)` sets; read by every `prepare()` that is not told otherwise
-        trainer.accelerator.device_placement = False
+        accelerator.device_placement = False
+        accelerator.prepare_model = _streaming_frozen_models(accelerator.prepare_model, trainer, plugin)
     return result
+
+
+def _streaming_frozen_models(prepare_model, trainer, plugin: LayerStreamingPlugin):
+    """The accelerator's `prepare_model`, streaming the other models a subclass prepares for evaluation only.
+
+    TRL prepares a separate reference model (DPO/KTO `ref_model=`) or a reward model that way; with device placement
+    off it would stay where it was loaded. It is frozen and streamed with the same options instead; a model that
+    cannot be streamed is placed on the device as accelerate would have.
+    """
+
+    @functools.wraps(prepare_model)
+    def prepare(model, device_placement=None, evaluation_mode=False):
+        other = evaluation_mode and model is not trainer.model and model is not getattr(trainer, "model_wrapped", None)
+        if other and not is_streaming(model):
+            try:
+                check_streamable(model)
+            except UnsupportedModelError:
+                return prepare_model(model, device_placement=True, evaluation_mode=evaluation_mode)
+            model.requires_grad_(False)  # a reference: every layer weight streams
+            model = enable_layer_streaming(model, plugin.offload_config(trainer.args.device))
+        return prepare_model(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
+
+    return prepare
 
 
 def _load_from_checkpoint(call, trainer, resume_from_checkpoint, model=None):

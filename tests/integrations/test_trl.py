@@ -39,7 +39,7 @@ def _preferences():
     )
 
 
-def _dpo(model, tokenizer, out):
+def _dpo(model, tokenizer, out, ref_model=None):
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(
@@ -47,7 +47,9 @@ def _dpo(model, tokenizer, out):
         use_cpu=True, disable_tqdm=True, learning_rate=1e-2, optim="adamw_torch", max_length=32, save_strategy="no",
         bf16=False, gradient_checkpointing=False, seed=3,
     )  # fmt: skip
-    trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=_preferences())
+    trainer = DPOTrainer(
+        model=model, ref_model=ref_model, args=args, processing_class=tokenizer, train_dataset=_preferences()
+    )
     trainer.train()
     return trainer
 
@@ -72,6 +74,32 @@ def test_dpo_streams_policy_and_reference_and_trains_as_without_streaming(policy
     assert all(h["offload/h2d_GB"] > 0 for h in streamed.state.log_history if "loss" in h)
     streamed.save_model()
     assert (tmp_path / "streamed" / "adapter_model.safetensors").is_file()
+
+
+def test_dpo_with_a_separate_reference_model_streams_it_too(policy, tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = policy
+
+    def reference():
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+    plain = _dpo(copy.deepcopy(model), tokenizer, tmp_path / "plain", ref_model=reference())
+    monkeypatch.setenv(ENV_VAR, LayerStreamingPlugin().to_env()[ENV_VAR])
+    patch_trainer()
+    try:
+        streamed = _dpo(copy.deepcopy(model), tokenizer, tmp_path / "streamed", ref_model=reference())
+    finally:
+        unpatch_trainer()
+    assert hf_offload.is_streaming(streamed.model) and hf_offload.is_streaming(streamed.ref_model)
+    assert not any(p.requires_grad for p in streamed.ref_model.parameters())
+    keys = ["loss", "rewards/chosen", "logps/chosen", "logps/rejected"]
+    plain_lines = [[h[k] for k in keys] for h in plain.state.log_history if "loss" in h]
+    streamed_lines = [[h[k] for k in keys] for h in streamed.state.log_history if "loss" in h]
+    assert len(plain_lines) == 2
+    for ours, theirs in zip(streamed_lines, plain_lines):
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7)
+    assert hf_offload.stats(streamed.ref_model)["layer_loads"] > 0  # the reference computed through streaming
 
 
 def test_a_reward_model_gets_sequence_classification_lora_with_its_score_head_trained(tiny_model_dir):
