@@ -78,6 +78,9 @@ def load_texts(args: ScriptArguments) -> datasets.Dataset:
 
 def main() -> None:
     parser = HfArgumentParser((ScriptArguments, OffloadTrainingArguments))
+    # A LoRA learning rate by default (LoRA usually trains at 1e-4 to 3e-4); the Trainer's 5e-5 is a full
+    # fine-tuning rate. --learning_rate still chooses.
+    parser.set_defaults(learning_rate=2e-4)
     script_args, training_args = parser.parse_args_into_dataclasses()
     if not torch.accelerator.is_available():
         training_args.dataloader_pin_memory = False  # nothing to pin for; torch would warn on every dataloader
