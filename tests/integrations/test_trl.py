@@ -115,3 +115,45 @@ def test_a_reward_model_gets_sequence_classification_lora_with_its_score_head_tr
     ids = torch.tensor([[5, 6, 7, 8]])
     streamed(input_ids=ids).logits.sum().backward()
     assert all(p.grad is not None for name, p in streamed.named_parameters() if name in score)
+
+
+def _length_reward(completions, **kwargs):
+    return [float(len(str(c))) for c in completions]
+
+
+def _grpo(model, tokenizer, out):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(
+        output_dir=str(out), max_steps=2, per_device_train_batch_size=4, logging_steps=1, report_to="none",
+        use_cpu=True, disable_tqdm=True, learning_rate=1e-2, optim="adamw_torch", save_strategy="no", bf16=False,
+        gradient_checkpointing=False, seed=3, num_generations=2, max_completion_length=6, generation_batch_size=4,
+    )  # fmt: skip
+    prompts = Dataset.from_list([{"prompt": f"{a} + {b} ="} for a in range(4) for b in range(2)])
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=_length_reward, args=args, processing_class=tokenizer, train_dataset=prompts
+    )
+    trainer.train()
+    return trainer
+
+
+def test_grpo_generates_through_streaming_and_trains_as_without(policy, tmp_path, monkeypatch):
+    model, tokenizer = policy
+    plain = _grpo(copy.deepcopy(model), tokenizer, tmp_path / "plain")
+    monkeypatch.setenv(ENV_VAR, LayerStreamingPlugin().to_env()[ENV_VAR])
+    patch_trainer()
+    try:
+        streamed = _grpo(copy.deepcopy(model), tokenizer, tmp_path / "streamed")
+    finally:
+        unpatch_trainer()
+    assert hf_offload.is_streaming(streamed.model)
+    keys = ["loss", "reward", "completions/mean_length", "grad_norm"]
+    plain_lines = [[h[k] for k in keys] for h in plain.state.log_history if "loss" in h]
+    streamed_lines = [[h[k] for k in keys] for h in streamed.state.log_history if "loss" in h]
+    assert len(plain_lines) == 2
+    for ours, theirs in zip(streamed_lines, plain_lines):
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7)
+    layer_bytes = hf_offload.summary(streamed.model).host_store_bytes
+    per_step = [h["offload/h2d_GB"] * 1e9 / layer_bytes for h in streamed.state.log_history if "loss" in h]
+    assert all(passes > 3 for passes in per_step)  # generation streams the layers once per generated token
