@@ -157,3 +157,91 @@ def test_grpo_generates_through_streaming_and_trains_as_without(policy, tmp_path
     layer_bytes = hf_offload.summary(streamed.model).host_store_bytes
     per_step = [h["offload/h2d_GB"] * 1e9 / layer_bytes for h in streamed.state.log_history if "loss" in h]
     assert all(passes > 3 for passes in per_step)  # generation streams the layers once per generated token
+
+
+def _streamed_and_plain(run, model, tmp_path, monkeypatch):
+    """`run(model, out)` without streaming, then under the launcher's patch, each on its own copy of `model`."""
+    plain = run(copy.deepcopy(model), tmp_path / "plain")
+    monkeypatch.setenv(ENV_VAR, LayerStreamingPlugin().to_env()[ENV_VAR])
+    patch_trainer()
+    try:
+        streamed = run(copy.deepcopy(model), tmp_path / "streamed")
+    finally:
+        unpatch_trainer()
+    assert hf_offload.is_streaming(streamed.model)
+    return plain, streamed
+
+
+def _assert_same_lines(plain, streamed, keys):
+    plain_lines = [[h[k] for k in keys] for h in plain.state.log_history if "loss" in h]
+    streamed_lines = [[h[k] for k in keys] for h in streamed.state.log_history if "loss" in h]
+    assert len(plain_lines) == 2
+    for ours, theirs in zip(streamed_lines, plain_lines):
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7)
+    assert all(h["offload/h2d_GB"] > 0 for h in streamed.state.log_history if "loss" in h)
+
+
+COMMON = dict(
+    max_steps=2, per_device_train_batch_size=4, logging_steps=1, report_to="none", use_cpu=True, disable_tqdm=True,
+    learning_rate=1e-2, optim="adamw_torch", save_strategy="no", bf16=False, seed=3,
+)  # fmt: skip
+
+
+def test_kto_trains_as_without_streaming(policy, tmp_path, monkeypatch):
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    model, tokenizer = policy
+    pairs = [(a, b) for a in range(4) for b in range(2)]
+    data = Dataset.from_list(
+        [
+            {"prompt": f"{a} + {b} =", "completion": f" {a + b + k % 2}", "label": k % 2 == 0}
+            for k, (a, b) in enumerate(pairs)
+        ]
+    )
+
+    def run(model, out):
+        args = KTOConfig(output_dir=str(out), max_length=32, gradient_checkpointing=False, **COMMON)
+        trainer = KTOTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=data)
+        trainer.train()
+        return trainer
+
+    plain, streamed = _streamed_and_plain(run, model, tmp_path, monkeypatch)
+    _assert_same_lines(plain, streamed, ["loss", "logps/chosen", "logps/rejected", "kl"])
+
+
+def test_orpo_trains_as_without_streaming(policy, tmp_path, monkeypatch):
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    model, tokenizer = policy
+
+    def run(model, out):
+        args = ORPOConfig(output_dir=str(out), max_length=32, **COMMON)
+        trainer = ORPOTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=_preferences())
+        trainer.train()
+        return trainer
+
+    plain, streamed = _streamed_and_plain(run, model, tmp_path, monkeypatch)
+    _assert_same_lines(plain, streamed, ["loss", "log_odds_ratio", "nll_loss"])
+
+
+def test_reward_modelling_trains_as_without_streaming(tiny_model_dir, tmp_path, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="SEQ_CLS"))
+
+    def run(model, out):
+        args = RewardConfig(output_dir=str(out), max_length=32, gradient_checkpointing=False, **COMMON)
+        trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=_preferences())
+        trainer.train()
+        return trainer
+
+    plain, streamed = _streamed_and_plain(run, model, tmp_path, monkeypatch)
+    _assert_same_lines(plain, streamed, ["loss", "grad_norm"])
