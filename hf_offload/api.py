@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from torch import nn
@@ -55,6 +56,9 @@ def enable_layer_streaming(model: nn.Module, config: OffloadConfig | None = None
     config = config if config is not None else OffloadConfig()
     if not isinstance(config, OffloadConfig):
         raise TypeError(f"`config` should be an hf_offload.OffloadConfig, but the value passed is {type(config)}")
+    # Validated again (an option may have been changed after construction), and copied: the runtime keeps the
+    # options it started with.
+    config = dataclasses.replace(config)
     if is_streaming(model):
         raise RuntimeError(
             "Layer streaming is already on for this model; call hf_offload.disable_layer_streaming(model) first "
@@ -95,7 +99,8 @@ def stats(model: nn.Module) -> dict[str, int]:
 
     Returns:
         A dict of counters: bytes_to_device, layer_loads, layer_reuses, peak_resident_layers, experts_loaded,
-        experts_skipped, bytes_to_host, bytes_from_host_activations.
+        experts_skipped, bytes_to_host, bytes_from_host_activations, host_readbacks (device-to-host reads the
+        host waited for: one per routed experts call), routed_whole_loads.
 
     Raises:
         RuntimeError: streaming is not on for this model.
@@ -116,7 +121,9 @@ def reset_stats(model: nn.Module) -> None:
 def summary(model: nn.Module) -> StreamingSummary:
     """Static facts of a streamed model: layers, host store bytes, device slot and scratch bytes, bytes per train
     step, base_weight_dtype and how many linear weights it quantized, and for Mixture-of-Experts models
-    expert_fetch, moe_layers (layers whose experts can be fetched by routing) and expert_bytes.
+    expert_fetch, moe_layers (layers whose experts can be fetched by routing) and expert_bytes; unpinned_layers
+    (layers not in page-locked memory, whose copies are staged through bounce buffers); on the CPU,
+    simulated_async_seed (the seed of the simulated asynchronous device, None when it is off).
 
     Returns:
         A frozen `StreamingSummary`; `.as_dict()` for a plain dict.

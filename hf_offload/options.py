@@ -185,7 +185,7 @@ def all_options() -> list[Option]:
 
     engine = declared(OffloadConfig)
     names = {opt.name for opt in engine}
-    return engine + [opt for opt in declared(LayerStreamingPlugin) if opt.name not in names]
+    return engine + [opt for opt in declared(LayerStreamingPlugin) if opt.name not in names]  # LoRA, optimizer, ...
 
 
 # --- command lines ------------------------------------------------------------------------------------------------

@@ -33,6 +33,11 @@ BAD = {
     "lora_target_modules": " , ",
     "default_optim": "adamw_quantum",
     "save_merged": "yes",
+    "skip_bad_steps": "yes",
+    "spike_sigmas": -1.0,
+    "spike_window": 1,
+    "spike_min_steps": 1,
+    "max_consecutive_skips": 0,
 }
 
 

@@ -23,6 +23,11 @@ class ConfigError(ValueError):
     """A model or config cannot be read or measured; the message says why and what to pass instead."""
 
 
+# Every decoder layer is built on the meta device and measured (about 10 ms and a few kB each); past this a config
+# is a typo rather than a model, and building it would take minutes and gigabytes.
+MAX_MEASURED_LAYERS = 1024
+
+
 # --- reading a config -----------------------------------------------------------------------------------------------
 def load_config(source: str):
     """A transformers config from a config.json path, a local model directory, or a Hub id (downloads config.json).
@@ -37,8 +42,10 @@ def load_config(source: str):
             with open(source) as f:
                 config_dict = json.load(f)
         except (OSError, ValueError) as err:
-            raise ConfigError(f"{source} is not a readable JSON config ({err}).") from err
-        model_type = config_dict.pop("model_type", None) if isinstance(config_dict, dict) else None
+            raise ConfigError(f"{source} is not a JSON file ({err}); pass a transformers config.json.") from err
+        if not isinstance(config_dict, dict):
+            raise ConfigError(f"{source} holds JSON but not an object; pass a transformers config.json.")
+        model_type = config_dict.pop("model_type", None)
         if model_type is None:
             raise ConfigError(f"{source} has no `model_type`; pass the config.json of a transformers model.")
         try:
@@ -49,6 +56,10 @@ def load_config(source: str):
         if not os.path.isfile(os.path.join(source, "config.json")):
             raise ConfigError(f"{source} is a directory without a config.json; pass a model directory or a config.")
         return load_config(os.path.join(source, "config.json"))
+    if _looks_local(source):
+        raise ConfigError(
+            f"{source} does not exist: pass an existing model directory or config.json path, or a Hub id."
+        )
     from huggingface_hub import hf_hub_download
 
     try:
@@ -60,6 +71,11 @@ def load_config(source: str):
             "directory or a config.json path; gated models need `hf auth login` first."
         ) from err
     return load_config(path)
+
+
+def _looks_local(source: str) -> bool:
+    """A path rather than a Hub id ("org/name"): absolute, relative with ./ or ~, a .json file, or deeper."""
+    return source.startswith(("/", ".", "~")) or source.endswith(".json") or source.count("/") > 1 or "\\" in source
 
 
 # --- measuring it -----------------------------------------------------------------------------------------------------
@@ -112,6 +128,12 @@ def measure(config, dtype: torch.dtype | None = None) -> ModelSizes:
         UnsupportedModelError: hf_offload cannot find its decoder layers.
     """
     dtype = dtype or config_dtype(config)
+    depth = _first(_text_config(config), ("num_hidden_layers", "n_layer", "num_layers", "n_layers"))
+    if depth is not None and depth > MAX_MEASURED_LAYERS:
+        raise ConfigError(
+            f"the config has {depth:,} decoder layers; models are measured for at most {MAX_MEASURED_LAYERS:,} (every "
+            "layer is built on the meta device). Check num_hidden_layers in the config."
+        )
     model = empty_model(config, dtype)
     layers = list(find_decoder_layers(model).layers)
     streamed = {id(p) for layer in layers for p in layer.parameters()}

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..engine import hostmem
-from ..engine.errors import UnsupportedModelError
 from ..engine.facts import bytes_per_train_step
 from ..engine.layer_major import MEMORY_FRACTION
 from ..engine.quant import BASE_WEIGHT_DTYPES
@@ -331,6 +330,10 @@ def run(args: argparse.Namespace) -> int:
         for name in ("seq", "batch", "eval_batches"):
             if getattr(args, name) < 1:
                 raise PlanError(f"--{name} should be at least 1, but the value passed is {getattr(args, name)}")
+        for name in ("gpu_mem", "host_mem", "pcie_gbps", "gpu_tflops"):
+            value = getattr(args, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise PlanError(f"--{name} should be a positive number, but the value passed is {value}")
         options = values_from(args, all_options(), "plan")
         config = load_config(args.model)
         plan = make_plan(
@@ -345,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
             eval_batches=args.eval_batches,
             **options,
         )
-    except (ValueError, UnsupportedModelError) as err:  # PlanError is a ValueError
+    except ValueError as err:  # PlanError, UnsupportedModelError
         print(f"hf-offload plan: {err}", file=sys.stderr)
         return 2
     print(json.dumps(plan.as_dict()) if args.json else format_plan(plan))

@@ -110,7 +110,8 @@ def check_streamable(model: nn.Module) -> Anatomy:
         where = ", ".join(meta[:3]) + ("..." if len(meta) > 3 else "")
         raise UnsupportedModelError(
             f"{_describe(model)} has weights on the meta device ({where}): they were never loaded. Load the "
-            "model's weights before streaming (from_pretrained without device_map='meta' or init_empty_weights)."
+            "model's weights before streaming (from_pretrained without device_map='meta' or init_empty_weights); "
+            "for a tied output head, call model.tie_weights() first."
         )
     owner: dict[int, int] = {}
     for index, layer in enumerate(anatomy.layers):
@@ -123,6 +124,8 @@ def check_streamable(model: nn.Module) -> Anatomy:
                 raise UnsupportedModelError(
                     f"A parameter of {_describe(model)} is shared by decoder layers {owner[id(param)]} and {index}; "
                     "hf_offload streams each layer's weights separately and cannot stream weights shared across "
-                    "layers. Untie them (give each layer its own copy) or train this model without layer streaming."
+                    "layers. Give each layer its own copy before streaming (for example `module.weight = "
+                    "nn.Parameter(module.weight.detach().clone())` in every layer but the first that uses it), or "
+                    "train this model without layer streaming."
                 )
     return anatomy

@@ -33,38 +33,63 @@ def is_checkpointing_layer(module: nn.Module) -> bool:
     return GradientCheckpointingLayer is not None and isinstance(module, GradientCheckpointingLayer)
 
 
-# Checked against transformers 5.23 (`GradientCheckpointingLayer.forward_with_checkpointing`): the names under
-# which decoder layers receive the KV cache and the switch that asks them to fill one.
-CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+# Checked against transformers 5.24: decoder layers receive the KV cache as a `Cache` object (keyword `cache`, or
+# `past_key_values` / `past_key_value` / `layer_past` in older code, by position in some families) and write this
+# call's keys and values into it (`cache.update(..., layer_idx)`). Custom-code models (trust_remote_code) may still
+# pass legacy tuples `(k, v)` and return `present` tuples, with an output arity that follows `use_cache`.
+#
+# Note: [KV caches in a streamed layer]
+# A streamed layer runs twice when it needs gradients: forward (no graph) and the recompute in backward. A `Cache`
+# object is mutable, so only the forward call gets it: it fills the cache with exactly the keys and values the
+# unstreamed layer would store (computed without a graph, as under torch.no_grad). The recompute gets no cache, which
+# computes the same output because the cache it was given was empty for this layer. A cache that already holds tokens
+# for this layer would have to be read in the recompute as it was before the forward appended to it, and gradients
+# would have to flow into it: that case is refused with the way out. Legacy tuple caches are plain tensors that the
+# layer does not mutate: they pass through unchanged (and gradients flow through them like any other input), and
+# `use_cache` is never rewritten, so a block's output arity stays what the model's own code expects.
 
 
-def cache_free_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """The layer arguments for a recomputable call: no KV cache is written, as under HF's own checkpointing.
+def check_cache_arguments(args: tuple, kwargs: dict, layer_index: int) -> None:
+    """Refuse a `Cache` that already holds tokens for this layer in a call that needs gradients.
 
-    A layer that appends to a cache in the forward would append again in the backward recompute. Training calls
-    pass an empty cache at most, so dropping it changes nothing; a cache that already holds tokens would change
-    the result, so that case is refused. Caches come by keyword or, in some families (GPT-2), by position.
+    See Note: [KV caches in a streamed layer].
+
+    Raises:
+        NotImplementedError: a cache passed to the layer is pre-filled for `layer_index`.
     """
-
-    def drop(name: str, value):
-        if value is None:
-            return None
-        if isinstance(value, Cache) and value.get_seq_length() > 0:
+    named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"`{k}`", v) for k, v in kwargs.items()]
+    for name, value in named:
+        if isinstance(value, Cache) and _holds_state(value, layer_index):
             raise NotImplementedError(
                 "hf_offload cannot backpropagate through a decoder layer that reads a pre-filled KV cache "
-                f"({name} holds {value.get_seq_length()} tokens). Train without `past_key_values`, or run this "
-                "forward under torch.no_grad()."
+                f"({name} already holds state for layer {layer_index}). To train a completion on a prompt, pass the "
+                "prompt and the completion as one sequence (labels -100 on the prompt) without `past_key_values`; "
+                "to decode, run the forward under torch.no_grad()."
             )
-        return None
 
-    args = tuple(drop(f"argument {i}", a) if isinstance(a, Cache) else a for i, a in enumerate(args))
-    kwargs = dict(kwargs)
-    if kwargs.get("use_cache"):
-        kwargs["use_cache"] = False
-    for name, value in kwargs.items():
-        if name in CACHE_KWARGS or isinstance(value, Cache):
-            kwargs[name] = drop(f"`{name}`", value)
-    return args, kwargs
+
+def _holds_state(cache, layer_index: int) -> bool:
+    """Whether `cache` already holds keys/values (or a recurrent state) for decoder layer `layer_index`.
+
+    Checked against transformers 5.24: a `Cache` keeps one layer object per decoder layer in `cache.layers`; attention
+    layers set `is_initialized` on their first update, linear-attention layers (hybrid models) record
+    `has_previous_state`. Caches without per-layer objects fall back to `get_seq_length`.
+    """
+    layers = getattr(cache, "layers", None)
+    if isinstance(layers, list | tuple):
+        if layer_index >= len(layers):
+            return False
+        layer = layers[layer_index]
+        previous = getattr(layer, "has_previous_state", False)
+        if isinstance(previous, dict):
+            previous = any(previous.values())
+        return bool(getattr(layer, "is_initialized", False) or previous)
+    return cache.get_seq_length() > 0
+
+
+def without_caches(leaves: list) -> list:
+    """`leaves` with every `Cache` object replaced by None: the arguments of the recompute in backward."""
+    return [None if isinstance(x, Cache) else x for x in leaves]
 
 
 def accelerate_hooked_modules(model: nn.Module) -> list[str]:

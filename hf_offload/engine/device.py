@@ -2,7 +2,9 @@
 
 torch's CPU build raises on streams, events and page-locked memory, so the engine never calls them directly: it
 asks a `DeviceOps`. On the CPU the same packing, slot and binding code runs; only the asynchrony is absent
-(copies complete immediately, events are no-ops).
+(copies complete immediately, events are no-ops), unless the simulated asynchronous device is on
+(`HF_OFFLOAD_SIMULATE_ASYNC`, see simulated.py): then the copy stream is a worker thread whose copies land late,
+and events are real synchronisation points.
 """
 
 from __future__ import annotations
@@ -14,9 +16,22 @@ import weakref
 
 import torch
 
+from .simulated import SimulatedAsync, simulation_seed
+
 logger = logging.getLogger(__name__)
 
 PAGE_SIZE = mmap.PAGESIZE
+
+# Note: [Bounce buffers]
+# A copy from pageable host memory cannot be asynchronous: CUDA stages it through its own small pinned buffer and
+# the host waits until it is done, so nothing overlaps it. A layer whose host buffer could not be page-locked
+# (registration failed, or pin_memory=False) is instead copied in chunks through a few page-locked bounce buffers
+# of our own: the host copies a chunk into the next bounce buffer (after waiting, on that buffer's event, until the
+# device has read its previous chunk) and enqueues an asynchronous copy from it on the copy stream. The host works
+# at memory speed while the device copies and computes; with two buffers, the host fills one while the link drains
+# the other.
+BOUNCE_BUFFERS = 2
+BOUNCE_CHUNK_BYTES = 8 << 20
 
 
 def resolve_device(requested: torch.device | str | None) -> torch.device:
@@ -27,36 +42,137 @@ def resolve_device(requested: torch.device | str | None) -> torch.device:
         device = torch.accelerator.current_accelerator()
     else:
         device = torch.device("cpu")
+    if device.type not in ("cpu", "meta"):
+        _check_available(device)
     if device.type != "cpu" and device.index is None:
         device = torch.device(device.type, torch.accelerator.current_device_index())
     return device
 
 
+def _check_available(device: torch.device) -> None:
+    """Refuse a device this process does not have, before anything is built for it."""
+    try:
+        module = torch.get_device_module(device.type)
+    except (RuntimeError, AttributeError, ValueError):
+        module = None
+    if device.type == "mps":
+        available = torch.backends.mps.is_available()
+        count = 1 if available else 0
+    else:
+        available = bool(module is not None and getattr(module, "is_available", lambda: False)())
+        count = module.device_count() if available and hasattr(module, "device_count") else int(available)
+    if not available:
+        raise ValueError(
+            f"`device` should be a device this process has, but the value passed is {str(device)!r} and no "
+            f"{device.type} device is available here. Pass device=None (the accelerator if there is one, else the "
+            "CPU) or 'cpu', or install a torch build for that device."
+        )
+    if device.index is not None and device.index >= count:
+        raise ValueError(
+            f"`device` should be one of the {count} {device.type} device(s) of this process, but the value passed is "
+            f"{str(device)!r}. Check CUDA_VISIBLE_DEVICES or pass another index."
+        )
+
+
 class DeviceOps:
     """Streams, events, page-locking and RNG state for one compute device."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, simulate_seed: int | None = None):
+        """`simulate_seed`: on the CPU, run the simulated asynchronous device with this seed (default: from
+        `HF_OFFLOAD_SIMULATE_ASYNC`, see `simulated.simulation_seed`)."""
         self.device = device
         self.is_cpu = device.type == "cpu"
         # The device's torch module (torch.cuda, torch.xpu, ...): they share the Stream/Event/stream() API.
         self._module = None if self.is_cpu else torch.get_device_module(device.type)
+        seed = simulate_seed if simulate_seed is not None else simulation_seed() if self.is_cpu else None
+        self.simulation = SimulatedAsync(seed) if self.is_cpu and seed is not None else None
         # comms stream: host->device layer copies run here, overlapping the compute stream's kernels.
-        self.copy_stream = None if self.is_cpu else self._module.Stream(device=device)
+        if self.simulation is not None:
+            self.copy_stream = self.simulation.copy_stream
+        else:
+            self.copy_stream = None if self.is_cpu else self._module.Stream(device=device)
         # data_ptr -> finalizer that unregisters it; see `pin`.
         self._registered: dict[int, weakref.finalize] = {}
+        self.readbacks = 0  # device-to-host reads the schedule waited for (see `read_to_host`)
+        # Note: [Bounce buffers]
+        self.bounce_chunk_bytes = BOUNCE_CHUNK_BYTES
+        self._bounces: list[torch.Tensor | None] = [None] * BOUNCE_BUFFERS
+        self._bounce_done: list[object] = [None] * BOUNCE_BUFFERS  # event: the device finished reading bounce k
+        self._next_bounce = 0
+        self.staged_bytes = 0  # bytes copied through bounce buffers
 
     # --- streams and events -------------------------------------------------------------------------------------
     def compute_stream(self):
+        if self.simulation is not None:
+            return self.simulation.compute_stream
         return None if self.is_cpu else self._module.current_stream(self.device)
 
     def on_copy_stream(self):
         """Context in which copies are enqueued on the copy stream (a no-op on the CPU)."""
+        if self.simulation is not None:
+            return self.simulation.stream(self.copy_stream)
         if self.is_cpu:
             return contextlib.nullcontext()
         return self._module.stream(self.copy_stream)
 
+    def copy_(self, target: torch.Tensor, source: torch.Tensor, non_blocking: bool) -> None:
+        """`target.copy_(source)` enqueued on the current stream.
+
+        `non_blocking`: `source` is page-locked, the copy is asynchronous. Otherwise, on an accelerator (and the
+        simulated device), a host byte buffer is staged through page-locked bounce buffers (see Note: [Bounce
+        buffers]) so that the copy still overlaps compute.
+        """
+        if not non_blocking and self.stages_unpinned_copies and _is_byte_vector(source) and _is_byte_vector(target):
+            self._staged_copy(target, source)
+        else:
+            self._copy_now(target, source, non_blocking)
+
+    @property
+    def stages_unpinned_copies(self) -> bool:
+        """Whether copies from pageable host memory go through bounce buffers (accelerators, simulated device)."""
+        return not self.is_cpu or self.simulation is not None
+
+    def _copy_now(self, target: torch.Tensor, source: torch.Tensor, non_blocking: bool) -> None:
+        if self.simulation is not None:
+            self.simulation.copy_(target, source)
+        else:
+            target.copy_(source, non_blocking=non_blocking)
+
+    def _staged_copy(self, target: torch.Tensor, source: torch.Tensor) -> None:
+        """See Note: [Bounce buffers]."""
+        chunk = self.bounce_chunk_bytes
+        for start in range(0, source.numel(), chunk):
+            k = self._next_bounce
+            self._next_bounce = (k + 1) % BOUNCE_BUFFERS
+            if self._bounces[k] is None:
+                with torch.inference_mode(False):
+                    self._bounces[k] = torch.empty(chunk, dtype=torch.uint8, pin_memory=not self.is_cpu)
+            self._host_wait(self._bounce_done[k])  # the device has finished reading its previous contents
+            n = min(chunk, source.numel() - start)
+            bounce = self._bounces[k][:n]
+            bounce.copy_(source[start : start + n])
+            self._copy_now(target[start : start + n], bounce, non_blocking=True)
+            self._bounce_done[k] = self._record_internal_event()
+        self.staged_bytes += source.numel()
+
+    def _host_wait(self, event) -> None:
+        """Block the calling thread until `event` has completed."""
+        if event is None:
+            return
+        if self.simulation is not None:
+            self.simulation.host_wait(event)
+        else:
+            event.synchronize()
+
+    def _record_internal_event(self):
+        if self.simulation is not None:
+            return self.simulation.record_event(claims_copies=False)
+        return self.record_event(self._module.current_stream(self.device))
+
     def record_event(self, stream=None):
         """An event marking everything enqueued so far on `stream` (default: the current stream)."""
+        if self.simulation is not None:
+            return self.simulation.record_event(stream)
         if self.is_cpu:
             return None
         event = self._module.Event()
@@ -65,12 +181,17 @@ class DeviceOps:
 
     def wait_event(self, event, stream=None) -> None:
         """Make `stream` (default: the current stream) wait for `event` on the device, without a host sync."""
-        if event is None or self.is_cpu:
+        if event is None:
             return
-        (stream if stream is not None else self.compute_stream()).wait_event(event)
+        if self.simulation is not None:
+            self.simulation.wait_event(event, stream)
+        elif not self.is_cpu:
+            (stream if stream is not None else self.compute_stream()).wait_event(event)
 
     def synchronize(self) -> None:
-        if not self.is_cpu:
+        if self.simulation is not None:
+            self.simulation.synchronize()
+        elif not self.is_cpu:
             self._module.synchronize(self.device)
 
     def use_stream(self, stream):
@@ -92,6 +213,28 @@ class DeviceOps:
         free, _ = self._module.mem_get_info(self.device)
         return int(free)
 
+    # --- small transfers the schedule needs -------------------------------------------------------------------------
+    def read_to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (small, on this device) in host memory, once the compute stream has produced it.
+
+        A host synchronisation: the caller needs the values to decide what to copy. Counted in `readbacks`, so
+        tests can check how often the schedule waits for the device.
+        """
+        self.readbacks += 1
+        if self.is_cpu:
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        event = self.record_event()
+        event.synchronize()
+        return host
+
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A small host tensor on this device, without blocking the host (staged through page-locked memory)."""
+        if self.is_cpu:
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
     # --- page-locked host memory ----------------------------------------------------------------------------------
     def pin(self, host: torch.Tensor) -> bool:
         """Page-lock `host` in place. Returns whether it is now pinned.
@@ -104,6 +247,8 @@ class DeviceOps:
         The registration is undone by `unpin`, or when `host` is garbage-collected: memory freed while still
         registered would stay locked until the process exits.
         """
+        if self.simulation is not None:
+            return True  # the simulated device takes its buffers as page-locked, as CUDA would
         if self.is_cpu or host.numel() == 0 or self.device.type != "cuda":
             return False
         ptr = host.data_ptr()
@@ -115,7 +260,8 @@ class DeviceOps:
         err = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 0))
         if err != 0:
             _clear_pending_cuda_error(self.device)
-            logger.warning("cudaHostRegister failed (error %s); this layer's copies will be synchronous", err)
+            # the runtime warns once, for all layers, and lists them in summary()
+            logger.debug("cudaHostRegister failed (error %s); this layer's copies are staged", err)
             return False
         finalizer = weakref.finalize(host, _host_unregister, ptr)
         finalizer.atexit = False  # at exit the driver releases everything; CUDA may already be shutting down
@@ -148,6 +294,10 @@ class DeviceOps:
         if self.is_cpu:
             return None
         return self._module.max_memory_allocated(self.device)
+
+
+def _is_byte_vector(tensor: torch.Tensor) -> bool:
+    return tensor.dtype == torch.uint8 and tensor.dim() == 1 and tensor.is_contiguous()
 
 
 def _host_unregister(ptr: int) -> None:

@@ -1,7 +1,7 @@
 """What streaming a model costs, computed in one place: bytes per training step and the typed `summary()`.
 
 `bytes_per_train_step` is the performance model's transfer term; the runtime's summary, `hf-offload plan` and
-`hf-offload bench` all call it, so their figures agree.
+`hf-offload bench` all call it, so their figures agree with each other and with what `stats()` counts.
 """
 
 from __future__ import annotations
@@ -14,10 +14,15 @@ from ..units import format_bytes
 
 
 def bytes_per_train_step(layer_bytes: Sequence[int], prefetch: int) -> int:
-    """Host->device bytes of one training step: the forward loads every layer, the backward every layer but the
-    `prefetch + 1` last ones, still in their slots when the backward starts (the turnaround)."""
-    kept = len(layer_bytes) - min(len(layer_bytes), prefetch + 1)
-    return 2 * sum(layer_bytes) - sum(layer_bytes[kept:])
+    """Host->device bytes of one training step once training runs (every step after the first).
+
+    The device holds `prefetch + 1` slots. The backward ends on the first layers, which stay in their slots, so the
+    next forward finds them loaded; the forward ends on the last layers, which the backward finds loaded (the
+    turnaround). So each pass loads all but `prefetch + 1` layers: the forward skips the first ones, the backward
+    the last ones. Slots stay valid while the host bytes do not change (an optimizer step on host weights does).
+    """
+    window = min(len(layer_bytes), prefetch + 1)
+    return sum(layer_bytes[window:]) + sum(layer_bytes[: len(layer_bytes) - window])
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,8 @@ class StreamingSummary(Record):
     expert_fetch: str
     moe_layers: int  # layers whose experts the streamer can fetch by routing
     expert_bytes: int  # their experts' bytes
+    unpinned_layers: list[int]  # layers not page-locked, copied through bounce buffers (none on the plain CPU)
+    simulated_async_seed: int | None  # CPU only: the seed of the simulated asynchronous device, None when off
 
     def describe(self) -> str:
         """One paragraph for the log: what streams, where it lives, what a step moves."""

@@ -36,30 +36,83 @@ class HostMemoryError(MemoryError):
         self.available = available
 
 
-def available_bytes() -> int | None:
-    """Host memory this process can still get: MemAvailable, capped by a cgroup v2 limit. None when unknown."""
+def available_bytes(proc_root: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> int | None:
+    """Host memory this process can still get: MemAvailable, capped by a cgroup memory limit. None when unknown.
+
+    Args:
+        proc_root: where procfs is mounted (a parameter so tests can pass a fake tree).
+        cgroup_root: where the cgroup hierarchy is mounted.
+
+    Returns:
+        Bytes, or None when neither /proc/meminfo nor a cgroup limit can be read.
+    """
     candidates = []
     try:
-        with open("/proc/meminfo") as f:
+        with open(os.path.join(proc_root, "meminfo")) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     candidates.append(int(line.split()[1]) * 1024)  # reported in kB
                     break
-    except OSError:
+    except (OSError, ValueError):
         pass
-    try:  # containers: the limit of this cgroup, not the machine
-        with open("/proc/self/cgroup") as f:
-            path = next((line.strip().split("::", 1)[1] for line in f if line.startswith("0::")), None)
-        if path is not None:
-            base = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
-            with open(os.path.join(base, "memory.max")) as f:
-                limit = f.read().strip()
-            if limit != "max":
-                with open(os.path.join(base, "memory.current")) as f:
-                    candidates.append(int(limit) - int(f.read().strip()))
-    except (OSError, ValueError, StopIteration):
-        pass
+    headroom = _cgroup_headroom(proc_root, cgroup_root)
+    if headroom is not None:
+        candidates.append(headroom)
     return min(candidates) if candidates else None
+
+
+# Note: [cgroup memory limits]
+# Containers limit memory through cgroups. v2 (unified): /proc/self/cgroup has a line `0::<path>`, and the limit
+# and usage are <root>/<path>/memory.max ("max" when unlimited) and memory.current. v1: a line
+# `<id>:memory:<path>` (the controller list may hold more names, e.g. "memory,cpu"), with the memory hierarchy
+# mounted at <root>/memory and files memory.limit_in_bytes (a huge page-rounded number when unlimited) and
+# memory.usage_in_bytes. Inside a container the path recorded in /proc/self/cgroup is often the host's and the
+# container sees its own cgroup at the mount root, so the mount root is tried when the path does not exist there.
+# Both versions can be mounted at once (hybrid); the smallest headroom found wins.
+_CGROUP_FILES = {"v2": ("memory.max", "memory.current"), "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes")}
+
+
+def _cgroup_headroom(proc_root: str, cgroup_root: str) -> int | None:
+    """Limit minus usage of this process's memory cgroup (v1 or v2), or None when there is no limit to read."""
+    try:
+        with open(os.path.join(proc_root, "self", "cgroup")) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            mount, version = cgroup_root, "v2"
+        elif "memory" in controllers.split(","):
+            mount, version = os.path.join(cgroup_root, "memory"), "v1"
+        else:
+            continue
+        for base in (os.path.join(mount, path.lstrip("/")), mount):
+            headroom = _read_headroom(base, *_CGROUP_FILES[version])
+            if headroom is not None:
+                found.append(headroom)
+                break
+    return min(found) if found else None
+
+
+def _read_headroom(base: str, limit_file: str, usage_file: str) -> int | None:
+    try:
+        with open(os.path.join(base, limit_file)) as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open(os.path.join(base, usage_file)) as f:
+            usage = int(f.read().strip())
+        limit_bytes = int(limit)
+    except (OSError, ValueError):
+        return None
+    if limit_bytes >= 1 << 60:  # cgroup v1 "unlimited" (PAGE_COUNTER_MAX pages)
+        return None
+    return max(limit_bytes - usage, 0)
 
 
 class _FileMappings:

@@ -10,6 +10,12 @@ through ordinary autograd: they accumulate into `.grad`, fire hooks, and work wi
 The layer's weights stay bound to the slot until `autograd.grad` has returned, because autograd keeps references
 to them (a Linear saves its weight; RMSNorm saves `weight`).
 
+Note: [Trainable weights changed before backward]
+Autograd refuses a backward through a tensor that was modified in place after it was saved ("modified by an
+inplace operation"). A streamed layer saves no graph in the forward, so the recompute would silently use the new
+values of a LoRA weight changed between forward and backward. The version counter of each trainable parameter
+(`Tensor._version`, what autograd's own check reads) is recorded in the forward and compared before the recompute.
+
 Note: [Recorded outputs]
 transformers records some outputs with forward hooks on submodules while the model's forward runs (MoE router
 logits, attention weights; see `compat.recorded_output_keys`). Hooks firing inside our no_grad forward would hand the
@@ -93,6 +99,7 @@ class LayerCall:
         spec: Any,
         params: list,
         recorded_keys: list[str],
+        param_names: list[str] | None = None,
     ):
         self.runtime = runtime
         self.index = index
@@ -107,9 +114,11 @@ class LayerCall:
         # Saved inputs go through ctx (or host memory); never keep a second reference to them here.
         self.leaves = [None if k in self.saved_positions else x for k, x in enumerate(leaves)]
         self.params = params
+        self.param_names = param_names or [f"parameter {k}" for k in range(len(params))]
+        # See Note: [Trainable weights changed before backward]
+        self.param_versions = [p._version for p in params]
         self.rng_state = None
         self.autocast_state = None
-        self.host_inputs: list[torch.Tensor] | None = None
         self.recorded_keys = recorded_keys  # see Note: [Recorded outputs]
         self.out_spec = None
         self.out_leaves: list[Any] = []
@@ -130,11 +139,25 @@ class LayerCall:
         tensors = [out_leaves[k] for k in self.out_tensor_positions]
         return [tensors[k] for k in sorted(set(self.out_first))]
 
-    def arguments(self, saved_inputs) -> tuple[tuple, dict]:
-        leaves = list(self.leaves)
+    def arguments(self, saved_inputs, recompute: bool = False) -> tuple[tuple, dict]:
+        """The layer's (args, kwargs); for the `recompute` in backward, without KV cache objects (see
+        Note: [KV caches in a streamed layer] in compat.py)."""
+        leaves = compat.without_caches(self.leaves) if recompute else list(self.leaves)
         for k, tensor in zip(self.saved_positions, saved_inputs):
             leaves[k] = tensor
         return tree_unflatten(leaves, self.spec)
+
+    def check_param_versions(self) -> None:
+        """Raise as autograd does when a trainable weight of this layer was changed in place since the forward."""
+        for name, param, version in zip(self.param_names, self.params, self.param_versions):
+            if param._version != version:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: {name} of streamed decoder layer {self.index} ({type(param).__name__} "
+                    f"{list(param.shape)}) is at version {param._version}; expected version {version} instead. "
+                    "Change trainable weights only after backward (as optimizer.step() does), or run the forward "
+                    "again after changing them."
+                )
 
     def rebuild_output(self, tensors) -> tuple[Any, dict[str, list]]:
         distinct = dict(zip(sorted(set(self.out_first)), tensors))
@@ -169,8 +192,11 @@ class StreamedLayerFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(*[t for t in tensors if not (t.is_floating_point() or t.is_complex())])
         ctx.set_materialize_grads(False)
 
-        if runtime.config.offload_activations:
-            call.host_inputs = [runtime.activations_to_host(t) for t in saved_inputs]
+        # Saved through ctx either way (host copies too), so autograd frees them after backward, or keeps them for
+        # another backward under retain_graph=True, exactly as it does for its own saved tensors.
+        ctx.offloaded = runtime.config.offload_activations
+        if ctx.offloaded:
+            ctx.save_for_backward(*[runtime.activations_to_host(t) for t in saved_inputs])
         else:
             ctx.save_for_backward(*saved_inputs)
         ctx.call = call
@@ -180,13 +206,12 @@ class StreamedLayerFunction(torch.autograd.Function):
     def backward(ctx, *grad_outputs):
         call: LayerCall = ctx.call
         runtime = call.runtime
-        if call.host_inputs is not None:
-            saved = [runtime.activations_to_device(t) for t in call.host_inputs]
-            call.host_inputs = None
-        else:
-            saved = ctx.saved_tensors
+        saved = ctx.saved_tensors  # raises autograd's own error on a second backward without retain_graph
+        if ctx.offloaded:
+            saved = [runtime.activations_to_device(t) for t in saved]
         detached = [t.detach().requires_grad_(k in call.grad_positions) for k, t in zip(call.saved_positions, saved)]
-        args, kwargs = call.arguments(detached)
+        call.check_param_versions()
+        args, kwargs = call.arguments(detached, recompute=True)
         grad_inputs = [t for k, t in zip(call.saved_positions, detached) if k in call.grad_positions]
         wrt = [*grad_inputs, *call.params]
 
@@ -205,7 +230,6 @@ class StreamedLayerFunction(torch.autograd.Function):
         rng = runtime.ops.replay_rng(call.rng_state) if call.rng_state is not None else contextlib.nullcontext()
         with rng, torch.enable_grad():
             grads = runtime.run_layer(call.index, -1, recompute_and_backprop)
-        ctx.call = None  # drop references to the inputs as soon as this layer is done
         # One gradient per Function input: saved inputs (None where no gradient is needed), then parameters.
         grads_by_position = dict(zip(call.grad_positions, grads[: len(grad_inputs)]))
         input_grads = [grads_by_position.get(k) for k in call.saved_positions]
@@ -215,13 +239,16 @@ class StreamedLayerFunction(torch.autograd.Function):
 def call_streamed_layer(runtime, index: int, layer: torch.nn.Module, forward: Forward, args: tuple, kwargs: dict):
     """The body of a streamed layer's `forward`: stream it with or without recompute, as autograd needs."""
     compat.keep_checkpointing_off(layer)
-    params = [p for p in layer.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not (torch.is_grad_enabled() and _any_grad(params, args, kwargs)):
         # Nothing needs a gradient through this layer: stream it once, save nothing (eval, generate, no_grad).
         return runtime.run_layer(index, +1, lambda: forward(*args, **kwargs))
-    args, kwargs = compat.cache_free_arguments(args, kwargs)
+    compat.check_cache_arguments(args, kwargs, index)
     leaves, spec = tree_flatten((args, kwargs))
-    call = LayerCall(runtime, index, forward, leaves, spec, params, compat.recorded_output_keys())
+    call = LayerCall(
+        runtime, index, forward, leaves, spec, params, compat.recorded_output_keys(), [n for n, _ in named]
+    )
     saved_inputs = [leaves[k] for k in call.saved_positions]
     outputs = StreamedLayerFunction.apply(call, *saved_inputs, *params)
     output, recorded = call.rebuild_output(outputs)

@@ -13,8 +13,8 @@ every worker first runs up to layer 0, then each runs layer 0 and whatever the m
 on; after the last layer each worker runs the final norm, head and loss, and returns (a generate() goes on with its
 next token's pass, in lockstep with the others). Exactly one thread runs at any time (a hand-off under one
 condition variable), so the order of every operation is deterministic and each batch computes exactly what it
-computes alone: the schedule only changes *when* the model's code runs, not what it runs. While a group runs, the
-device slots are trusted across the batches' forwards (see `_slots_trusted`).
+computes alone: the schedule only changes *when* the model's code runs, not what it runs. The device slots stay
+valid across the batches' forwards as across training steps: a slot is reloaded only when its host bytes change.
 
 Why threads and not generators or a re-implemented forward: a Python generator can only pause in its own frame,
 but the pause point is deep inside the model's forward (its loop over `self.layers`), and re-implementing that loop
@@ -47,6 +47,7 @@ from torch import nn
 
 from . import hostmem
 from .layer_fn import _autocast, _autocast_state, tree_flatten
+from .overrides import Overrides
 
 T = TypeVar("T")
 
@@ -140,7 +141,7 @@ class LayerMajorSchedule:
                 name=f"hf_offload-layer-major-{worker.position}",
                 daemon=True,
             )
-        with self._gated_layers(), self._slots_trusted():
+        with self._gated_layers():
             for worker in workers:
                 worker.thread.start()
             try:
@@ -228,20 +229,6 @@ class LayerMajorSchedule:
 
     # --- the layers' side ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _slots_trusted(self):
-        """Each forward of the model forgets which layers the device slots hold (the host weights may have changed
-        since the last one). The forwards of a group all run with the same weights: forget once, at its start,
-        not whenever one batch's next forward begins (a generate() begins one per token) while others still need
-        the layer in its slot."""
-        streamer = self.runtime.streamer
-        streamer.invalidate()
-        streamer.invalidate = _keep_slots
-        try:
-            yield
-        finally:
-            del streamer.invalidate
-
-    @contextlib.contextmanager
     def _gated_layers(self):
         """Wrap each streamed layer's forward so that a worker's call waits for the layer's turn."""
         layers = self.runtime.anatomy.layers
@@ -250,16 +237,14 @@ class LayerMajorSchedule:
                 "hf_offload: a layer-major evaluation was started inside another one (a task called "
                 "evaluate_layer_major or Trainer.evaluate); run them one after the other."
             )
-        saved = []
+        overrides = Overrides()
         for index, layer in enumerate(layers):
             streamed = layer.__dict__["forward"]  # installed by the runtime
-            saved.append((layer, streamed))
-            layer.forward = self._gate(index, streamed)
+            overrides.replace(layer, "forward", self._gate(index, streamed))
         try:
             yield
         finally:
-            for layer, streamed in saved:
-                layer.forward = streamed
+            overrides.restore()
 
     def _gate(self, index: int, streamed: Callable):
         def forward(*args, **kwargs):
@@ -296,10 +281,6 @@ class LayerMajorSchedule:
         worker.kept_bytes = 0
         if tensor is not None:
             tensor.data = self.runtime.activations_to_device(tensor.data)
-
-
-def _keep_slots() -> None:
-    """`Streamer.invalidate` while a group runs (see `LayerMajorSchedule._slots_trusted`)."""
 
 
 # --- planning groups ---------------------------------------------------------------------------------------------

@@ -7,13 +7,17 @@ Note: [Routed experts call]
 An experts module of the standard form (compat: `num_experts`, direct parameters of shape [num_experts, ...],
 forward(hidden_states, top_k_index, top_k_weights)) is called by its MoE block once the routing is known. Its
 forward is replaced (on the instance, reversibly) by one that:
-  1. reads the routed expert ids (one device-to-host sync, as the eager implementations already do),
+  1. reads the routed expert ids back to the host once: a per-expert mask built on the device, one small copy,
   2. asks the streamer for those experts; it returns the experts in the slot in ascending order and [k, ...] views
      of them (see Note: [Routed expert fetch] in streamer.py),
-  3. binds the expert parameters to those views, maps expert ids to positions 0..k-1 (a monotone map, so every
-     implementation visits experts and sums in the same order as with all experts), tells the module it holds k
-     experts, and runs its own forward (eager, grouped_mm, batched_mm: whichever the config selects).
-Nothing ever reads an expert that was not loaded: the parameters only span loaded experts.
+  3. maps expert ids to positions 0..k-1 on the device (a monotone map, so every implementation visits experts and
+     sums in the same order as with all experts), tells the module it holds k experts, and runs its own forward
+     (eager, grouped_mm, batched_mm: whichever the config selects) with its expert attributes parametrized to
+     those views for the call (`torch.nn.utils.parametrize`).
+The expert Parameters are never rebound (`.data` is not touched): an implementation may save the weight tensor it
+was given for its backward (grouped_mm does), and the recompute's `autograd.grad` runs after the call returned; the
+saved tensor must still be the loaded experts then, not whatever the Parameter points at by that time.
+Nothing ever reads an expert that was not loaded: inside the call the expert attributes only span loaded experts.
 peft LoRA on expert tensors (`target_parameters`, `lora.ParamWrapper`) folds `W + scaling * lhs @ rhs` over the
 whole expert stack. Here the same fold runs over the loaded experts only (`lhs[order]`, `rhs[order]`), through the
 same `torch.nn.utils.parametrize` mechanism, so compute and memory scale with the experts used; unrouted experts
@@ -32,6 +36,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import compat
+from .overrides import Overrides
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,7 @@ class ExpertGroup:
     base: nn.Module  # the experts module itself
     wrappers: list[nn.Module]  # peft ParamWrappers around it, outside in
     params: list[nn.Parameter]  # its stacked expert parameters, in packing order
+    names: list[str]  # their attribute names on `base`, in the same order
     num_experts: int
     index_argument: str
     signature: inspect.Signature
@@ -108,7 +114,8 @@ def find_expert_groups(layers: nn.ModuleList) -> tuple[list[list[ExpertGroup]], 
                     entry=module,
                     base=base,
                     wrappers=wrappers,
-                    params=list(base.parameters(recurse=False)),
+                    params=[p for _, p in base.named_parameters(recurse=False)],
+                    names=[n for n, _ in base.named_parameters(recurse=False)],
                     num_experts=base.num_experts,
                     index_argument=argument,
                     signature=inspect.signature(base.forward),
@@ -130,54 +137,64 @@ class RoutedExperts:
     def __init__(self, groups: list[list[ExpertGroup]], streamer):
         self.streamer = streamer
         self.groups = [g for layer_groups in groups for g in layer_groups]
-        self._saved: list[tuple[nn.Module, Callable | None]] = []
+        self._overrides = Overrides()
 
     def install(self, host_views_of: Callable[[ExpertGroup], list[torch.Tensor]]) -> None:
         for group in self.groups:
             group.host_views = host_views_of(group)
             original = group.base.forward  # bound class forward (the experts implementation dispatch included)
-            self._saved.append((group.entry, group.entry.__dict__.get("forward")))
-            group.entry.forward = _routed_forward(self.streamer, group, original)
+            self._overrides.replace(group.entry, "forward", _routed_forward(self.streamer, group, original))
 
     def remove(self) -> None:
-        for module, previous in self._saved:
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
-        self._saved = []
+        self._overrides.restore()
 
 
 def _routed_forward(streamer, group: ExpertGroup, original: Callable):
     def forward(*args, **kwargs):
         bound = group.signature.bind(*args, **kwargs)
         expert_index = bound.arguments[group.index_argument]
-        experts = torch.unique(expert_index).tolist()  # sorted; the one host sync of routed fetch
-        if experts and (experts[0] < 0 or experts[-1] >= group.num_experts):
-            raise RuntimeError(
-                f"hf_offload: {type(group.base).__name__} of layer {group.layer_index} was routed to expert ids "
-                f"outside 0..{group.num_experts - 1} ({experts[0]}..{experts[-1]}); routed expert fetch cannot "
-                "serve them. Use OffloadConfig(expert_fetch='all') and please report this model."
-            )
+        experts = _routed_expert_ids(streamer, group, expert_index)
         order, views = streamer.load_experts(group.layer_index, group.region, experts)
         device, dtype = expert_index.device, expert_index.dtype
+        selected = streamer.ops.to_device(torch.tensor(order, dtype=torch.int64))
         positions = torch.zeros(group.num_experts, dtype=dtype, device=device)
-        positions[torch.tensor(order, device=device)] = torch.arange(len(order), dtype=dtype, device=device)
+        positions[selected] = torch.arange(len(order), dtype=dtype, device=device)
         bound.arguments[group.index_argument] = positions[expert_index]  # expert id -> its position in the slot
-        for param, view in zip(group.params, views):
-            param.data = view
-        try:
-            with compat.experts_count(group.base, len(order)):
-                if not group.wrappers:
-                    return original(*bound.args, **bound.kwargs)
-                with _RoutedLora(group, order, device):
-                    return group.base(*bound.args, **bound.kwargs)
-        finally:
-            for param, host in zip(group.params, group.host_views):
-                param.data = host
+        with compat.experts_count(group.base, len(order)), _LoadedExperts(group, views, selected):
+            if not group.wrappers:
+                return original(*bound.args, **bound.kwargs)
+            return group.base(*bound.args, **bound.kwargs)
 
     forward.__wrapped__ = original
     return forward
+
+
+def _routed_expert_ids(streamer, group: ExpertGroup, expert_index: torch.Tensor) -> list[int]:
+    """The expert ids `expert_index` routes to, ascending: built on the device, read back to the host once."""
+    ids = expert_index.reshape(-1).long()  # some routers give int32 ids; index_fill_ takes int64
+    outside = (ids < 0) | (ids >= group.num_experts)
+    ids = torch.where(outside, group.num_experts, ids)  # out-of-range ids land in one extra bucket
+    routed = torch.zeros(group.num_experts + 1, dtype=torch.uint8, device=ids.device)
+    routed.index_fill_(0, ids, 1)
+    routed = streamer.read_to_host(routed)  # the one device-to-host sync of routed fetch
+    if routed[group.num_experts]:
+        raise RuntimeError(
+            f"hf_offload: {type(group.base).__name__} of layer {group.layer_index} was routed to expert ids outside "
+            f"0..{group.num_experts - 1}; routed expert fetch cannot serve them. Use "
+            "OffloadConfig(expert_fetch='all') and please report this model."
+        )
+    return routed[: group.num_experts].nonzero().flatten().tolist()  # a host tensor: no device sync
+
+
+class _Loaded(nn.Module):
+    """A parametrization that stands for the loaded experts: the parameter reads as `tensor` (a slot view)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        super().__init__()
+        self.tensor = tensor
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return self.tensor
 
 
 class _LoraFold(nn.Module):
@@ -197,12 +214,17 @@ class _LoraFold(nn.Module):
             return weight + delta.to(weight.dtype)
 
 
-class _RoutedLora:
-    """Context: the LoRA adapters of `group`'s wrappers folded into its loaded experts, as peft's forward would."""
+class _LoadedExperts:
+    """Context: `group`'s expert parameters read as the loaded experts (`views`), plus their LoRA deltas.
 
-    def __init__(self, group: ExpertGroup, order: list[int], device: torch.device):
+    See Note: [Routed experts call]. The Parameters themselves are never touched: while the context is open, the
+    module's attributes are parametrized to the slot views (fresh tensors of this call), so whatever autograd saves
+    in this call (grouped_mm saves the weight tensor it was given) stays the loaded experts after the call returns.
+    """
+
+    def __init__(self, group: ExpertGroup, views: list[torch.Tensor], selected: torch.Tensor):
         self.group = group
-        selected = torch.tensor(order, device=device)
+        self.views = views
         self.folds: dict[str, list] = {}
         for wrapper in group.wrappers:
             for lhs, rhs, scaling in compat.param_wrapper_deltas(wrapper):
@@ -211,16 +233,15 @@ class _RoutedLora:
 
     def __enter__(self):
         base = self.group.base
+        for name, view in zip(self.group.names, self.views):
+            parametrize.register_parametrization(base, name, _Loaded(view), unsafe=True)
         for name, factors in self.folds.items():
-            param = getattr(base, name)
-            requires_grad = param.requires_grad
             parametrize.register_parametrization(base, name, _LoraFold(factors), unsafe=True)
-            base.parametrizations[name].original.requires_grad_(requires_grad)
         self._cache.__enter__()
         return self
 
     def __exit__(self, *exc):
         self._cache.__exit__(*exc)
-        for name in self.folds:
+        for name in self.group.names:
             parametrize.remove_parametrizations(self.group.base, name, leave_parametrized=False)
         return False

@@ -126,7 +126,8 @@ class NF4Codec(Codec):
         if code is None:
             import bitsandbytes.functional as F
 
-            code = self._nested_code[device] = F.create_dynamic_map(signed=True).to(device)
+            with torch.inference_mode(False):  # kept for later calls, which may train (not inference tensors)
+                code = self._nested_code[device] = F.create_dynamic_map(signed=True).to(device)
         return code
 
 

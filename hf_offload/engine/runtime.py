@@ -16,7 +16,7 @@ from torch import nn
 from ..config import OffloadConfig
 from . import compat, hostmem
 from .anatomy import check_streamable
-from .device import DeviceOps, resolve_device
+from .device import BOUNCE_BUFFERS, DeviceOps, resolve_device
 from .facts import StreamingSummary, bytes_per_train_step
 from .layer_fn import call_streamed_layer
 from .moe import RoutedExperts, find_expert_groups, has_unroutable_experts
@@ -34,11 +34,14 @@ class LayerStreamingRuntime:
     def __init__(self, model: nn.Module, config: OffloadConfig):
         self.config = config
         self.anatomy = check_streamable(model)  # every refusal comes before any work is done
+        _refuse_streaming_twice(self.anatomy.layers)
         require_frozen_weights(self.anatomy.layers, self.anatomy.shared_outside)
         self.device = resolve_device(config.device)
+        self.prefetch = _effective_prefetch(config.prefetch, len(self.anatomy.layers))
         self.ops = DeviceOps(self.device)
-        pin = config.pin_memory if config.pin_memory is not None else self.device.type == "cuda"
-        if pin and self.ops.is_cpu:
+        simulated = self.ops.simulation is not None
+        pin = config.pin_memory if config.pin_memory is not None else self.device.type == "cuda" or simulated
+        if pin and self.ops.is_cpu and not simulated:
             logger.info("hf_offload: pin_memory has no effect when layers compute on the CPU")
         codec = make_codec(config.base_weight_dtype)
         if config.check_host_memory:
@@ -56,7 +59,8 @@ class LayerStreamingRuntime:
             keep_resident=self.anatomy.shared_outside,
             expert_groups=lambda index: [g.params for g in groups[index]],
         )
-        self.streamer = Streamer(self.store, self.ops, config.prefetch, routed=routed)
+        self._warn_unpinned(pin)
+        self.streamer = Streamer(self.store, self.ops, self.prefetch, routed=routed)
         self.routed_experts = RoutedExperts(groups if routed else [], self.streamer)
         self.routed_experts.install(self._host_views)
         self._moved: list[tuple[torch.Tensor, torch.device]] = []
@@ -65,10 +69,12 @@ class LayerStreamingRuntime:
         self._install_layer_forwards()
         self._handles: list[Any] = []
         self._install_quantized_guards()
-        parent = _parent_module(model, self.anatomy.path)
-        # A new forward of the stack may follow a change of the host weights (load_state_dict, merge_adapter):
-        # slots are only trusted from one forward to its own backward.
-        self._hook = parent.register_forward_pre_hook(lambda module, args: self.streamer.invalidate())
+        self._install_cast_guards(model)
+        if any(pack.encoded for pack in self.store.packs):
+            self._install_full_save_guard(model)
+        # Slots stay valid across steps while the host bytes do not change (Note: [Slot validity] in streamer.py);
+        # peft's merge and unmerge write through `.data`, which no version counter sees.
+        self._install_merge_invalidation()
 
     # --- used by layer_fn ----------------------------------------------------------------------------------------
     def run_layer(self, index: int, direction: int, fn: Callable[[], Any]) -> Any:
@@ -96,6 +102,29 @@ class LayerStreamingRuntime:
         self.streamer.stats.bytes_from_host_activations += host.numel() * host.element_size()
         return host.to(self.device, non_blocking=True)
 
+    def unpinned_layers(self) -> list[int]:
+        """Layers whose copies are staged through bounce buffers (their host buffers are not page-locked)."""
+        if not self.ops.stages_unpinned_copies:
+            return []  # the plain CPU copies synchronously anyway
+        return [pack.index for pack in self.store.packs if not pack.pinned]
+
+    def _warn_unpinned(self, pin_requested: bool) -> None:
+        unpinned = self.unpinned_layers()
+        if not unpinned:
+            return
+        why = "page-locking failed for them" if pin_requested else "pin_memory=False"
+        logger.warning(
+            "hf_offload: %d of %d layers are not in page-locked host memory (%s): their copies to %s are staged "
+            "through %d page-locked bounce buffers of %s, which costs host time per copy. hf_offload.summary(model) "
+            "lists them under unpinned_layers.",
+            len(unpinned),
+            len(self.store.packs),
+            why,
+            self.device,
+            BOUNCE_BUFFERS,
+            hostmem.format_bytes(self.ops.bounce_chunk_bytes),
+        )
+
     # --- description -----------------------------------------------------------------------------------------------
     def summary(self) -> StreamingSummary:
         packs = self.store.packs
@@ -103,11 +132,11 @@ class LayerStreamingRuntime:
             device=str(self.device),
             layers=len(packs),
             layer_path=self.anatomy.path,
-            prefetch=self.config.prefetch,
+            prefetch=self.prefetch,
             host_store_bytes=self.store.nbytes,
             max_layer_bytes=self.store.max_layer_bytes,
-            device_slot_bytes=self.config.slots * self.store.max_layer_bytes,
-            bytes_per_train_step=bytes_per_train_step([p.nbytes for p in packs], self.config.prefetch),
+            device_slot_bytes=(self.prefetch + 1) * self.store.max_layer_bytes,
+            bytes_per_train_step=bytes_per_train_step([p.nbytes for p in packs], self.prefetch),
             pinned=all(p.pinned for p in packs) if packs else False,
             base_weight_dtype=self.config.base_weight_dtype,
             quantized_weights=sum(len(p.encoded) for p in packs),
@@ -115,6 +144,8 @@ class LayerStreamingRuntime:
             expert_fetch=self.config.expert_fetch,
             moe_layers=sum(bool(p.experts) for p in packs),
             expert_bytes=sum(p.nbytes - p.base_nbytes for p in packs),
+            unpinned_layers=self.unpinned_layers(),
+            simulated_async_seed=None if self.ops.simulation is None else self.ops.simulation.seed,
         )
 
     # --- installation and removal ------------------------------------------------------------------------------------
@@ -140,12 +171,42 @@ class LayerStreamingRuntime:
                 encoded = [(n, p) for n, p in layer.named_parameters(remove_duplicate=False) if id(p) in ids]
                 self._handles.append(layer.register_state_dict_post_hook(_placeholders_in_state_dict(encoded)))
                 self._handles.append(layer.register_load_state_dict_pre_hook(_refuse_loading_into(encoded)))
+            streamed = {id(t.param) for t in (*pack.tensors, *pack.encoded)}
+            named = [(n, p) for n, p in layer.named_parameters(remove_duplicate=False) if id(p) in streamed]
+            self._handles.append(layer.register_load_state_dict_pre_hook(_refuse_assigning_to(named)))
             for tuner in pack.quantized_tuners:
                 self.overrides.replace(tuner, "merge", _refuse_merge)
 
+    def _install_cast_guards(self, model: nn.Module) -> None:
+        """model.half(), .to(dtype), .to(device), .cuda() would replace the streamed weights' tensors behind the
+        store's back: refused on the model, its transformers model and every streamed layer (see `_refuse_cast`)."""
+        kinds = {(t.param.dtype, t.param.device) for pack in self.store.packs for t in (*pack.tensors, *pack.encoded)}
+        for module in {id(m): m for m in (model, compat.peft_base_model(model), *self.anatomy.layers)}.values():
+            self.overrides.replace(module, "_apply", _refuse_cast(module, kinds))
+
+    def _install_full_save_guard(self, model: nn.Module) -> None:
+        """save_pretrained of the transformers model writes every weight; quantized ones exist only as nf4/int8
+        bytes (meta placeholders in state_dict), so the save would stop half-way and leave a partial directory.
+        Refused before anything is written; peft's save_pretrained (adapters only) is unaffected."""
+        owner = compat.peft_base_model(model)
+        if callable(getattr(owner, "save_pretrained", None)):
+            self.overrides.replace(owner, "save_pretrained", _refuse_full_save)
+
+    def __deepcopy__(self, memo):
+        raise_deepcopy_refusal()
+
+    def _install_merge_invalidation(self) -> None:
+        guarded = {id(tuner) for pack in self.store.packs for tuner in pack.quantized_tuners}  # merging refused
+        for layer in self.anatomy.layers:
+            for module in layer.modules():
+                if compat.is_peft_tuner_layer(module) and id(module) not in guarded:
+                    for name in ("merge", "unmerge"):
+                        if callable(getattr(module, name, None)):
+                            invalidating = _then_invalidate(getattr(module, name), self.streamer)
+                            self.overrides.replace(module, name, invalidating)
+
     def remove(self) -> None:
         """Undo everything: original forwards, weights back in their own storage on their original devices."""
-        self._hook.remove()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -158,12 +219,82 @@ class LayerStreamingRuntime:
         self._moved = []
 
 
-def _streamed_forward(runtime: LayerStreamingRuntime, index: int, layer: nn.Module, original):
-    def forward(*args, **kwargs):
-        return call_streamed_layer(runtime, index, layer, original, args, kwargs)
+class _StreamedForward:
+    """A streamed layer's `forward` (set on the instance). A callable object rather than a closure so that copying
+    the layer is refused (see `raise_deepcopy_refusal`) and a second runtime can recognise a streamed layer."""
 
-    forward.__wrapped__ = original
-    return forward
+    def __init__(self, runtime: LayerStreamingRuntime, index: int, layer: nn.Module, original):
+        self.runtime, self.index, self.layer, self.original = runtime, index, layer, original
+        self.__wrapped__ = original
+
+    # torch.compile compiles the resident parts (embeddings, norm, head, loss) and runs streamed layers eagerly:
+    # their forward moves weights and runs an autograd Function with side effects that must not be traced.
+    @torch.compiler.disable
+    def __call__(self, *args, **kwargs):
+        return call_streamed_layer(self.runtime, self.index, self.layer, self.original, args, kwargs)
+
+    def __deepcopy__(self, memo):
+        raise_deepcopy_refusal()
+
+
+def _streamed_forward(runtime: LayerStreamingRuntime, index: int, layer: nn.Module, original) -> _StreamedForward:
+    return _StreamedForward(runtime, index, layer, original)
+
+
+def is_streamed_layer(layer: nn.Module) -> bool:
+    return isinstance(layer.__dict__.get("forward"), _StreamedForward)
+
+
+def raise_deepcopy_refusal():
+    """Note: [Copying a streamed model]
+    A deep copy of a streamed model would copy the parameters' host views but keep calling the original's runtime:
+    the copy's layers would compute with the original's host store and its gradients land in the original's
+    adapters (a reference or EMA model would silently follow the live one). So copying is refused.
+    """
+    raise RuntimeError(
+        "copy.deepcopy of a model whose decoder layers stream is not supported: the copy would keep computing with "
+        "the original's host store. Copy the model before hf_offload.enable_layer_streaming (and stream each copy "
+        "separately), or call hf_offload.disable_layer_streaming(model), copy it, and enable streaming again. For "
+        "a frozen reference model, load it a second time (from_pretrained) instead of copying."
+    )
+
+
+def _refuse_streaming_twice(layers: nn.ModuleList) -> None:
+    if any(is_streamed_layer(layer) for layer in layers):
+        raise RuntimeError(
+            "The decoder layers of this module already stream: layer streaming is on for a model that contains it "
+            "(or that it contains). Streaming twice would hold the host store twice and move every byte twice. "
+            "Enable it once, on the model you train (the peft model or the transformers model); to change its "
+            "configuration, call hf_offload.disable_layer_streaming on that model first."
+        )
+
+
+def _effective_prefetch(prefetch: int, n_layers: int) -> int:
+    """At most the other layers can be loaded ahead; more would only allocate device slots that stay empty."""
+    if prefetch <= n_layers - 1:
+        return prefetch
+    logger.warning(
+        "hf_offload: prefetch=%d is more than the %d other decoder layers of this model; using prefetch=%d "
+        "(device memory holds all %d layers).",
+        prefetch,
+        n_layers - 1,
+        n_layers - 1,
+        n_layers,
+    )
+    return n_layers - 1
+
+
+def _then_invalidate(method, streamer):
+    """`method`, then forget what the device slots hold (it changed host weights through `.data`)."""
+
+    def call(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        finally:
+            streamer.invalidate()
+
+    call.__wrapped__ = method
+    return call
 
 
 def _explain_whole_layer_experts(groups, reasons: list[str], layers: nn.ModuleList) -> None:
@@ -227,6 +358,60 @@ def _refuse_loading_into(encoded: list[tuple[str, nn.Parameter]]):
             )
 
     return hook
+
+
+def _refuse_cast(module: nn.Module, kinds: set[tuple[torch.dtype, torch.device]]):
+    """An instance `_apply` (what .half(), .float(), .to(), .cuda() call) that refuses to change streamed weights.
+
+    The conversion is tried on an empty tensor of each (dtype, device) the streamed weights have; one that would
+    change either is refused before any tensor is touched. Conversions that change nothing (.to of the same dtype
+    and device, share_memory) go through.
+    """
+    original = type(module)._apply.__get__(module)
+
+    def _apply(fn, recurse=True):
+        for dtype, device in kinds:
+            probe = fn(torch.empty(0, dtype=dtype, device=device))
+            if probe.dtype != dtype or probe.device != device:
+                raise RuntimeError(
+                    f"hf_offload: this would convert the streamed decoder-layer weights from {dtype} on {device} to "
+                    f"{probe.dtype} on {probe.device} (model.half(), .to(dtype), .to(device) or .cuda() after "
+                    "enable_layer_streaming), behind the host store's back. Load or cast the model in the dtype you "
+                    "want before enable_layer_streaming (the resident parts move to the compute device by "
+                    "themselves), or call hf_offload.disable_layer_streaming(model) first."
+                )
+        return original(fn, recurse)
+
+    return _apply
+
+
+def _refuse_assigning_to(streamed: list[tuple[str, nn.Parameter]]):
+    """load_state_dict(..., assign=True) would put new Parameter objects in the layer, which the store does not
+    know: it would keep streaming the old weights into the old objects."""
+
+    def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        if not local_metadata.get("assign_to_params_buffers"):
+            return
+        assigned = [prefix + name for name, _ in streamed if prefix + name in state_dict]
+        if assigned:
+            raise RuntimeError(
+                f"hf_offload: load_state_dict(..., assign=True) would replace {assigned[0]}"
+                f"{f' (and {len(assigned) - 1} more)' if len(assigned) > 1 else ''}, a weight of a streamed layer "
+                "that lives in the host store, and the store would keep streaming the old one. Load without "
+                "assign=True (the values are copied into the store), or call "
+                "hf_offload.disable_layer_streaming(model), load with assign=True, then enable streaming again."
+            )
+
+    return hook
+
+
+def _refuse_full_save(*args, **kwargs):
+    raise RuntimeError(
+        "hf_offload: save_pretrained of the whole model would write the base weights, which are stored quantized in "
+        "host memory (base_weight_dtype='nf4'/'int8') and have no dense copy to write; nothing was written. Save the "
+        "adapter with the peft model's save_pretrained, or call hf_offload.disable_layer_streaming(model) first, "
+        "which gives the weights back dequantized, then save."
+    )
 
 
 def _refuse_merge(*args, **kwargs):

@@ -71,15 +71,20 @@ class Region:
 
 
 def page_aligned_empty(nbytes: int) -> torch.Tensor:
-    """`nbytes` of host memory (uint8) that start on a page boundary and own every page they touch.
+    """`nbytes` of host memory (uint8) in a storage of its own that starts on a page boundary and spans whole pages.
 
     Page-locking works on whole pages, and a page can be registered only once: a layer buffer sharing a page
-    with another one (small buffers from the heap often do) could not be pinned. This costs under two pages.
+    with another one (small buffers from the heap often do) could not be pinned. And CUDA tells whether a tensor
+    is pinned (`is_pinned()`, which decides whether a copy from it can be asynchronous) from its storage's start,
+    so the storage must start where the registration starts: the buffer is its own private anonymous mapping
+    (under one page of waste), released when the tensor is.
     """
+    if nbytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):  # no mmap flags (Windows): no page-locking there either
+        return torch.empty(nbytes, dtype=torch.uint8)
     page = mmap.PAGESIZE
-    base = torch.empty((nbytes + page - 1) // page * page + page, dtype=torch.uint8)
-    offset = -base.data_ptr() % page
-    return base[offset : offset + nbytes]
+    mapping = mmap.mmap(-1, -(-nbytes // page) * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # the storage keeps `mapping` alive and spans all of it; the tensor is its first nbytes
+    return torch.frombuffer(mapping, dtype=torch.uint8)[:nbytes]
 
 
 @dataclass

@@ -22,16 +22,43 @@ exactly those experts: stale bytes of the slot are never part of any tensor. A s
 acquisition only appends (views handed out earlier stay valid for autograd). The set is remembered per layer, so the
 backward prefetches base + the same experts; the recompute then finds them in place. In the forward, the next
 layer's prefetch waits until this layer's experts are enqueued, so the experts it waits for are copied first.
+
+Note: [Slot validity]
+A layer stays in its slot after release and is found there again by the next acquisition: the backward finds the
+last layers of the forward, and the next forward finds the first layers the backward left. That is only right
+while the layer's host bytes have not changed since they were copied. Every in-place write to them bumps a torch
+version counter: the host buffer's (writes through views of it) or a packed parameter's (`load_state_dict`,
+`param.copy_`, an optimizer step, in-place ops under no_grad). The slot remembers the sum of those counters when
+the layer leaves it (release); an acquisition or prefetch that finds a different sum reloads the layer. Bumps
+inside the layer's window are not changes of the host bytes: the parameters point into the slot then, and
+`torch.nn.utils.parametrize` round trips (peft's `target_parameters` wrappers, the routed experts call) bump the
+counters without writing. Writes through `.data` bypass the counters (peft's merge and unmerge do this): the
+runtime calls `invalidate` after those explicitly.
+
+Note: [Allocated outside inference mode]
+Slots, the decode scratch and the views bound to parameters are made on first use and kept. The first use may be
+under `torch.inference_mode()` (a sanity eval, a pipeline); tensors made there are inference tensors, which no
+later training step could write into. So they are always made with inference mode off.
 """
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field, fields
 
 import torch
 
 from .device import DeviceOps
 from .store import HostStore
+
+# Note: [Whole-layer fallback]
+# A routed layer's experts are copied once its experts call knows the routing: nothing overlaps that copy. When
+# each of the layer's last WHOLE_LAYER_WINDOW routed calls (two training steps: forward and recompute) used at least
+# WHOLE_LAYER_SHARE of the experts of each region, the forward loads (and prefetches) the layer whole instead, as
+# expert_fetch="all" would: a few more bytes, but copied ahead, behind the previous layer's compute. The experts call
+# then finds every expert in place (positions are the expert ids). The backward keeps the forward's exact set.
+WHOLE_LAYER_WINDOW = 4
+WHOLE_LAYER_SHARE = 0.75
 
 
 @dataclass
@@ -46,6 +73,8 @@ class StreamStats:
     experts_skipped: int = 0  # experts of a routed layer not copied when its experts were fetched
     bytes_to_host: int = 0  # device->host bytes of offloaded activations
     bytes_from_host_activations: int = 0  # host->device bytes of activations brought back for backward
+    host_readbacks: int = 0  # device->host reads the host waited for (routed fetch: one per experts call)
+    routed_whole_loads: int = 0  # routed layers prefetched whole because their recent calls used most experts
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -62,6 +91,7 @@ class Slot:
     views: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # per layer: its parameters in this slot
     experts: dict[int, list[int]] = field(default_factory=dict)  # routed layer: per region, experts here, in order
     deferred_prefetch: int | None = None  # direction of a prefetch waiting for this layer's experts (forward)
+    host_version: int = -1  # the layer's host version at its copy, then at each release (Note: [Slot validity])
 
 
 class Streamer:
@@ -70,10 +100,15 @@ class Streamer:
         self.ops = ops
         self.prefetch = prefetch
         self.routed = routed  # see Note: [Routed expert fetch]
+        # Staged copies (Note: [Bounce buffers] in device.py) hold the host until the device has read each chunk:
+        # started at acquire, before the layer's kernels are enqueued, the device would idle meanwhile. So with any
+        # unpinned layer, prefetches start at release, once the layer's work is enqueued, and overlap it.
+        self._prefetch_at_release = ops.stages_unpinned_copies and any(not p.pinned for p in store.packs)
         self.stats = StreamStats()
         self._slots: list[Slot] = []
         self._clock = 0
         self._expert_plans: dict[int, dict[int, list[int]]] = {}  # per layer: the experts its last call used
+        self._expert_hits: dict[tuple[int, int], collections.deque] = {}  # (layer, region): shares of recent calls
         self._scratch: torch.Tensor | None = None  # dense form of the computing layer's encoded weights
         self._scratch_layer: int | None = None  # whose decoded weights the scratch holds
 
@@ -100,12 +135,15 @@ class Streamer:
         if views is None:
             # A routed layer's expert tensors stay bound to the host until `load_experts` binds the routed ones.
             expert_ids = pack.expert_tensor_ids if self._is_routed(pack) else set()
-            views = [t.view_in(pack.host if id(t) in expert_ids else slot.buffer) for t in pack.tensors]
+            with torch.inference_mode(False):  # kept across calls: see Note: [Allocated outside inference mode]
+                views = [t.view_in(pack.host if id(t) in expert_ids else slot.buffer) for t in pack.tensors]
             slot.views[index] = views
         pack.bind(slot.buffer, views)
         if pack.encoded:
             self._materialize(index, slot)
-        if self._is_routed(pack) and direction > 0:
+        if self._prefetch_at_release or (
+            self._is_routed(pack) and direction > 0 and not self._holds_all_experts(slot, pack)
+        ):
             slot.deferred_prefetch = direction
         else:
             self._prefetch_after(index, direction)
@@ -134,10 +172,17 @@ class Streamer:
             present.extend(missing)
             self.stats.experts_skipped -= len(missing)
         self._expert_plans.setdefault(index, {})[region] = sorted(experts)
+        hits = self._expert_hits.setdefault((index, region), collections.deque(maxlen=WHOLE_LAYER_WINDOW))
+        hits.append(len(set(experts)) / expert_region.num_experts)
         if slot.deferred_prefetch is not None:
             direction, slot.deferred_prefetch = slot.deferred_prefetch, None
             self._prefetch_after(index, direction)
         return list(present), [expert_region.view_first(t, slot.buffer, len(present)) for t in expert_region.tensors]
+
+    def read_to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` read back to the host through the device ops (a host sync), counted in the stats."""
+        self.stats.host_readbacks += 1
+        return self.ops.read_to_host(tensor)
 
     def release(self, index: int) -> None:
         """The compute stream has enqueued all work reading layer `index`: rebind to host, mark the slot free."""
@@ -146,9 +191,15 @@ class Streamer:
         if slot is not None:
             slot.freed = self.ops.record_event()
             slot.in_use = False
-            if slot.deferred_prefetch is not None:  # the layer ran no experts (no tokens routed anywhere)
+            slot.host_version = self.host_version(index)  # bumps inside the window are not host changes
+            if slot.deferred_prefetch is not None:  # staged copies, or a layer that ran no experts
                 direction, slot.deferred_prefetch = slot.deferred_prefetch, None
                 self._prefetch_after(index, direction)
+
+    def host_version(self, index: int) -> int:
+        """The sum of the version counters of layer `index`'s host bytes (see Note: [Slot validity])."""
+        pack = self.store.packs[index]
+        return pack.host._version + sum(t.param._version for t in pack.tensors)
 
     def invalidate(self) -> None:
         """Forget which layers the slots hold (their host weights may have changed); buffers are kept."""
@@ -175,14 +226,21 @@ class Streamer:
 
     # --- internals -----------------------------------------------------------------------------------------------
     def _slot_holding(self, index: int) -> Slot | None:
+        """The slot holding layer `index`'s current host bytes (see Note: [Slot validity]), if any."""
         for slot in self._slots:
             if slot.layer == index:
+                if not slot.in_use and slot.host_version != self.host_version(index):
+                    slot.layer, slot.experts = None, {}  # stale: the host bytes changed since the copy
+                    if self._scratch_layer == index:
+                        self._scratch_layer = None
+                    return None
                 return slot
         return None
 
     def _free_slot(self, protected: set[int]) -> Slot | None:
         if len(self._slots) < self.prefetch + 1:
-            buffer = torch.empty(self.store.max_layer_bytes, dtype=torch.uint8, device=self.ops.device)
+            with torch.inference_mode(False):  # see Note: [Allocated outside inference mode]
+                buffer = torch.empty(self.store.max_layer_bytes, dtype=torch.uint8, device=self.ops.device)
             # The caching allocator may hand out memory that kernels already queued on the compute stream still
             # read (freed there, reusable in that stream's order). The copy stream must not write it before they
             # finish: the first load into the slot waits for this event like any later one waits for `freed`.
@@ -202,7 +260,8 @@ class Streamer:
                 "this model."
             )
         if self._scratch is None:
-            self._scratch = torch.empty(self.store.max_scratch_bytes, dtype=torch.uint8, device=self.ops.device)
+            with torch.inference_mode(False):  # see Note: [Allocated outside inference mode]
+                self._scratch = torch.empty(self.store.max_scratch_bytes, dtype=torch.uint8, device=self.ops.device)
         # Ordered after the previous layer's kernels on the compute stream, so overwriting the scratch is safe.
         self.store.packs[index].materialize(slot.buffer, self._scratch, decode=self._scratch_layer != index)
         self._scratch_layer = index
@@ -210,23 +269,38 @@ class Streamer:
     def _is_routed(self, pack) -> bool:
         return self.routed and bool(pack.experts)
 
+    def _mostly_hit(self, index: int) -> bool:
+        """Whether the last routed calls of layer `index` each used most experts of every region."""
+        regions = [self._expert_hits.get((index, r)) for r in range(len(self.store.packs[index].experts))]
+        return all(h is not None and len(h) == WHOLE_LAYER_WINDOW and min(h) >= WHOLE_LAYER_SHARE for h in regions)
+
+    @staticmethod
+    def _holds_all_experts(slot: Slot, pack) -> bool:
+        return all(len(slot.experts.get(r, ())) == region.num_experts for r, region in enumerate(pack.experts))
+
     def _load(self, index: int, slot: Slot, expert_plan: dict[int, list[int]] | None = None) -> None:
         """Copy layer `index` into `slot`: whole, or for a routed layer its base and the planned experts."""
         pack = self.store.packs[index]
         routed = self._is_routed(pack)
+        if routed and expert_plan is None and self._mostly_hit(index):  # see Note: [Whole-layer fallback]
+            routed = False
+            self.stats.routed_whole_loads += 1
         nbytes = pack.base_nbytes if routed else pack.nbytes
         copy_stream = self.ops.copy_stream
-        slot.experts = {}
+        slot.experts = {} if routed else {r: list(range(region.num_experts)) for r, region in enumerate(pack.experts)}
         with self.ops.on_copy_stream():
             self.ops.wait_event(slot.freed, copy_stream)
-            slot.buffer[:nbytes].copy_(pack.host[:nbytes], non_blocking=pack.pinned)
+            self.ops.copy_(slot.buffer[:nbytes], pack.host[:nbytes], non_blocking=pack.pinned)
             for region, experts in (expert_plan or {}).items() if routed else ():
                 self._copy_experts(pack, slot, region, experts, start=0)
                 slot.experts[region] = list(experts)
                 self.stats.experts_skipped += pack.experts[region].num_experts - len(experts)
             slot.ready = self.ops.record_event(copy_stream)
         slot.layer = index
+        slot.host_version = self.host_version(index)
         slot.deferred_prefetch = None
+        if self._scratch_layer == index:  # decoded from bytes that may have changed
+            self._scratch_layer = None
         self.stats.layer_loads += 1
         self.stats.bytes_to_device += nbytes
         if not routed:
@@ -251,8 +325,10 @@ class Streamer:
             for expert, position, count in runs:
                 source = tensor.offset + expert * size
                 target = tensor.offset + position * size
-                slot.buffer[target : target + count * size].copy_(
-                    pack.host[source : source + count * size], non_blocking=pack.pinned
+                self.ops.copy_(
+                    slot.buffer[target : target + count * size],
+                    pack.host[source : source + count * size],
+                    non_blocking=pack.pinned,
                 )
         self.stats.experts_loaded += len(experts)
         self.stats.bytes_to_device += len(experts) * expert_region.expert_nbytes

@@ -49,7 +49,7 @@ def check_adapter_checkpoint(checkpoint: str, model: nn.Module) -> None:
 
     adapter = getattr(model, "active_adapter", "default")
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
-    found = _tensor_shapes(os.path.join(checkpoint, adapter_file))
+    found = _readable(checkpoint, adapter_file, _tensor_shapes)
     problems = []
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())
@@ -81,7 +81,7 @@ def check_optimizer_state(checkpoint: str, optimizer: torch.optim.Optimizer) -> 
     path = os.path.join(checkpoint, OPTIMIZER_FILE)
     if not os.path.isfile(path):
         return
-    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    saved = _readable(checkpoint, OPTIMIZER_FILE, _load_state)
     states = [s for s in saved.get("state", {}).values() if s]
     if not states:
         return
@@ -97,6 +97,23 @@ def check_optimizer_state(checkpoint: str, optimizer: torch.optim.Optimizer) -> 
             "the default optimizer is bitsandbytes 8-bit AdamW; pass the `--optim` of the run that wrote the "
             "checkpoint (for example --optim adamw_torch_fused), or start a new run."
         )
+
+
+def _readable(checkpoint: str, name: str, read):
+    """`read(path)` of file `name` of `checkpoint`, or a clear error naming both when the file is damaged."""
+    try:
+        return read(os.path.join(checkpoint, name))
+    except Exception as err:  # safetensors, pickle and zip errors of a truncated file have no common type
+        raise IncompatibleCheckpointError(
+            f"Cannot resume from {checkpoint}: {name} cannot be read ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no details'}); it is damaged or was cut short by an "
+            "interrupted save. Resume from an earlier checkpoint (or resume_from_checkpoint=True, which skips "
+            "incomplete ones), or start a new run."
+        ) from err
+
+
+def _load_state(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def _tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..api import is_streaming, summary
 from ..engine import compat
+from .atomic import atomic_directory, atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +45,22 @@ def save_merged(
 
     `model` may be streamed or not, a peft LoRA model or a plain transformers model (then its own weights are
     written). The config is written with the model's class and dtype; `processing_class` (a tokenizer) too if given.
+    Everything is written into a temporary directory next to `output_dir` that then replaces it at once, so a kill
+    leaves the previous merged model or the new one (see Note: [Atomic exports] in hf_offload/atomic.py).
     """
+    with atomic_directory(output_dir) as tmp:
+        files, shards, total_bytes = _write_merged(model, tmp, _parse_size(max_shard_size), processing_class)
+    logger.info(
+        "hf_offload: merged checkpoint written to %s (%d shard(s), %.2f GB)", output_dir, shards, total_bytes / 1e9
+    )
+    return files
+
+
+def _write_merged(model: nn.Module, output_dir: str, limit: int, processing_class) -> tuple[list[str], int, int]:
+    """Write the merged model into the empty directory `output_dir`: (files, shards, bytes)."""
     from safetensors.torch import save_file
 
-    limit = _parse_size(max_shard_size)
     base = compat.peft_base_model(model)
-    os.makedirs(output_dir, exist_ok=True)
-    for stale in os.listdir(output_dir):  # an earlier merged save: its shards and index must not survive
-        if stale.startswith("model") and (stale.endswith(".safetensors") or stale == "model.safetensors.index.json"):
-            os.remove(os.path.join(output_dir, stale))
     shard_keys: list[list[str]] = []  # tensor names of each shard written so far, in order
     current: dict[str, torch.Tensor] = {}
     current_bytes = total_bytes = 0
@@ -95,8 +103,7 @@ def save_merged(
         generation_config.save_pretrained(output_dir)
     if processing_class is not None:
         processing_class.save_pretrained(output_dir)
-    logger.info("hf_offload: merged checkpoint written to %s (%d shard(s), %.2f GB)", output_dir, n, total_bytes / 1e9)
-    return files
+    return files, n, total_bytes
 
 
 def merged_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -255,7 +262,8 @@ def add_to_model_card(output_dir: str, base_model: str | None, repo_id: str | No
     if _CARD_MARKER in text:  # written again on every push: replace our section, keep the rest
         text = text[: text.index(_CARD_MARKER)].rstrip() + "\n"
     card.text = text.rstrip() + "\n\n" + model_card_section(base_model, repo_id, merged)
-    card.save(path)
+    with atomic_file(path) as tmp:  # a kill leaves the old card or the new one
+        card.save(tmp)
     return path
 
 

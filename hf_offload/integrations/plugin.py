@@ -41,6 +41,7 @@ from ..options import (
     validate,
     with_options,
 )
+from .bad_steps import BadStepOptions, check_window
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def check_combinations(values: dict, face: str) -> None:
     Raises:
         ValueError: two options that cannot go together, both named.
     """
+    check_window(values, face)
     if values.get("save_merged") and values.get("base_weight_dtype") is not None:
         raise ValueError(
             f"Can't provide both {spelled('save_merged', face)} and {spelled('base_weight_dtype', face)} "
@@ -92,12 +94,14 @@ def _optimizer_name(value):
 
 
 @dataclass
+@with_options(BadStepOptions, "plugin")
 @with_options(OffloadConfig, "plugin")
 class LayerStreamingPlugin:
     """How a model is prepared for layer streaming: the offload options and the LoRA used when it has no adapters.
 
     Besides the fields below, every `OffloadConfig` option but `device` is a field (`prefetch`,
-    `base_weight_dtype`, ...; see `docs/options.md`).
+    `base_weight_dtype`, ...) and so is every option of the bad-step guard (`skip_bad_steps`, ...; see
+    `docs/options.md`).
 
     Example:
         >>> plugin = LayerStreamingPlugin(prefetch=2, lora_r=32, lora_alpha=64)
@@ -141,6 +145,10 @@ class LayerStreamingPlugin:
         check_combinations(vars(self), "plugin")
 
     # --- what the plugin configures ------------------------------------------------------------------------------
+    def bad_step_options(self) -> BadStepOptions:
+        """The bad-step guard's options among the plugin's fields."""
+        return BadStepOptions(**{opt.name: getattr(self, opt.name) for opt in declared(BadStepOptions)})
+
     def offload_config(self, device: str | torch.device | None = None) -> OffloadConfig:
         """The engine's options among the plugin's fields, for `device`."""
         names = [opt.name for opt in declared(OffloadConfig) if opt.on("plugin")]

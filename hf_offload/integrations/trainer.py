@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -42,10 +43,11 @@ from ..engine.overrides import Overrides
 from ..options import declared, option_fields, trainer_flag, validate, with_options
 from ..units import format_bytes
 from ..verbosity import follow_trainer_log_level
-from . import hub, recipe, trainer_eval
+from . import atomic, bad_steps, hub, recipe, token_safety, trainer_eval
 from .checkpoint import check_adapter_checkpoint, check_optimizer_state
 from .metrics import OffloadMetricsCallback, is_evaluation_line
 from .plugin import ENV_VAR, STREAMING_DEFAULT_OPTIM, LayerStreamingPlugin, check_combinations, is_peft_model
+from .resume import check_base_model_identity, resolve_resume_checkpoint, write_base_model_identity
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,12 @@ class OffloadTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.layer_streaming and (self.deepspeed or self.fsdp):
+            # before TrainingArguments' own checks, which would first ask to install DeepSpeed
+            raise ValueError(
+                f"--layer_streaming cannot be combined with --{'deepspeed' if self.deepspeed else 'fsdp'}: layer "
+                "streaming does its own placement on one device per process. Drop one of the two."
+            )
         self._hf_offload_optim_chosen = self.optim != "auto"
         if self.optim == "auto":
             self.optim = STREAMING_DEFAULT_OPTIM if self.layer_streaming else TRAINER_DEFAULT_OPTIM
@@ -137,6 +145,8 @@ class StreamingState:
     plugin: LayerStreamingPlugin | None  # None: this Trainer does not stream, every hook calls straight through
     metrics: OffloadMetricsCallback | None = None
     merged_at: tuple[str, int] | None = None  # (folder, global step) of the last merged export, written once a step
+    bad_steps: bad_steps.BadStepGuard | None = None
+    overrides: Overrides = field(default_factory=Overrides)  # methods replaced on the Trainer's objects
 
 
 STATE_ATTRIBUTE = "_hf_offload"
@@ -167,7 +177,9 @@ def _init(call, trainer, model=None, args=None, *rest, **kwargs):
     state = StreamingState(plugin)
     setattr(trainer, STATE_ATTRIBUTE, state)
     if plugin is None:
-        return call(model, args, *rest, **kwargs)
+        call(model, args, *rest, **kwargs)
+        _install_bad_step_guard(trainer, args, state)
+        return None
     if args is None:
         args = TrainingArguments(output_dir="tmp_trainer")  # what Trainer would create; we need its device now
     bound = _INIT_SIGNATURE.bind(trainer, model, args, *rest, **kwargs).arguments
@@ -191,6 +203,7 @@ def _init(call, trainer, model=None, args=None, *rest, **kwargs):
             "Layer streaming cannot be combined with DeepSpeed or FSDP (set by the accelerate config or "
             "environment): it does its own placement on one device per process. Remove the DeepSpeed/FSDP setting."
         )
+    _install_bad_step_guard(trainer, args, state)
     state.metrics = OffloadMetricsCallback()
     trainer.add_callback(state.metrics)
     trainer.add_callback(_CheckpointingOff())
@@ -198,6 +211,21 @@ def _init(call, trainer, model=None, args=None, *rest, **kwargs):
         state.metrics.watch(trainer.model)
         if trainer.is_world_process_zero():
             logger.info(startup_summary(trainer.model, args))
+
+
+def _install_bad_step_guard(trainer, args, state: StreamingState) -> None:
+    """The bad-step guard (see `bad_steps`), when the plugin or the arguments turn it on; it needs no streaming."""
+    source = state.plugin or (args._plugin() if isinstance(args, OffloadTrainingArguments) else None)
+    if source is not None and source.skip_bad_steps:
+        state.bad_steps = bad_steps.install(trainer, source.bad_step_options(), state.overrides)
+
+
+def _training_step(call, trainer, *args, **kwargs):
+    loss = call(*args, **kwargs)
+    guard = state_of(trainer).bad_steps
+    if guard is not None:
+        guard.add_loss(loss)
+    return loss
 
 
 def _call_model_init(call, trainer, trial=None):
@@ -258,6 +286,7 @@ def _load_from_checkpoint(call, trainer, resume_from_checkpoint, model=None):
     target = model if model is not None else trainer.model
     if state_of(trainer).plugin is not None and is_streaming(target):
         check_adapter_checkpoint(resume_from_checkpoint, target)
+        check_base_model_identity(resume_from_checkpoint, target)
     return call(resume_from_checkpoint, model)
 
 
@@ -272,6 +301,9 @@ def _log(call, trainer, logs, start_time=None):
     if metrics is not None and is_streaming(trainer.model) and not is_evaluation_line(logs):
         # the line that closes training (train_runtime, train_loss, ...) reports the whole run
         logs.update(metrics.collect(trainer.model, whole_run="train_runtime" in logs))
+    guard = state_of(trainer).bad_steps
+    if guard is not None:
+        logs.update(guard.metrics())
     return call(logs, start_time)
 
 
@@ -305,10 +337,27 @@ def _save_model(call, trainer, output_dir=None, _internal_call=False):
         merged_dir = os.path.join(target, hub.MERGED_SUBFOLDER)
         hub.save_merged(trainer.model, merged_dir, processing_class=trainer.processing_class)
         state.merged_at = mark
-    result = call(output_dir, _internal_call)
+    # The Trainer pickles its arguments into every save: written with tokens masked (token_safety), and the push
+    # that a user's save_model does afterwards runs with the token restored, as the Trainer's own would. The final
+    # save is staged beside the output directory and moved in file by file (atomic), so a kill leaves each file old
+    # or new; checkpoints are written in place (resume skips incomplete ones).
+    staged = atomic.staged_files(target) if final and trainer.args.should_save else contextlib.nullcontext(output_dir)
+    with token_safety.tokens_masked(trainer.args), staged as save_dir:
+        result = call(save_dir, True)
+    if not _internal_call and trainer.args.push_to_hub:
+        trainer.push_to_hub(commit_message="Model save", revision=trainer.args.hub_revision)
     if plugin is not None and final and trainer.args.should_save and os.path.isdir(target):
         _add_card(trainer, target)  # the saved adapter says how it was trained and how to load it
+    if plugin is not None and not final and trainer.args.should_save and os.path.isdir(target):
+        write_base_model_identity(target, trainer.model)  # a checkpoint: resuming checks its base model
     return result
+
+
+def _train(call, trainer, resume_from_checkpoint=None, *args, **kwargs):
+    if resume_from_checkpoint is True and state_of(trainer).plugin is not None:
+        # the newest complete checkpoint, not a half-written newer one (see `resume`)
+        resume_from_checkpoint = resolve_resume_checkpoint(trainer.args.output_dir)
+    return call(resume_from_checkpoint, *args, **kwargs)
 
 
 def _create_model_card(call, trainer, *args, **kwargs):
@@ -338,6 +387,8 @@ HOOKS = {
     "_load_from_checkpoint": _load_from_checkpoint,
     "_load_optimizer_and_scheduler": _load_optimizer_and_scheduler,
     "log": _log,
+    "train": _train,
+    "training_step": _training_step,
     "save_model": _save_model,
     "create_model_card": _create_model_card,
     "evaluation_loop": _evaluation_loop,  # evaluate() and predict() run layer-major
@@ -448,6 +499,12 @@ class OffloadTrainer(Trainer):
 
     def log(self, logs, start_time=None):
         return _log(super().log, self, logs, start_time)
+
+    def training_step(self, *args, **kwargs):
+        return _training_step(super().training_step, self, *args, **kwargs)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        return _train(super().train, self, resume_from_checkpoint, *args, **kwargs)
 
     def save_model(self, output_dir=None, _internal_call=False):
         return _save_model(super().save_model, self, output_dir, _internal_call)

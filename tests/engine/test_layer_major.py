@@ -16,6 +16,7 @@ from peft import LoraConfig, get_peft_model
 
 import hf_offload
 from hf_offload import OffloadConfig, OffloadTrainer, evaluate_layer_major
+from hf_offload.engine.runtime import is_streamed_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,7 +142,7 @@ def test_a_failing_batch_raises_and_leaves_the_model_usable():
         list(evaluate_layer_major(streamed, batches, forward=fails_in_layer_2))
     del down_proj.forward
     # the layers' forwards are the runtime's again, and the model evaluates in both schedules
-    assert all(getattr(layer.forward, "__qualname__", "").startswith("_streamed_forward") for layer in layers)
+    assert all(is_streamed_layer(layer) for layer in layers)
     with torch.no_grad():
         streamed(**batches[0])
     assert list(evaluate_layer_major(streamed, batches[:2]))

@@ -58,7 +58,7 @@ CASES = {
     "dispatched by accelerate": (_dispatched_by_accelerate, "device_map"),
     "meta weights in a layer": (_meta_weights_in_a_layer, r"meta device \(model.layers.1.mlp.up_proj.weight\)"),
     "meta weights outside the layers": (_meta_weights_outside_the_layers, r"meta device \(lm_head.weight\)"),
-    "weights shared across layers": (_weights_shared_across_layers, "shared by decoder layers 0 and 1.*Untie them"),
+    "weights shared across layers": (_weights_shared_across_layers, "shared by decoder layers 0 and 1.*its own copy"),
 }
 
 

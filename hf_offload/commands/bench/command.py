@@ -108,8 +108,11 @@ def _main(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     preset = args.preset or (None if args.config else ("tiny" if on_cpu else "8b"))
-    config = load_config(preset, args.config, args.layers)
-    facts = measure(config, dtype)
+    try:
+        config = load_config(preset, args.config, args.layers)
+        facts = measure(config, dtype)
+    except ValueError as err:  # ConfigError, UnsupportedModelError
+        raise SystemExit(f"hf-offload bench: {err}") from err
     setup = Setup(
         config=config,
         facts=facts,
@@ -331,9 +334,10 @@ def _does_not_fit(name: str, setup: Setup, model_bytes: int) -> str | None:
 def performance_model(setup: Setup, rows: list[Row], h2d_peak_gbps: float | None) -> dict:
     """The performance model (docs/how-it-works.md) on this run: what the link and the compute each allow.
 
-    Bytes per step = 2 x layer bytes - the layers reused at the turnaround. Streaming cannot beat either the time
-    the link needs for those bytes (at the pinned-copy peak) or the time the same recompute takes with the model
-    resident (the resident-checkpointed row). Compute covers the transfer from `break_even_tokens` tokens/step on.
+    Bytes per step: every layer twice but the `prefetch + 1` still in their slots at each end of the step.
+    Streaming cannot beat either the time the link needs for those bytes (at the pinned-copy peak) or the time the
+    same recompute takes with the model resident (the resident-checkpointed row). Compute covers the transfer from
+    `break_even_tokens` tokens/step on.
     """
     model = {"bytes_per_step": bytes_per_train_step(setup.facts.layer_bytes, setup.prefetch)}
     if not h2d_peak_gbps:

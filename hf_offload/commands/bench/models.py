@@ -81,7 +81,7 @@ def load_config(preset: str | None, config_path: str | None, layers: int | None 
         raise ValueError("Give exactly one of --preset and --config.")
     if config_path is not None:
         if not os.path.isfile(config_path):
-            raise ValueError(f"--config {config_path!r} is not a file; pass the path of a transformers config.json.")
+            raise ValueError(f"--config {config_path} does not exist; pass the path of a transformers config.json.")
         config = read_config(config_path)
     else:
         if preset not in PRESETS:
