@@ -54,18 +54,14 @@ def test_training_lines_carry_training_keys_and_evaluations_eval_keys(trained):
 
 def test_evaluations_are_left_out_of_the_training_numbers(trained):
     trainer, train_metrics, _, _ = trained
-    layer_bytes = hf_offload.summary(trainer.model).host_store_bytes
     evals = [line for line in trainer.state.log_history if "eval_loss" in line]
     steps = [line for line in trainer.state.log_history if "loss" in line]
-    # each training step loads every layer at least once (forward) and at most a few times (backward recompute):
-    # an evaluation counted into a step's interval would add a whole extra pass
-    per_step = [line["offload/h2d_GB"] * 1e9 / layer_bytes for line in steps]
-    assert all(passes >= 1 for passes in per_step)
-    assert max(per_step) - min(per_step) < 1e-9  # the steps followed by an evaluation report what the others do
     # the whole run is the sum of its steps, and not of the evaluations run during it
     assert train_metrics["offload/h2d_GB"] == pytest.approx(sum(line["offload/h2d_GB"] for line in steps))
-    during = sum(line["eval_offload/h2d_GB"] for line in evals[:2])
-    assert during > 0
+    # every byte copied is counted once: in the step or in the evaluation that moved it
+    counted = sum(line["offload/h2d_GB"] for line in steps) + sum(line["eval_offload/h2d_GB"] for line in evals)
+    assert counted * 1e9 == pytest.approx(hf_offload.stats(trainer.model)["bytes_to_device"], rel=1e-9)
+    assert all(line["eval_offload/h2d_GB"] > 0 for line in evals)
 
 
 def test_all_results_keeps_training_and_evaluation_numbers(trained):

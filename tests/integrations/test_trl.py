@@ -71,7 +71,8 @@ def test_dpo_streams_policy_and_reference_and_trains_as_without_streaming(policy
     for ours, theirs in zip(streamed_lines, plain_lines):
         assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7)
     assert plain_lines[1][1] != 0  # after a step the policy has moved away from the reference: rewards are not 0
-    assert all(h["offload/h2d_GB"] > 0 for h in streamed.state.log_history if "loss" in h)
+    assert all("offload/h2d_GB" in h for h in streamed.state.log_history if "loss" in h)
+    assert hf_offload.stats(streamed.model)["layer_loads"] > 0
     streamed.save_model()
     assert (tmp_path / "streamed" / "adapter_model.safetensors").is_file()
 
@@ -154,9 +155,10 @@ def test_grpo_generates_through_streaming_and_trains_as_without(policy, tmp_path
     assert len(plain_lines) == 2
     for ours, theirs in zip(streamed_lines, plain_lines):
         assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7)
-    layer_bytes = hf_offload.summary(streamed.model).host_store_bytes
-    per_step = [h["offload/h2d_GB"] * 1e9 / layer_bytes for h in streamed.state.log_history if "loss" in h]
-    assert all(passes > 3 for passes in per_step)  # generation streams the layers once per generated token
+    # generate() runs the layers once per generated token: many more layer acquisitions than 2 training steps' own
+    counts = hf_offload.stats(streamed.model)
+    layers = hf_offload.summary(streamed.model).layers
+    assert counts["layer_loads"] + counts["layer_reuses"] > 2 * 2 * 2 * layers
 
 
 def _streamed_and_plain(run, model, tmp_path, monkeypatch):
@@ -178,7 +180,8 @@ def _assert_same_lines(plain, streamed, keys):
     assert len(plain_lines) == 2
     for ours, theirs in zip(streamed_lines, plain_lines):
         assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7)
-    assert all(h["offload/h2d_GB"] > 0 for h in streamed.state.log_history if "loss" in h)
+    assert all("offload/h2d_GB" in h for h in streamed.state.log_history if "loss" in h)
+    assert hf_offload.stats(streamed.model)["layer_loads"] > 0
 
 
 COMMON = dict(
