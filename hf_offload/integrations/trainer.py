@@ -250,12 +250,13 @@ def _move_model_to_device(call, trainer, model, device):
 
 def _create_accelerator_and_postprocess(call, trainer):
     result = call()
-    plugin = state_of(trainer).plugin
-    if plugin is not None:
+    state = state_of(trainer)
+    if state.plugin is not None:
         accelerator = trainer.accelerator
         # what `Accelerator(device_placement=False)` sets; read by every `prepare()` that is not told otherwise
-        accelerator.device_placement = False
-        accelerator.prepare_model = _streaming_frozen_models(accelerator.prepare_model, trainer, plugin)
+        state.overrides.replace(accelerator, "device_placement", False)
+        prepare = _streaming_frozen_models(accelerator.prepare_model, trainer, state.plugin)
+        state.overrides.replace(accelerator, "prepare_model", prepare)
     return result
 
 
