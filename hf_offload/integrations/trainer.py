@@ -299,11 +299,12 @@ def _load_optimizer_and_scheduler(call, trainer, checkpoint):
 
 def _log(call, trainer, logs, start_time=None):
     metrics = state_of(trainer).metrics
-    if metrics is not None and is_streaming(trainer.model) and not is_evaluation_line(logs):
+    training = not is_evaluation_line(logs)  # evaluations carry their own eval_-prefixed numbers
+    if metrics is not None and is_streaming(trainer.model) and training:
         # the line that closes training (train_runtime, train_loss, ...) reports the whole run
         logs.update(metrics.collect(trainer.model, whole_run="train_runtime" in logs))
     guard = state_of(trainer).bad_steps
-    if guard is not None:
+    if guard is not None and training:
         logs.update(guard.metrics())
     return call(logs, start_time)
 

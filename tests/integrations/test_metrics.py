@@ -20,7 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def trained(tmp_path_factory):
     """A streamed run that evaluates during training, then once more at the end, its metrics saved as scripts do."""
     out = tmp_path_factory.mktemp("metrics")
-    args = tiny_args(out, layer_streaming=True, max_steps=4, eval_strategy="steps", eval_steps=2)
+    args = tiny_args(
+        out, layer_streaming=True, max_steps=4, eval_strategy="steps", eval_steps=2, offload_skip_bad_steps=True
+    )
     trainer = OffloadTrainer(
         model=copy.deepcopy(build("llama")), args=args, train_dataset=token_dataset(), eval_dataset=token_dataset(8)
     )
@@ -41,11 +43,11 @@ def test_training_lines_carry_training_keys_and_evaluations_eval_keys(trained):
     evals = [line for line in trainer.state.log_history if "eval_loss" in line]
     assert len(steps) == 4 and len(evals) == 3  # two during training, one after
     for line in steps:
-        assert _offload_keys(line) == {"offload/tokens_per_s", "offload/h2d_GB"}
+        assert _offload_keys(line) == {"offload/tokens_per_s", "offload/h2d_GB", "offload/skipped_steps"}
     for line in evals:
         assert _offload_keys(line) == {"eval_offload/tokens_per_s", "eval_offload/h2d_GB"}
         assert line["eval_offload/h2d_GB"] > 0 and line["eval_offload/tokens_per_s"] > 0
-    assert _offload_keys(train_metrics) == {"offload/tokens_per_s", "offload/h2d_GB"}
+    assert _offload_keys(train_metrics) == {"offload/tokens_per_s", "offload/h2d_GB", "offload/skipped_steps"}
     assert _offload_keys(eval_metrics) == {"eval_offload/tokens_per_s", "eval_offload/h2d_GB"}
     # what reporting integrations plot: evaluation numbers in the eval series, training ones in the train series
     assert set(rewrite_logs(evals[0])) >= {"eval/offload/tokens_per_s", "eval/offload/h2d_GB"}
