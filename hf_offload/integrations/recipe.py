@@ -59,8 +59,9 @@ def warn_unused_lora_options(model, plugin, face: str) -> None:
     config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
     own = f" (r={config.r})" if getattr(config, "r", None) is not None else ""
     logger.warning(
-        "hf_offload: the model is already a peft model%s, so its own adapters train and %s %s not used. Drop them, "
-        "or let hf_offload add LoRA by not applying peft in the script (e.g. without TRL's --use_peft).",
+        "hf_offload: the model is already a peft model%s, so its own adapters train and %s %s not used. Give the "
+        "LoRA settings in one place: drop hf_offload's, or let hf_offload add LoRA by not applying peft in the "
+        "script (e.g. without TRL's --use_peft).",
         own,
         ", ".join(f"{spelled(name, face)} {value}" for name, value in given.items()),
         "is" if len(given) == 1 else "are",
