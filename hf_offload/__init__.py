@@ -43,9 +43,15 @@ _LAZY = {
 }
 
 
+# submodules reachable as attributes (`hf_offload.api.get_runtime`), as when this package imported them eagerly
+_SUBMODULES = {"api", "commands", "config", "demo", "engine", "evaluation", "integrations", "options", "units"}
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

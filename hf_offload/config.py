@@ -21,6 +21,7 @@ from .options import (
     optional_boolean,
     optional_positive_int,
     validate,
+    zero_is_none,
 )
 
 EXPERT_FETCH_MODES = ("routed", "all")
@@ -120,6 +121,33 @@ class OffloadConfig:
         "batch.",
         faces=TRAINING_FACES,
         check=optional_positive_int,
+    )
+    chunked_loss: bool = option(
+        True,
+        "In training forwards with labels, compute the output head and the cross-entropy in chunks of tokens (each "
+        "chunk recomputed in backward), so the logits of the whole sequence never exist: for long sequences they "
+        "are the largest tensors of a step. Exact; the model's `outputs.logits` is then an empty tensor of shape "
+        "(batch, sequence, 0) (the loss is what training needs). Eval, predict, generate() and forwards without "
+        "labels return full logits.",
+        faces=TRAINING_FACES | {"plan"},
+        check=boolean,
+    )
+    loss_chunk_tokens: int | None = option(
+        None,
+        "Tokens per chunk of `chunked_loss`. None (or 0): as many as keep one chunk's float32 logits under 256 MiB "
+        "(2,097 tokens with a 32k vocabulary, 441 with 152k).",
+        faces=TRAINING_FACES | {"plan"},
+        check=zero_is_none(optional_positive_int),
+    )
+    mlp_tile_tokens: int | None = option(
+        8192,
+        "When a streamed decoder layer's input holds more tokens than this, its MLP computes in sequence tiles of "
+        "about this many tokens (in the forward and in the backward recompute, each tile recomputed for its own "
+        "backward), so the MLP's intermediate activations exist for one tile at a time. Exact. Dense MLPs only (a "
+        "`mlp`, `feed_forward` or `ffn` child of linear layers and activations); an MLP that draws random numbers "
+        "(dropout, LoRA dropout) computes whole. None (or 0) turns tiling off.",
+        faces=TRAINING_FACES | {"plan"},
+        check=zero_is_none(optional_positive_int),
     )
 
     def __post_init__(self) -> None:

@@ -263,6 +263,15 @@ def optional_positive_int(value: Any) -> int | None:
     return value
 
 
+def zero_is_none(check: Check) -> Check:
+    """`check`, with 0 standing for None: a command line cannot spell None, so `--option 0` means "not set"."""
+
+    def zero_or(value: Any) -> Any:
+        return None if value == 0 and not isinstance(value, bool) else check(value)
+
+    return zero_or
+
+
 def positive_number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise OptionError("a positive number")

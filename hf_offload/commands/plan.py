@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..engine import hostmem
+from ..engine.chunked_loss import DEFAULT_CHUNK_BYTES
 from ..engine.facts import bytes_per_train_step
 from ..engine.layer_major import MEMORY_FRACTION
 from ..engine.quant import BASE_WEIGHT_DTYPES
@@ -82,11 +83,82 @@ class Plan(Estimate):
     fits_gpu: bool = True
     fits_host: bool = True
     fits: bool = True
+    max_tokens_per_micro_batch: int | None = None  # the longest micro-batch that fits the GPU budget (if given)
     advice: list[str] = field(default_factory=list)
     evaluation: dict[str, float] = field(default_factory=dict)  # one evaluation, batch by batch and layer-major
 
 
 # --- the estimate -----------------------------------------------------------------------------------------------------
+TOKEN_TERMS = ("boundary_activations", "layer_activations", "logits")
+
+
+def token_terms(
+    sizes: ModelSizes,
+    tokens: int,
+    *,
+    offload_activations: bool = False,
+    chunked_loss: bool = True,
+    loss_chunk_tokens: int | None = None,
+    mlp_tile_tokens: int | None = 8192,
+) -> dict[str, int]:
+    """The device bytes that depend on the tokens of a micro-batch (batch x seq).
+
+    Boundary activations grow with the tokens (unless offloaded). A layer's recompute keeps its activations, but
+    with the MLP in tiles its intermediates only for one tile. The loss keeps one chunk of logits (plus the hidden
+    states of the tokens it scores) when chunked, else the whole logits.
+
+    Args:
+        sizes: the model's sizes (`measure`).
+        tokens: tokens per micro-batch (batch x seq).
+        offload_activations, chunked_loss, loss_chunk_tokens, mlp_tile_tokens: the OffloadConfig options.
+
+    Returns:
+        {"boundary_activations", "layer_activations", "logits"}: bytes on the device.
+    """
+    act = 4 if sizes.dtype == torch.float32 else 2
+    per_hidden, per_inter = LAYER_ACTIVATIONS_PER_TOKEN
+    mlp_tokens = min(tokens, mlp_tile_tokens) if mlp_tile_tokens is not None else tokens
+    if chunked_loss:
+        chunk = loss_chunk_tokens or max(1, DEFAULT_CHUNK_BYTES // (4 * sizes.vocab))
+        logits = min(tokens, chunk) * sizes.vocab * (act + LOGIT_EXTRA_BYTES) + tokens * sizes.hidden * act
+    else:
+        logits = tokens * sizes.vocab * (act + LOGIT_EXTRA_BYTES)
+    return {
+        "boundary_activations": 0 if offload_activations else len(sizes.layers) * tokens * sizes.hidden * act,
+        "layer_activations": (tokens * per_hidden * sizes.hidden + mlp_tokens * per_inter * sizes.intermediate) * act,
+        "logits": logits,
+    }
+
+
+def longest_micro_batch(sizes: ModelSizes, fixed_bytes: int, budget: float, **options) -> int:
+    """The longest micro-batch that fits the GPU.
+
+    Args:
+        sizes: the model's sizes (`measure`).
+        fixed_bytes: device bytes that do not depend on the tokens (slots, resident modules, adapters, optimizer).
+        budget: device bytes available.
+        options: `token_terms` options.
+
+    Returns:
+        The most tokens per micro-batch whose device bytes (`fixed_bytes` + `token_terms`) fit `budget`; 0 if none.
+    """
+
+    def fits(tokens: int) -> bool:
+        return fixed_bytes + sum(token_terms(sizes, tokens, **options).values()) <= budget
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while fits(high):
+        low, high = high, high * 2
+        if high > 2**40:  # nothing grows with the tokens
+            return low
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
 def estimate(
     sizes: ModelSizes,
     *,
@@ -98,8 +170,15 @@ def estimate(
     lora_r: int = 16,
     prefetch: int = 1,
     offload_activations: bool = False,
+    chunked_loss: bool = True,
+    loss_chunk_tokens: int | None = None,
+    mlp_tile_tokens: int | None = 8192,
 ) -> Estimate:
-    """Host bytes, device bytes (with their terms), bytes per step and break-even tokens for one configuration."""
+    """Host bytes, device bytes (with their terms), bytes per step and break-even tokens for one configuration.
+
+    `chunked_loss`, `loss_chunk_tokens` and `mlp_tile_tokens` are the OffloadConfig options (same defaults): with
+    them the logits and the MLP intermediates stop growing with the sequence (see `token_terms`).
+    """
     layouts = sizes.store_layouts(base_weight_dtype)
     store = [layout.nbytes for layout in layouts]
     n_layers = len(store)
@@ -107,16 +186,14 @@ def estimate(
     act = 4 if sizes.dtype == torch.float32 else 2
     lora = [lora_r * n for n in sizes.lora_tensors]  # numel of each adapter matrix
     boundary = n_layers * tokens * sizes.hidden * act
-    per_hidden, per_inter = LAYER_ACTIVATIONS_PER_TOKEN
+    long_context = dict(chunked_loss=chunked_loss, loss_chunk_tokens=loss_chunk_tokens, mlp_tile_tokens=mlp_tile_tokens)
     gpu_terms = {
         "layer_slots": (prefetch + 1) * max(store),
         "dequant_scratch": max(layout.scratch_nbytes for layout in layouts),
         "resident_modules": sizes.resident_bytes,
         # fp32 adapters (peft's default for bf16/fp16 bases), their fp32 gradients, 8-bit AdamW state
         "adapters_and_optimizer": sum(8 * n + adamw8bit_state_bytes(n) for n in lora),
-        "boundary_activations": 0 if offload_activations else boundary,
-        "layer_activations": tokens * (per_hidden * sizes.hidden + per_inter * sizes.intermediate) * act,
-        "logits": tokens * sizes.vocab * (act + LOGIT_EXTRA_BYTES),
+        **token_terms(sizes, tokens, offload_activations=offload_activations, **long_context),
     }
     host_bytes = sum(store) + (boundary if offload_activations else 0)
     bytes_per_step = bytes_per_train_step(store, prefetch)
@@ -174,6 +251,11 @@ def make_plan(
     gpu_budget = gpu_mem_gb * GB * GPU_HEADROOM if gpu_mem_gb else None
     host_available = host_mem_gb * GB if host_mem_gb else hostmem.available_bytes()
     fits_gpu = gpu_budget is None or plan["gpu_bytes"] <= gpu_budget
+    max_tokens = None
+    if gpu_budget is not None:
+        fixed = plan.gpu_bytes - sum(plan.gpu_terms[t] for t in TOKEN_TERMS)
+        names = ("offload_activations", "chunked_loss", "loss_chunk_tokens", "mlp_tile_tokens")
+        max_tokens = longest_micro_batch(sizes, fixed, gpu_budget, **{k: v for k, v in options.items() if k in names})
     fits_host = host_available is None or plan["host_bytes"] <= host_available
     return Plan(
         **plan.as_dict(),
@@ -187,7 +269,8 @@ def make_plan(
         fits_gpu=fits_gpu,
         fits_host=fits_host,
         fits=fits_gpu and fits_host,
-        advice=_advice(plan, others, gpu_budget, host_available, options),
+        max_tokens_per_micro_batch=max_tokens,
+        advice=_advice(plan, others, gpu_budget, host_available, options, max_tokens),
         evaluation=_evaluation(plan.eval_batch, eval_batches, gpu_budget),
     )
 
@@ -213,7 +296,9 @@ def _evaluation(batch: dict, eval_batches: int, gpu_budget: float | None) -> dic
     return result
 
 
-def _advice(plan: Estimate, others: dict[str | None, Estimate], gpu_budget, host_available, options: dict) -> list[str]:
+def _advice(
+    plan: Estimate, others: dict[str | None, Estimate], gpu_budget, host_available, options: dict, max_tokens
+) -> list[str]:
     advice = []
     chosen = options.get("base_weight_dtype")
     smaller = [d for d in BASE_WEIGHT_DTYPES if others[d]["host_bytes"] < plan["host_bytes"]]
@@ -229,11 +314,6 @@ def _advice(plan: Estimate, others: dict[str | None, Estimate], gpu_budget, host
         )
     if gpu_budget is not None and plan["gpu_bytes"] > gpu_budget:
         terms = plan["gpu_terms"]
-        per_token = (terms["boundary_activations"] + terms["layer_activations"] + terms["logits"]) / plan[
-            "tokens_per_step"
-        ]
-        fixed = plan["gpu_bytes"] - per_token * plan["tokens_per_step"]
-        max_tokens = int((gpu_budget - fixed) // per_token) if per_token else 0
         line = f"GPU memory: needs {plan['gpu_bytes'] / GB:.1f} GB, budget {gpu_budget / GB:.1f} GB; "
         if max_tokens >= 1:
             line += f"at most {max_tokens} tokens per micro-batch (batch x seq) fit"
@@ -277,6 +357,9 @@ def format_plan(plan: Plan) -> str:
         + (f"   (budget: {gb(plan['gpu_budget_bytes'])})" if plan["gpu_budget_bytes"] else ""),
     ]
     lines += [f"    {name:<24}{gb(value)}" for name, value in plan["gpu_terms"].items()]
+    if plan.max_tokens_per_micro_batch is not None:
+        longest = plan.max_tokens_per_micro_batch
+        lines.append(f"  longest fitting    {longest:,} tokens per micro-batch (batch x seq)")
     lines += [
         f"  bytes per step     {gb(plan['bytes_per_step'])}",
         f"  break-even         {plan['break_even_tokens']} tokens per micro-batch "

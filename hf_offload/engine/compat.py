@@ -360,3 +360,33 @@ def forget_readded_dataloaders(gradient_state, readded: list) -> None:
     for dataloader in readded:
         gradient_state._remove_dataloader(dataloader)
     readded.clear()
+
+
+# --- a causal LM's loss function -------------------------------------------------------------------------------------
+# Checked against transformers 5.24 (`PreTrainedModel.loss_function`): a property that returns the instance attribute
+# `_loss_function` when it is set, else `LOSS_MAPPING[self.loss_type]` (causal LMs: `loss_utils.ForCausalLMLoss`);
+# its setter sets `_loss_function`. Causal LM forwards call `self.loss_function(logits, labels, vocab_size, **kwargs)`
+# once, after the head (and the family's logit softcapping or scaling).
+try:
+    from transformers.loss.loss_utils import ForCausalLMLoss
+except ImportError:  # pragma: no cover
+    ForCausalLMLoss = None
+
+
+def uses_causal_lm_loss(model: nn.Module) -> bool:
+    """Whether `model`'s forward computes its loss with transformers' own causal-LM cross-entropy."""
+    return ForCausalLMLoss is not None and getattr(model, "loss_function", None) is ForCausalLMLoss
+
+
+def replace_loss_function(model: nn.Module, loss_function):
+    """Make `model.loss_function` return `loss_function`; returns a callable that undoes it."""
+    had, previous = "_loss_function" in model.__dict__, model.__dict__.get("_loss_function")
+    model.__dict__["_loss_function"] = loss_function
+
+    def restore() -> None:
+        if had:
+            model.__dict__["_loss_function"] = previous
+        else:
+            model.__dict__.pop("_loss_function", None)
+
+    return restore

@@ -47,6 +47,10 @@ class StreamingSummary(Record):
     expert_bytes: int  # their experts' bytes
     unpinned_layers: list[int]  # layers not page-locked, copied through bounce buffers (none on the plain CPU)
     simulated_async_seed: int | None  # CPU only: the seed of the simulated asynchronous device, None when off
+    chunked_loss: bool  # training losses computed in token chunks (the model's output head was found)
+    loss_chunk_tokens: int | None  # tokens per chunk (None: planned from the vocabulary)
+    mlp_tile_tokens: int | None  # MLPs of longer inputs compute in tiles of about this many tokens (None: never)
+    tiled_mlp_layers: int  # layers whose MLP can be tiled (dense MLPs)
 
     def describe(self) -> str:
         """One paragraph for the log: what streams, where it lives, what a step moves."""

@@ -16,6 +16,7 @@ from torch import nn
 from ..config import OffloadConfig
 from . import compat, hostmem
 from .anatomy import check_streamable
+from .chunked_loss import ChunkedLoss
 from .device import BOUNCE_BUFFERS, DeviceOps, resolve_device
 from .facts import StreamingSummary, bytes_per_train_step
 from .layer_fn import call_streamed_layer
@@ -24,6 +25,7 @@ from .overrides import Overrides
 from .quant import make_codec
 from .store import HostStore, layout_layer, require_frozen_weights
 from .streamer import Streamer
+from .tiled_mlp import TiledMLPs
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,13 @@ class LayerStreamingRuntime:
         # Slots stay valid across steps while the host bytes do not change (Note: [Slot validity] in streamer.py);
         # peft's merge and unmerge write through `.data`, which no version counter sees.
         self._install_merge_invalidation()
+        # Long sequences: MLPs in tiles, head and loss in chunks (see tiled_mlp.py and chunked_loss.py).
+        self.tiled_mlps = TiledMLPs(self.anatomy.layers, self.ops, config.mlp_tile_tokens)
+        self.chunked_loss = (
+            ChunkedLoss(compat.peft_base_model(model), self.ops, config.loss_chunk_tokens)
+            if config.chunked_loss
+            else None
+        )
 
     # --- used by layer_fn ----------------------------------------------------------------------------------------
     def run_layer(self, index: int, direction: int, fn: Callable[[], Any]) -> Any:
@@ -146,6 +155,10 @@ class LayerStreamingRuntime:
             expert_bytes=sum(p.nbytes - p.base_nbytes for p in packs),
             unpinned_layers=self.unpinned_layers(),
             simulated_async_seed=None if self.ops.simulation is None else self.ops.simulation.seed,
+            chunked_loss=self.chunked_loss is not None and self.chunked_loss.head is not None,
+            loss_chunk_tokens=self.config.loss_chunk_tokens,
+            mlp_tile_tokens=self.config.mlp_tile_tokens,
+            tiled_mlp_layers=len(self.tiled_mlps.mlps),
         )
 
     # --- installation and removal ------------------------------------------------------------------------------------
@@ -207,6 +220,9 @@ class LayerStreamingRuntime:
 
     def remove(self) -> None:
         """Undo everything: original forwards, weights back in their own storage on their original devices."""
+        if self.chunked_loss is not None:
+            self.chunked_loss.remove()
+        self.tiled_mlps.remove()
         for handle in self._handles:
             handle.remove()
         self._handles = []

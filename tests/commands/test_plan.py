@@ -111,3 +111,30 @@ def test_hub_id_without_network_fails_clearly(monkeypatch, capsys):
         load_config("org/model")
     assert main(["plan", "org/model"]) == 2
     assert "could not get config.json" in capsys.readouterr().err
+
+
+def test_chunked_loss_and_tiled_mlp_let_longer_sequences_fit(llama_70b):
+    """GPU memory against sequence length: with the logits in chunks and the MLP in tiles, what grows with the tokens
+    is hidden-size activations; with the boundary activations offloaded too, several times longer sequences fit."""
+    config = load_config(str(llama_70b))
+    options = dict(gpu_mem_gb=80, host_mem_gb=1000, base_weight_dtype="nf4", seq=131072)
+    whole = dict(chunked_loss=False, mlp_tile_tokens=None)
+    plans = {
+        (offload, chunked): make_plan(config, **options, offload_activations=offload, **({} if chunked else whole))
+        for offload in (False, True)
+        for chunked in (False, True)
+    }
+    on, off = plans[False, True], plans[False, False]
+    vocab, hidden = LLAMA_70B["vocab_size"], LLAMA_70B["hidden_size"]
+    assert off["gpu_terms"]["logits"] == 131072 * vocab * (2 + 8)  # bf16 logits, fp32 copy and log-probabilities
+    assert on["gpu_terms"]["logits"] < off["gpu_terms"]["logits"] / 50
+    assert on["gpu_terms"]["logits"] > 131072 * hidden * 2  # the hidden states of the scored tokens are counted
+    assert on["gpu_terms"]["layer_activations"] < off["gpu_terms"]["layer_activations"]
+    assert on["max_tokens_per_micro_batch"] > off["max_tokens_per_micro_batch"] > 0
+    assert plans[True, True]["max_tokens_per_micro_batch"] > 5 * plans[True, False]["max_tokens_per_micro_batch"]
+    # the longest micro-batch is the largest that fits: one more token does not
+    for (offload, chunked), plan in plans.items():
+        longest = plan["max_tokens_per_micro_batch"]
+        extra = dict(offload_activations=offload, **({} if chunked else whole))
+        at = {t: make_plan(config, **{**options, "seq": t}, **extra)["fits_gpu"] for t in (longest, longest + 1)}
+        assert at == {longest: True, longest + 1: False}
