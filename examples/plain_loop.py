@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 
 import bitsandbytes as bnb
-import datasets
 import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, get_scheduler
@@ -22,6 +21,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLan
 import hf_offload
 from hf_offload import LayerStreamingPlugin, OffloadAccelerator
 from hf_offload.demo import DATASET, tiny_checkpoint
+
+try:
+    import datasets
+except ImportError as err:  # an extra: the hf_offload package itself does not need it
+    raise SystemExit(
+        'This example reads its data with the `datasets` library. Install it: pip install -e ".[examples]" '
+        "(or pip install datasets)."
+    ) from err
 
 
 def main() -> None:

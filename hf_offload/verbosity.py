@@ -1,8 +1,18 @@
-"""The `hf_offload` logger: what the library tells the user, on stderr, at INFO unless `HF_OFFLOAD_VERBOSITY` says.
+"""The `hf_offload` logger, following `transformers.utils.logging`'s conventions, and its progress-bar switch.
 
-Like transformers' library root logger, it has its own handler and does not propagate, so the start-up summary
-and notices ("LoRA adapters were added", "optimizer ...") show in any script without logging set up, and show once
-in scripts that configure the root logger. `HF_OFFLOAD_VERBOSITY=warning` (or debug, error) changes the level.
+Like transformers' library root logger, it has its own stderr handler and does not propagate, so the start-up
+summary and notices show in any script without logging set up, and show once in scripts that configure the root
+logger. Its level, first that applies:
+
+1. `HF_OFFLOAD_VERBOSITY` (debug, info, warning, error, critical): hf_offload's own;
+2. inside a Trainer, its `--log_level` (`--log_level_replica` on processes that do not log), unless "passive";
+3. `TRANSFORMERS_VERBOSITY`, read as transformers reads it;
+4. info: what hf_offload did to the model (LoRA added, layers streamed, the optimizer) shows by default.
+
+An unknown value in either variable is warned about and ignored, as transformers does, never raised at import.
+The packing progress bar shows only where transformers' (and huggingface_hub's) progress bars are on
+(`transformers.utils.logging.disable_progress_bar()`, `HF_HUB_DISABLE_PROGRESS_BARS=1`) and, inside a Trainer,
+not with `--disable_tqdm`.
 """
 
 from __future__ import annotations
@@ -12,24 +22,71 @@ import os
 import sys
 
 ENV_VAR = "HF_OFFLOAD_VERBOSITY"
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+TRANSFORMERS_ENV_VAR = "TRANSFORMERS_VERBOSITY"
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+DEFAULT_LEVEL = logging.INFO
 
 
 def configure_library_logger() -> logging.Logger:
-    """Give the `hf_offload` logger a stderr handler and its level, once per process."""
+    """Give the `hf_offload` logger a stderr handler and its level from the environment, once per process."""
     logger = logging.getLogger("hf_offload")
     if getattr(logger, "_hf_offload_configured", False):
         return logger
-    name = os.environ.get(ENV_VAR, "info").strip().lower()
-    if name not in LEVELS:
-        raise ValueError(f"{ENV_VAR} should be one of {', '.join(LEVELS)}, but it is {name!r}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
-    logger.setLevel(LEVELS[name])
     logger.propagate = False
     logger._hf_offload_configured = True
+    level, problems = level_from_environment()
+    logger.setLevel(level)
+    for problem in problems:
+        logger.warning(problem)
     return logger
+
+
+def level_from_environment(environ: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    """The level the environment asks for (see the module docstring), and a warning for each unknown value."""
+    environ = os.environ if environ is None else environ
+    problems = []
+    for variable in (ENV_VAR, TRANSFORMERS_ENV_VAR):
+        raw = environ.get(variable)
+        if not raw:
+            continue
+        name = raw.strip().lower()
+        if name in LEVELS:
+            return LEVELS[name], problems
+        problems.append(
+            f"hf_offload: {variable} should be one of {', '.join(LEVELS)}, but the value passed is {raw!r}; it is "
+            "ignored. Set it to one of those, or unset it."
+        )
+    return DEFAULT_LEVEL, problems
+
+
+def follow_trainer_log_level(args) -> None:
+    """Give the `hf_offload` logger the level a Trainer's arguments choose (`--log_level`, `--log_level_replica`).
+
+    "passive" (the Trainer's default) leaves it as the environment set it; so does `HF_OFFLOAD_VERBOSITY`, which
+    is hf_offload's own and wins.
+    """
+    if os.environ.get(ENV_VAR, "").strip().lower() in LEVELS:
+        return
+    chosen = args.log_level if getattr(args, "should_log", True) else args.log_level_replica
+    if isinstance(chosen, str) and chosen.lower() in LEVELS:
+        logging.getLogger("hf_offload").setLevel(LEVELS[chosen.lower()])
+
+
+def progress_bars_enabled() -> bool:
+    """Whether the Hugging Face libraries' progress bars are on (transformers' switch, huggingface_hub's variable)."""
+    transformers_logging = sys.modules.get("transformers.utils.logging")
+    if transformers_logging is not None and not transformers_logging.is_progress_bar_enabled():
+        return False
+    return os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().upper() not in ("1", "ON", "YES", "TRUE")
 
 
 # Note: [Third-party noise]

@@ -8,6 +8,7 @@ to it, so processes that never build a Trainer pay nothing. Then it runs the `si
 one.
 """
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -16,6 +17,7 @@ import sys
 
 _TARGET = "transformers.trainer"
 _SETTINGS = "HF_OFFLOAD_LAYER_STREAMING"
+_REPORT = "HF_OFFLOAD_LAUNCH_REPORT"  # hf_offload.integrations.recipe.REPORT_ENV_VAR
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -62,6 +64,7 @@ class _PatchingLoader(importlib.abc.Loader):
                 f"hf_offload ({err}). Install hf-offload in the environment the command runs in."
             ) from err
         patch_trainer(module.Trainer)
+        _note("trainer-imported")
 
 
 def _run_shadowed_sitecustomize():
@@ -71,6 +74,14 @@ def _run_shadowed_sitecustomize():
     if spec is not None and spec.loader is not None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+
+
+def _note(event):
+    """What this process did, for `hf-offload launch`'s closing report (hf_offload.integrations.recipe)."""
+    folder = os.environ.get(_REPORT)
+    if folder and os.path.isdir(folder):
+        with contextlib.suppress(OSError):
+            open(os.path.join(folder, f"{event}.{os.getpid()}"), "w").close()
 
 
 def _drop_third_party_noise():
@@ -85,4 +96,5 @@ def _drop_third_party_noise():
 if os.environ.get(_SETTINGS) and not any(isinstance(f, _PatchTrainerAfterImport) for f in sys.meta_path):
     sys.meta_path.insert(0, _PatchTrainerAfterImport())
     _drop_third_party_noise()
+    _note("started")
 _run_shadowed_sitecustomize()

@@ -28,9 +28,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from .. import options
+from ..integrations.recipe import REPORT_ENV_VAR, launch_report
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 STARTUP_DIR = str(PACKAGE_DIR / "_startup")
@@ -82,7 +84,13 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 127
-    return _run(command, env)
+    with tempfile.TemporaryDirectory(prefix="hf-offload-launch-") as report:
+        env[REPORT_ENV_VAR] = report
+        code = _run(command, env)
+        message = launch_report(report)
+    if message is not None:
+        print(message, file=sys.stderr)
+    return code
 
 
 def launch_environment(plugin, base: dict[str, str] | None = None) -> dict[str, str]:

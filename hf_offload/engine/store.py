@@ -412,4 +412,9 @@ class HostStore:
 
 
 def _tqdm_disable(show_progress: bool | None) -> bool | None:
-    return None if show_progress is None else not show_progress  # tqdm: None disables on a non-terminal
+    if show_progress is None:
+        from ..verbosity import progress_bars_enabled
+
+        # the Hugging Face libraries' switch first; then tqdm's None: disabled on a non-terminal
+        return None if progress_bars_enabled() else True
+    return not show_progress

@@ -216,7 +216,7 @@ def model_card_section(base_model: str | None, repo_id: str | None, merged: bool
         _CARD_MARKER,
         "## Trained with hf_offload",
         "",
-        "This model was fine-tuned with [hf_offload](https://pypi.org/project/hf-offload/): the frozen base weights "
+        "This model was fine-tuned with hf_offload (the `hf-offload` Python package): the frozen base weights "
         "stayed in host memory and streamed to the GPU one decoder layer at a time while LoRA adapters trained. "
         "Nothing about the result depends on hf_offload: it is an ordinary peft LoRA adapter.",
         "",

@@ -1,22 +1,32 @@
-"""`OffloadMetricsCallback`: the `offload/` numbers on every Trainer log line, from `hf_offload.stats` deltas.
+"""`OffloadMetricsCallback`: the `offload/` numbers on Trainer log lines, from `hf_offload.stats` deltas.
 
-Each value covers the interval since the previous log line; on the line that ends training (the one with
-`train_runtime`), the whole run since training began:
+Named as the Trainer names its own metrics, so that `all_results.json` keeps every number and reporting
+integrations (whose `rewrite_logs` files `eval_*` keys under `eval/` and the rest under `train/`) plot each in its
+own series:
 
-- `offload/tokens_per_s`: tokens through the model (attention-mask ones, else every input id) per second of wall
-  time; a training line counts its steps, an evaluation line its evaluation;
-- `offload/h2d_GB`, `offload/h2d_GBps`: layer weights copied host->device, and that over wall time. Wall time
-  includes compute and the optimizer step, so this is the rate the run sustained, not the link's peak;
-- `offload/activations_GB`: boundary activations moved to host and back (only with offload_activations);
-- `offload/peak_device_memory_GB`: the device allocator's peak so far (only on an accelerator).
+- training lines carry `offload/<name>`: the interval since the previous training line, or, on the line that ends
+  training (the one with `train_runtime`), the whole run. Evaluations run during training are left out of both
+  (their tokens, bytes and time);
+- an evaluation carries `<prefix>_offload/<name>` (`eval_offload/tokens_per_s`, or `test_` for `predict()`, the
+  Trainer's `metric_key_prefix`), for that evaluation alone, in the metrics `evaluate()` / `predict()` return.
 
-The trainer's `log` calls `collect()` before the Trainer records the line, so the numbers reach `log_history`, the
-console and every reporting integration alike.
+The names:
+- `tokens_per_s`: tokens through the model (attention-mask ones, else every input id) per second of wall time;
+- `h2d_GB`: layer weights copied into the compute slots. On an accelerator that is host->device traffic and
+  `h2d_GBps` gives it over wall time (wall time includes compute and the optimizer step, so this is the rate the run
+  sustained, not the link's peak). On the CPU the copy stays in host memory: there is no link, so no rate;
+- `activations_GB`: boundary activations moved to host and back (only with offload_activations);
+- `peak_device_memory_GB`: the device allocator's peak so far (only on an accelerator).
+
+The trainer's `log` calls `collect()` before the Trainer records a training line, and its `evaluation_loop` runs
+inside `evaluation()`, so the numbers reach `log_history`, the console and every reporting integration alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -25,15 +35,28 @@ from transformers import TrainerCallback
 from ..api import get_runtime, stats
 from ..units import GB
 
+PREFIX = "offload/"
+
+
+def is_evaluation_line(logs: dict) -> bool:
+    """Whether a Trainer log line reports an evaluation (`eval_runtime`, `test_loss`, ...), not training."""
+    return any(key.endswith("_runtime") and key != "train_runtime" for key in logs) or any(
+        f"_{PREFIX}" in key for key in logs
+    )
+
 
 class OffloadMetricsCallback(TrainerCallback):
-    """Counts tokens through the model and reads `hf_offload.stats` deltas; `collect()` gives one line's metrics."""
+    """Counts tokens through the model and reads `hf_offload.stats` deltas, training and evaluation apart.
+
+    `collect()` gives a training line's metrics; `evaluation()` measures one evaluation.
+    """
 
     def __init__(self):
         self._model: nn.Module | None = None
         self._hook = None
         self._interval = _Mark()
         self._run = _Mark()
+        self._eval: _Mark | None = None  # set while an evaluation runs
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
@@ -49,27 +72,51 @@ class OffloadMetricsCallback(TrainerCallback):
         self._run = _Mark(stats(model))
 
     def collect(self, model: nn.Module, whole_run: bool = False) -> dict[str, float]:
-        """The `offload/` metrics of the interval that ends now (or of the run so far); starts the next interval."""
+        """The training metrics of the interval that ends now (or of the run so far); starts the next interval."""
         if model is not self._model:
             self.watch(model)
         mark = self._run if whole_run else self._interval
-        elapsed = max(time.perf_counter() - mark.since, 1e-9)
-        now = stats(model)
-        delta = {key: now[key] - mark.stats.get(key, 0) for key in now}
+        metrics = self._measure(model, mark, PREFIX)
+        self._interval = _Mark(stats(model))
+        return metrics
+
+    @contextlib.contextmanager
+    def evaluation(self, model: nn.Module, prefix: str = "eval") -> Iterator[dict[str, float]]:
+        """Measure the evaluation run inside the block: the dict it yields is filled with `<prefix>_offload/...`.
+
+        What the evaluation moves and the time it takes are taken out of the training interval and run.
+        """
+        if model is not self._model:
+            self.watch(model)
+        if self._eval is not None:  # an evaluation inside an evaluation: the outer one measures it
+            yield {}
+            return
+        self._eval = mark = _Mark(stats(model))
+        result: dict[str, float] = {}
+        try:
+            yield result
+        finally:
+            self._eval = None
+            elapsed = time.perf_counter() - mark.since
+            delta = _delta(stats(model), mark)
+            for training in (self._interval, self._run):
+                training.exclude(elapsed, delta)
+            result.update(self._measure(model, mark, f"{prefix}_{PREFIX}", elapsed=elapsed, delta=delta))
+
+    def _measure(self, model, mark, prefix, elapsed=None, delta=None) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - mark.since if elapsed is None else elapsed, 1e-9)
+        delta = _delta(stats(model), mark) if delta is None else delta
         tokens = int(mark.tokens)  # one device sync per log line, not per step
-        metrics = {
-            "offload/tokens_per_s": tokens / elapsed,
-            "offload/h2d_GB": delta["bytes_to_device"] / GB,
-            "offload/h2d_GBps": delta["bytes_to_device"] / GB / elapsed,
-        }
         runtime = get_runtime(model)
+        metrics = {"tokens_per_s": tokens / elapsed, "h2d_GB": delta["bytes_to_device"] / GB}
+        if not runtime.ops.is_cpu:  # on the CPU the layers are copied within host memory: no link to rate
+            metrics["h2d_GBps"] = delta["bytes_to_device"] / GB / elapsed
         if runtime.config.offload_activations:
-            metrics["offload/activations_GB"] = (delta["bytes_to_host"] + delta["bytes_from_host_activations"]) / GB
+            metrics["activations_GB"] = (delta["bytes_to_host"] + delta["bytes_from_host_activations"]) / GB
         peak = runtime.ops.memory_allocated_peak()
         if peak is not None:
-            metrics["offload/peak_device_memory_GB"] = peak / GB
-        self._interval = _Mark(now)
-        return metrics
+            metrics["peak_device_memory_GB"] = peak / GB
+        return {prefix + name: value for name, value in metrics.items()}
 
     def _count_tokens(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
@@ -80,9 +127,14 @@ class OffloadMetricsCallback(TrainerCallback):
             count = ids.numel()
         else:
             return None
-        self._interval.tokens = self._interval.tokens + count
-        self._run.tokens = self._run.tokens + count
+        marks = (self._eval,) if self._eval is not None else (self._interval, self._run)
+        for mark in marks:
+            mark.tokens = mark.tokens + count
         return None
+
+
+def _delta(now: dict[str, int], mark: _Mark) -> dict[str, int]:
+    return {key: now[key] - mark.stats.get(key, 0) for key in now}
 
 
 class _Mark:
@@ -92,3 +144,8 @@ class _Mark:
         self.stats = counters or {}
         self.since = time.perf_counter()
         self.tokens: torch.Tensor | int = 0
+
+    def exclude(self, elapsed: float, delta: dict[str, int]) -> None:
+        """Leave out of this interval a part of it (an evaluation) that took `elapsed` seconds and moved `delta`."""
+        self.since += elapsed
+        self.stats = {key: self.stats.get(key, 0) + value for key, value in delta.items()}

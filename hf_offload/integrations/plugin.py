@@ -165,23 +165,36 @@ class LayerStreamingPlugin:
         names = [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
         return "all-linear" if names == ["all-linear"] else names
 
-    def lora_config(self):
+    def lora_config(self, task_type: str = "CAUSAL_LM"):
+        """The `peft.LoraConfig` of the `lora_*` options; `task_type` "SEQ_CLS" for a sequence classifier."""
         from peft import LoraConfig
 
         return LoraConfig(
-            task_type="CAUSAL_LM",
+            task_type=task_type,
             r=self.lora_r,
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
             target_modules=self.target_modules(),
         )
 
-    def prepare_model(self, model: nn.Module, device: str | torch.device | None = None) -> nn.Module:
+    def prepare_model(
+        self,
+        model: nn.Module,
+        device: str | torch.device | None = None,
+        *,
+        learning_rate: float | None = None,
+        face: str = "plugin",
+    ) -> nn.Module:
         """Add LoRA if `model` has no peft adapters (unless `full_finetune`), then stream its decoder layers.
+
+        Adding LoRA is said at WARNING level, with the learning rate in use (see Note: [The recipe, stated] in
+        `hf_offload.integrations.recipe`).
 
         Args:
             model: a causal LM or a peft model over one; a model already streaming is returned unchanged.
             device: where layers compute (None: the accelerator if any, else the CPU).
+            learning_rate: the rate the adapters will train at, when known (the Trainer's), for the notice.
+            face: where the options were given ("trainer", "launch", "plugin"), to spell them in messages.
 
         Returns:
             The model to train: the peft model when LoRA was added, else `model`.
@@ -190,25 +203,25 @@ class LayerStreamingPlugin:
             UnsupportedModelError: before anything about the model is changed, when it cannot be streamed.
             HostMemoryError: the host store would not fit in available host memory.
         """
+        from . import recipe
+
         if is_streaming(model):
             return model
         check_streamable(model)  # refuse an unstreamable model before LoRA changes it
-        if self.full_finetune:
-            return enable_layer_streaming(model, self.offload_config(device))  # every weight trains: no LoRA
-        if not is_peft_model(model):
-            model = compat.add_lora(model, self.lora_config())
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            logger.info(
-                "hf_offload: %s is not a peft model, so LoRA adapters were added (r=%d, alpha=%g, dropout=%g, "
-                "targets=%s): %s trainable parameters; the base weights are frozen.",
-                type(compat.peft_base_model(model)).__name__,
-                self.lora_r,
-                self.lora_alpha,
-                self.lora_dropout,
-                self.lora_target_modules,
-                f"{trainable:,}",
-            )
-        return enable_layer_streaming(model, self.offload_config(device))
+        if self.full_finetune:  # every weight trains: no LoRA
+            model = enable_layer_streaming(model, self.offload_config(device))
+            recipe.note_launch_event(recipe.STREAMED)
+            return model
+        if is_peft_model(model):
+            recipe.warn_unused_lora_options(model, self, face)
+        else:
+            # a sequence classifier (a reward model) keeps its task: peft then also trains its new score head
+            task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
+            model = compat.add_lora(model, self.lora_config(task))
+            recipe.announce_lora(model, self, learning_rate, face)
+        model = enable_layer_streaming(model, self.offload_config(device))
+        recipe.note_launch_event(recipe.STREAMED)
+        return model
 
     # --- carrying the plugin to child processes ------------------------------------------------------------------
     def to_env(self) -> dict[str, str]:

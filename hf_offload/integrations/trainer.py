@@ -6,8 +6,8 @@ peft inside its own `__init__` before calling `Trainer.__init__`. So streaming i
 overrides: on entry to `Trainer.__init__` (after peft, before placement), and in `call_model_init`. A few more
 small hooks keep the Trainer from undoing it or tripping over it:
 
-- `_move_model_to_device` skips a streamed model and `_build_accelerator_args` turns off accelerate's
-  `device_placement`: either would copy every decoder layer to the device;
+- `_move_model_to_device` skips a streamed model and `create_accelerator_and_postprocess` turns off accelerate's
+  `device_placement` on the accelerator it creates: either would copy every decoder layer to the device;
 - `log` adds the `offload/` metrics to every log line;
 - `_load_from_checkpoint` / `_load_optimizer_and_scheduler` refuse checkpoints a streamed run cannot resume from,
   before loading them (see `hf_offload.integrations.checkpoint`);
@@ -32,16 +32,20 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from ..api import get_runtime, is_streaming
+from ..api import enable_layer_streaming, get_runtime, is_streaming
+from ..engine import compat
+from ..engine.anatomy import check_streamable
+from ..engine.errors import UnsupportedModelError
 from ..engine.overrides import Overrides
-from ..options import declared, trainer_flag, validate, with_options
+from ..options import declared, option_fields, trainer_flag, validate, with_options
 from ..units import format_bytes
-from . import atomic, bad_steps, hub, token_safety, trainer_eval
+from ..verbosity import follow_trainer_log_level
+from . import atomic, bad_steps, hub, recipe, token_safety, trainer_eval
 from .checkpoint import check_adapter_checkpoint, check_optimizer_state
-from .metrics import OffloadMetricsCallback
+from .metrics import OffloadMetricsCallback, is_evaluation_line
 from .plugin import ENV_VAR, STREAMING_DEFAULT_OPTIM, LayerStreamingPlugin, check_combinations, is_peft_model
 from .resume import check_base_model_identity, resolve_resume_checkpoint, write_base_model_identity
 
@@ -51,6 +55,7 @@ PATCH_ATTRIBUTE = "_hf_offload_patch"  # on a patched Trainer class: the Overrid
 
 TRAINER_DEFAULT_OPTIM = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "optim")
 _INIT_SIGNATURE = inspect.signature(Trainer.__init__)
+_LOOP_SIGNATURE = inspect.signature(Trainer.evaluation_loop)
 
 
 @dataclass
@@ -95,6 +100,7 @@ class OffloadTrainingArguments(TrainingArguments):
             self.optim = STREAMING_DEFAULT_OPTIM if adapters else TRAINER_DEFAULT_OPTIM
         validate(self, "trainer")  # a bad offload option fails here, when the arguments are parsed
         check_combinations(self._option_values(), "trainer")
+        recipe.warn_offload_options_without_streaming(self, option_fields(OffloadTrainingArguments))
         super().__post_init__()
 
     def _option_values(self) -> dict:
@@ -153,6 +159,20 @@ def state_of(trainer) -> StreamingState:
     return getattr(trainer, STATE_ATTRIBUTE, None) or StreamingState(plugin=None)
 
 
+class _CheckpointingOff(TrainerCallback):
+    """Clears HF's per-layer checkpointing flag that `--gradient_checkpointing` sets on the streamed layers.
+
+    The layers clear it themselves when they run, but before transformers 5.2x `GradientCheckpointingLayer.__call__`
+    reads it before the layer's forward does: the first step would recompute every layer a second time.
+    """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        runtime = get_runtime(model) if model is not None else None
+        if runtime is not None:
+            for layer in runtime.anatomy.layers:
+                compat.keep_checkpointing_off(layer)
+
+
 # --- the hooks (see Note: [Where streaming enters the Trainer]) ----------------------------------------------------
 def _init(call, trainer, model=None, args=None, *rest, **kwargs):
     plugin = plugin_for(args)
@@ -174,12 +194,15 @@ def _init(call, trainer, model=None, args=None, *rest, **kwargs):
             "optimizer, or let the Trainer create it (drop `optimizers`)."
         )
     _refuse_unsupported_arguments(args)
+    follow_trainer_log_level(args)
+    if args.disable_tqdm and plugin.show_progress is None:  # --disable_tqdm: no packing bar either
+        plugin = state.plugin = dataclasses.replace(plugin, show_progress=False)
     chosen = optimizer is not None or bound.get("optimizer_cls_and_kwargs")
     _use_default_optimizer(args, plugin, chosen=chosen)
     if plugin.full_finetune and not chosen and not _optim_chosen(args) and "optimizer_cls_and_kwargs" not in bound:
         kwargs["optimizer_cls_and_kwargs"] = _host_adamw(trainer, args)
-    if model is not None:
-        model = plugin.prepare_model(model, device=args.device)  # raises before training for unstreamable models
+    if model is not None:  # raises before training for unstreamable models
+        model = plugin.prepare_model(model, device=args.device, learning_rate=args.learning_rate, face=_face(args))
     call(model, args, *rest, **kwargs)
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
         raise ValueError(
@@ -189,6 +212,7 @@ def _init(call, trainer, model=None, args=None, *rest, **kwargs):
     _install_bad_step_guard(trainer, args, state)
     state.metrics = OffloadMetricsCallback()
     trainer.add_callback(state.metrics)
+    trainer.add_callback(_CheckpointingOff())
     if is_streaming(trainer.model):
         state.metrics.watch(trainer.model)
         if trainer.is_world_process_zero():
@@ -216,7 +240,13 @@ def _call_model_init(call, trainer, trial=None):
     plugin = state_of(trainer).plugin
     if plugin is None:
         return model
-    return plugin.prepare_model(model, device=trainer.args.device)
+    args = trainer.args
+    return plugin.prepare_model(model, device=args.device, learning_rate=args.learning_rate, face=_face(args))
+
+
+def _face(args) -> str:
+    """Where the plugin's options were given, to spell them in messages: the script's flags or the launcher's."""
+    return "trainer" if isinstance(args, OffloadTrainingArguments) and args.layer_streaming else "launch"
 
 
 def _move_model_to_device(call, trainer, model, device):
@@ -225,11 +255,39 @@ def _move_model_to_device(call, trainer, model, device):
     return call(model, device)
 
 
-def _build_accelerator_args(call, trainer, **kwargs):
-    accelerator_args = call(**kwargs)
-    if state_of(trainer).plugin is not None:
-        accelerator_args["device_placement"] = False
-    return accelerator_args
+def _create_accelerator_and_postprocess(call, trainer):
+    result = call()
+    state = state_of(trainer)
+    if state.plugin is not None:
+        accelerator = trainer.accelerator
+        # what `Accelerator(device_placement=False)` sets; read by every `prepare()` that is not told otherwise
+        state.overrides.replace(accelerator, "device_placement", False)
+        prepare = _streaming_frozen_models(accelerator.prepare_model, trainer, state.plugin)
+        state.overrides.replace(accelerator, "prepare_model", prepare)
+    return result
+
+
+def _streaming_frozen_models(prepare_model, trainer, plugin: LayerStreamingPlugin):
+    """The accelerator's `prepare_model`, streaming the other models a subclass prepares for evaluation only.
+
+    TRL prepares a separate reference model (DPO/KTO `ref_model=`) or a reward model that way; with device placement
+    off it would stay where it was loaded. It is frozen and streamed with the same options instead; a model that
+    cannot be streamed is placed on the device as accelerate would have.
+    """
+
+    @functools.wraps(prepare_model)
+    def prepare(model, device_placement=None, evaluation_mode=False):
+        other = evaluation_mode and model is not trainer.model and model is not getattr(trainer, "model_wrapped", None)
+        if other and not is_streaming(model):
+            try:
+                check_streamable(model)
+            except UnsupportedModelError:
+                return prepare_model(model, device_placement=True, evaluation_mode=evaluation_mode)
+            model.requires_grad_(False)  # a reference: every layer weight streams
+            model = enable_layer_streaming(model, plugin.offload_config(trainer.args.device))
+        return prepare_model(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
+
+    return prepare
 
 
 def _load_from_checkpoint(call, trainer, resume_from_checkpoint, model=None):
@@ -266,13 +324,30 @@ def _get_grad_norm(call, trainer, model, grad_norm=None):
 
 def _log(call, trainer, logs, start_time=None):
     metrics = state_of(trainer).metrics
-    if metrics is not None and is_streaming(trainer.model):
+    training = not is_evaluation_line(logs)  # evaluations carry their own eval_-prefixed numbers
+    if metrics is not None and is_streaming(trainer.model) and training:
         # the line that closes training (train_runtime, train_loss, ...) reports the whole run
         logs.update(metrics.collect(trainer.model, whole_run="train_runtime" in logs))
     guard = state_of(trainer).bad_steps
-    if guard is not None:
+    if guard is not None and training:
         logs.update(guard.metrics())
     return call(logs, start_time)
+
+
+def _evaluation_loop(call, trainer, *args, **kwargs):
+    """Layer-major evaluation, measured apart from training: `<prefix>_offload/...` in the metrics it returns."""
+    metrics = state_of(trainer).metrics
+    if metrics is None or not is_streaming(trainer.model):
+        return trainer_eval.evaluation_loop(call, trainer, *args, **kwargs)
+    try:
+        prefix = _LOOP_SIGNATURE.bind(trainer, *args, **kwargs).arguments.get("metric_key_prefix", "eval")
+    except TypeError:  # a subclass's own loop arguments
+        prefix = kwargs.get("metric_key_prefix", "eval")
+    with metrics.evaluation(trainer.model, prefix) as measured:
+        output = trainer_eval.evaluation_loop(call, trainer, *args, **kwargs)
+    if isinstance(getattr(output, "metrics", None), dict):
+        output.metrics.update(measured)
+    return output
 
 
 def _save_model(call, trainer, output_dir=None, _internal_call=False):
@@ -329,14 +404,16 @@ def _add_card(trainer, folder: str) -> None:
     )
 
 
-# Trainer methods wrapped, private ones included (`_move_model_to_device`, `_build_accelerator_args`,
-# `_load_from_checkpoint`, `_load_optimizer_and_scheduler`): checked against transformers 5.23 and TRL 1.16;
-# `_clip_grad_norm` and `_get_grad_norm` against transformers 5.24.
+# Trainer methods wrapped, private ones included (`_move_model_to_device`, `_load_from_checkpoint`,
+# `_load_optimizer_and_scheduler`, `_clip_grad_norm`, `_get_grad_norm`): checked against every transformers release
+# from MINIMUM_VERSIONS (versions.py) to 5.24, and TRL 1.16. The OPTIONAL_HOOKS are newer than the oldest release:
+# without them the host AdamW of full fine-tuning is not told about clipping and finds out from the gradients.
+OPTIONAL_HOOKS = frozenset({"_clip_grad_norm", "_get_grad_norm"})  # not in transformers 5.0.0
 HOOKS = {
     "__init__": _init,
     "call_model_init": _call_model_init,
     "_move_model_to_device": _move_model_to_device,
-    "_build_accelerator_args": _build_accelerator_args,
+    "create_accelerator_and_postprocess": _create_accelerator_and_postprocess,
     "_load_from_checkpoint": _load_from_checkpoint,
     "_load_optimizer_and_scheduler": _load_optimizer_and_scheduler,
     "_clip_grad_norm": _clip_grad_norm,
@@ -346,7 +423,7 @@ HOOKS = {
     "training_step": _training_step,
     "save_model": _save_model,
     "create_model_card": _create_model_card,
-    "evaluation_loop": trainer_eval.evaluation_loop,  # evaluate() and predict() run layer-major
+    "evaluation_loop": _evaluation_loop,  # evaluate() and predict() run layer-major
 }
 
 
@@ -376,9 +453,13 @@ def _refuse_unsupported_arguments(args: TrainingArguments) -> None:
 
 
 def _optim_chosen(args: TrainingArguments) -> bool:
-    """Whether the script chose `--optim` (else it is the Trainer's default, or 'auto')."""
+    """Whether the script chose its optimizer: `--optim` other than 'auto' (OffloadTrainingArguments); for plain
+    TrainingArguments, an optimizer other than the default, or the default passed on the command line."""
     explicit = getattr(args, "_hf_offload_optim_chosen", None)
-    return bool(explicit) or (explicit is None and args.optim != TRAINER_DEFAULT_OPTIM)
+    if explicit is not None:
+        return bool(explicit)
+    current = getattr(args.optim, "value", args.optim)
+    return current != TRAINER_DEFAULT_OPTIM or recipe.optimizer_chosen_on_command_line()
 
 
 def _host_adamw(trainer, args: TrainingArguments):
@@ -400,19 +481,34 @@ def _host_adamw(trainer, args: TrainingArguments):
 
 
 def _use_default_optimizer(args: TrainingArguments, plugin: LayerStreamingPlugin, chosen) -> None:
-    """Swap the Trainer's default optimizer for the plugin's (8-bit AdamW) unless the script chose one (or full
-    fine-tuning, which keeps the Trainer's default)."""
-    if plugin.full_finetune or plugin.default_optim is None or chosen or args.optim == plugin.default_optim:
+    """Use the plugin's optimizer (8-bit AdamW) in place of the Trainer's default unless the script chose one; say so.
+
+    `chosen`: the script passed an optimizer (or its class) to the Trainer itself.
+    """
+    if plugin.full_finetune:
+        return  # the Trainer's default stays (or hf_offload's host AdamW, see `_host_adamw`)
+    current = getattr(args.optim, "value", args.optim)
+    plain = getattr(args, "_hf_offload_optim_chosen", None) is None  # a plain TrainingArguments
+    explicit = _optim_chosen(args)
+    target = plugin.default_optim
+    if chosen or explicit:
+        if plain and target not in (None, STREAMING_DEFAULT_OPTIM, current):  # the launcher's own --optim
+            logger.warning(
+                "hf_offload: the script chose its optimizer (%s), so the --optim %s given to `hf-offload launch` is "
+                "not used.",
+                "passed to the Trainer" if chosen else current,
+                target,
+            )
         return
-    explicit = getattr(args, "_hf_offload_optim_chosen", None)
-    if explicit or (explicit is None and args.optim != TRAINER_DEFAULT_OPTIM):
+    if target is None:
         return
-    logger.info(
-        "hf_offload: optimizer %s instead of the default %s, to keep optimizer state small (pass --optim to choose).",
-        plugin.default_optim,
-        getattr(args.optim, "value", args.optim),
+    args.optim = OptimizerNames(target)
+    logger.warning(
+        "hf_offload: layer streaming trains with %s instead of the Trainer's default %s, to keep the optimizer state "
+        "small (pass --optim to choose).",
+        target,
+        TRAINER_DEFAULT_OPTIM,
     )
-    args.optim = OptimizerNames(plugin.default_optim)
 
 
 def startup_summary(model, args: TrainingArguments, optimizer_cls: type | None = None) -> str:
@@ -460,8 +556,8 @@ class OffloadTrainer(Trainer):
     def _move_model_to_device(self, model, device):
         return _move_model_to_device(super()._move_model_to_device, self, model, device)
 
-    def _build_accelerator_args(self, **kwargs):
-        return _build_accelerator_args(super()._build_accelerator_args, self, **kwargs)
+    def create_accelerator_and_postprocess(self):
+        return _create_accelerator_and_postprocess(super().create_accelerator_and_postprocess, self)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         return _load_from_checkpoint(super()._load_from_checkpoint, self, resume_from_checkpoint, model)
@@ -491,7 +587,7 @@ class OffloadTrainer(Trainer):
         return _create_model_card(super().create_model_card, self, *args, **kwargs)
 
     def evaluation_loop(self, *args, **kwargs):
-        return trainer_eval.evaluation_loop(super().evaluation_loop, self, *args, **kwargs)
+        return _evaluation_loop(super().evaluation_loop, self, *args, **kwargs)
 
 
 def patch_trainer(cls: type = Trainer) -> None:
@@ -505,6 +601,8 @@ def patch_trainer(cls: type = Trainer) -> None:
         return
     overrides = Overrides()
     for name, hook in HOOKS.items():
+        if name in OPTIONAL_HOOKS and name not in cls.__dict__:
+            continue  # a release without this method never calls it
         overrides.replace(cls, name, _patched(cls.__dict__[name], hook))
     overrides.replace(cls, PATCH_ATTRIBUTE, overrides)  # removed by its own restore()
 

@@ -272,7 +272,7 @@ def test_experts_that_cannot_be_routed_stream_whole_with_a_warning(caplog):
 
 
 def test_quantized_store_and_routed_fetch_compose():
-    """nf4 base weights (issue 6) with routed experts: the same step as nf4 with whole-layer fetch, fewer bytes."""
+    """nf4 base weights with routed experts: the same step as nf4 with whole-layer fetch, fewer bytes."""
     from parity import with_lora
 
     base = build("qwen3_moe")

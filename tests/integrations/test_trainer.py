@@ -12,7 +12,7 @@ import torch
 from faces import example_argv, logged, run_example, state_losses, tiny_args, tiny_t5, token_dataset
 from families import build
 from peft import get_peft_model
-from transformers import HfArgumentParser, TrainerCallback
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
 import hf_offload
 from hf_offload import OffloadTrainer, OffloadTrainingArguments, UnsupportedModelError
@@ -92,9 +92,10 @@ def test_flag_trains_exactly_like_an_ordinary_lora_run(base, tmp_path):
     )
     assert recorder.events == plain_recorder.events and "step" in recorder.events
 
-    # every log line carries the offload/ metrics; training steps moved layers
+    # every training log line carries the offload/ metrics, every evaluation eval_offload/; steps moved layers
     for line in streamed.state.log_history:
-        assert {"offload/tokens_per_s", "offload/h2d_GB", "offload/h2d_GBps"} <= line.keys()
+        prefix = "eval_" if "eval_loss" in line else ""
+        assert {f"{prefix}offload/tokens_per_s", f"{prefix}offload/h2d_GB"} <= line.keys()
     step_lines = [h for h in streamed.state.log_history if "loss" in h]
     layer_bytes = hf_offload.summary(streamed.model)["host_store_bytes"]
     assert all(h["offload/h2d_GB"] * 1e9 >= layer_bytes for h in step_lines)  # at least one pass per step
@@ -121,7 +122,13 @@ def test_trainer_never_moves_the_streamed_model(base, tmp_path):
 
 def test_gradient_checkpointing_flag_does_not_add_a_second_recompute(base, tmp_path):
     calls = []
-    args = tiny_args(tmp_path, layer_streaming=True, max_steps=2, activation_checkpointing=True)
+    # transformers >= 5.2x names the flag activation_checkpointing, earlier 5.x releases gradient_checkpointing
+    flag = (
+        "activation_checkpointing"
+        if hasattr(TrainingArguments, "activation_checkpointing")
+        else "gradient_checkpointing"
+    )
+    args = tiny_args(tmp_path, layer_streaming=True, max_steps=2, **{flag: True})
     model = copy.deepcopy(base)
     for layer in model.model.layers:
         layer.self_attn.register_forward_hook(lambda *a: calls.append(1))
@@ -272,7 +279,9 @@ def patched(monkeypatch):
 def test_patch_streams_a_plain_trainer_and_unpatch_restores_it(base, tmp_path, patched):
     from transformers import Trainer, TrainingArguments
 
-    originals = {name: Trainer.__dict__[name].__wrapped__ for name in HOOKS}  # the patch wraps the class's own
+    originals = {
+        name: Trainer.__dict__[name].__wrapped__ for name in HOOKS if name in Trainer.__dict__
+    }  # ours wrap them
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to="none", use_cpu=True, logging_steps=1)
     trainer = Trainer(model=copy.deepcopy(base), args=args, train_dataset=token_dataset())
     assert hf_offload.is_streaming(trainer.model) and args.optim == "adamw_bnb_8bit"
