@@ -279,9 +279,7 @@ def patched(monkeypatch):
 def test_patch_streams_a_plain_trainer_and_unpatch_restores_it(base, tmp_path, patched):
     from transformers import Trainer, TrainingArguments
 
-    originals = {
-        name: Trainer.__dict__[name].__wrapped__ for name in HOOKS if name in Trainer.__dict__
-    }  # ours wrap them
+    originals = {n: Trainer.__dict__[n].__wrapped__ for n in HOOKS if n in Trainer.__dict__}  # ours wrap them
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to="none", use_cpu=True, logging_steps=1)
     trainer = Trainer(model=copy.deepcopy(base), args=args, train_dataset=token_dataset())
     assert hf_offload.is_streaming(trainer.model) and args.optim == "adamw_bnb_8bit"
