@@ -31,13 +31,10 @@ from transformers import (
     set_seed,
 )
 
-try:
-    import datasets
-except ImportError as err:  # an extra: the hf_offload package itself does not need it
-    raise SystemExit(
-        'This example reads its data with the `datasets` library. Install it: pip install -e ".[examples]" '
-        "(or pip install datasets)."
-    ) from err
+from hf_offload.demo import import_datasets
+
+datasets = import_datasets()  # an extra: the hf_offload package itself does not need it
+
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 

@@ -20,15 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLan
 
 import hf_offload
 from hf_offload import LayerStreamingPlugin, OffloadAccelerator
-from hf_offload.demo import DATASET, tiny_checkpoint
+from hf_offload.demo import DATASET, import_datasets, tiny_checkpoint
 
-try:
-    import datasets
-except ImportError as err:  # an extra: the hf_offload package itself does not need it
-    raise SystemExit(
-        'This example reads its data with the `datasets` library. Install it: pip install -e ".[examples]" '
-        "(or pip install datasets)."
-    ) from err
+datasets = import_datasets()  # an extra: the hf_offload package itself does not need it
 
 
 def main() -> None:

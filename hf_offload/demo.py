@@ -28,6 +28,21 @@ TINY_LLAMA = dict(
 )
 
 
+def import_datasets():
+    """The `datasets` library the example scripts read data with, or an exit that says how to install it.
+
+    It is an extra (`pip install -e ".[examples]"`): the hf_offload package itself never imports it.
+    """
+    try:
+        import datasets
+    except ImportError as err:
+        raise SystemExit(
+            'This example reads its data with the `datasets` library. Install it: pip install -e ".[examples]" '
+            "(or pip install datasets)."
+        ) from err
+    return datasets
+
+
 def _texts() -> list[str]:
     with DATASET.open() as f:
         return [json.loads(line)["text"] for line in f]
