@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .. import options
 from ..integrations.recipe import REPORT_ENV_VAR, launch_report
+from .cli import SUBCOMMANDS
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 STARTUP_DIR = str(PACKAGE_DIR / "_startup")
@@ -47,7 +48,7 @@ _EPILOG = """examples:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "launch",
-        help="Run a training command with layer streaming on for every Trainer it creates.",
+        help=SUBCOMMANDS["launch"][1],
         description="Run COMMAND (python train.py ..., accelerate launch ..., python -m trl.scripts.sft ...) "
         "unchanged, with layer streaming on for every transformers Trainer it creates, in child processes too.",
         epilog=_EPILOG,

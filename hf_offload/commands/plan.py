@@ -32,6 +32,7 @@ from ..optimizer_state import adamw8bit_state_bytes
 from ..options import add_arguments, add_flag, all_options, values_from
 from ..records import Record
 from ..units import GB, parse_dtype
+from .cli import SUBCOMMANDS
 from .model_sizes import ConfigError, ModelSizes, load_config, measure
 
 DEFAULT_PCIE_GBPS = 25.0  # pinned host-to-device copies on PCIe 4.0 x16; PCIe 5.0 reaches ~50
@@ -413,7 +414,7 @@ def format_plan(plan: Plan) -> str:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "plan",
-        help="Will a model fit, and how fast will it stream? From its config alone (no weights are loaded).",
+        help=SUBCOMMANDS["plan"][1],
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("model", help="Hub id (downloads config.json only), local model directory, or config.json")

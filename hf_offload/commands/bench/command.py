@@ -16,6 +16,7 @@ import torch
 from ...engine.facts import bytes_per_train_step
 from ...options import add_arguments, add_flag, all_options, values_from
 from ...units import parse_dtype
+from ..cli import SUBCOMMANDS
 from ..model_sizes import measure
 from .measure import StepClock, current_peak_rss, memory_peaks, overlap_from_trace, pinned_copy_peak
 from .methods import METHODS, Setup
@@ -28,7 +29,7 @@ MiB = 1 << 20
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="Measure training speed: hf_offload against resident training, DeepSpeed ZeRO-3 and accelerate.",
+        help=SUBCOMMANDS["bench"][1],
         description=(
             "Train LoRA steps on a random-weight model with each method side by side in one process and print "
             "tokens/s, model TFLOP/s (6*N*tokens / step time), step time, host->device GB/s against a plain "
