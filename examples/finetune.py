@@ -123,6 +123,19 @@ def main() -> None:
     trainer.save_state()
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    if script_args.model_name_or_path is None and trainer.is_world_process_zero():
+        print(NEXT_STEPS)
+
+
+# Printed after a run on the embedded tiny model: where a first run usually goes next.
+NEXT_STEPS = """
+What to try next:
+  - a Hub model:   python examples/finetune.py --output_dir out --layer_streaming \\
+                       --model_name_or_path Qwen/Qwen2.5-0.5B --dtype bfloat16 --bf16
+  - will a big model fit? hf-offload plan meta-llama/Llama-3.1-70B --gpu_mem 80 --base_weight_dtype nf4
+  - an unchanged script: hf-offload launch -- python your_train.py ...
+  - the guides: docs/index.md
+"""
 
 
 if __name__ == "__main__":
