@@ -164,3 +164,15 @@ def instantiate(config_class: str, kwargs: dict, seed: int = 0):
 def build(family: str, seed: int = 0):
     """A randomly initialised fp32 causal LM of `family` (same weights for the same seed)."""
     return instantiate(*FAMILIES[family], seed=seed)
+
+
+# The shape of Llama-3.1-70B, for plans (never built with weights).
+LLAMA_70B = dict(
+    model_type="llama",
+    hidden_size=8192,
+    num_hidden_layers=80,
+    intermediate_size=28672,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    vocab_size=128256,
+)

@@ -53,17 +53,22 @@ def train_step(model, batch, seed: int = 0):
 
 
 def assert_same_step(reference, streamed, batch, seed: int = 0):
-    loss_ref, grads_ref = train_step(reference, batch, seed)
-    loss_st, grads_st = train_step(streamed, batch, seed)
-    torch.testing.assert_close(loss_st, loss_ref, rtol=LOSS_RTOL, atol=0)
-    assert grads_ref.keys() == grads_st.keys()
+    reference_step = train_step(reference, batch, seed)
+    assert_step_matches(reference_step, streamed, batch, seed)
+    return reference_step[0]
+
+
+def assert_step_matches(reference_step, model, batch, seed: int = 0) -> None:
+    """One training step of `model` gives the loss and every gradient of `reference_step` (`train_step`'s result)."""
+    loss_ref, grads_ref = reference_step
+    loss, grads = train_step(model, batch, seed)
+    torch.testing.assert_close(loss, loss_ref, rtol=LOSS_RTOL, atol=0)
+    assert grads_ref.keys() == grads.keys()
     assert grads_ref, "no trainable parameters"
     for name, g_ref in grads_ref.items():
-        g_st = grads_st[name]
         assert g_ref.abs().sum() > 0, f"{name}: the reference gradient is zero, the test would prove nothing"
-        rel = (g_st - g_ref).norm() / g_ref.norm()
+        rel = (grads[name] - g_ref).norm() / g_ref.norm()
         assert rel <= GRAD_RTOL, f"{name}: relative gradient error {rel:.2e}"
-    return loss_ref
 
 
 def eval_logits(model, batch):

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import transformers
-from families import FAMILIES, build
+from families import FAMILIES, LLAMA_70B, build
 from parity import with_lora
 
 import hf_offload
@@ -16,28 +16,11 @@ from hf_offload import OffloadConfig
 from hf_offload.commands.cli import main
 from hf_offload.commands.plan import PlanError, load_config, make_plan
 
-LLAMA_70B = dict(
-    model_type="llama",
-    hidden_size=8192,
-    num_hidden_layers=80,
-    intermediate_size=28672,
-    num_attention_heads=64,
-    num_key_value_heads=8,
-    vocab_size=128256,
-)
-
 
 def llama_70b_params() -> int:
     h, inter, layers, vocab, kv = 8192, 28672, 80, 128256, 8192 * 8 // 64
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h  # q, o; k, v; gate, up, down; two norms
     return layers * per_layer + 2 * vocab * h + h  # untied embeddings and head, final norm
-
-
-@pytest.fixture(scope="module")
-def llama_70b(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama-70b") / "config.json"
-    path.write_text(json.dumps(LLAMA_70B))
-    return path
 
 
 @pytest.fixture(scope="module")

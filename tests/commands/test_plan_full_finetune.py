@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import transformers
-from families import FAMILIES, VOCAB, build
+from families import FAMILIES, LLAMA_70B, VOCAB, build
 from parity import left_padded_batch
 
 import hf_offload
@@ -16,23 +16,6 @@ from hf_offload import OffloadConfig
 from hf_offload.api import get_runtime
 from hf_offload.commands.cli import main
 from hf_offload.commands.plan import PlanError, make_plan
-
-LLAMA_70B = dict(
-    model_type="llama",
-    hidden_size=8192,
-    num_hidden_layers=80,
-    intermediate_size=28672,
-    num_attention_heads=64,
-    num_key_value_heads=8,
-    vocab_size=128256,
-)
-
-
-@pytest.fixture(scope="module")
-def llama_70b(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama-70b") / "config.json"
-    path.write_text(json.dumps(LLAMA_70B))
-    return path
 
 
 def test_70b_full_finetune_needs_about_18_bytes_per_layer_parameter(llama_70b, capsys):

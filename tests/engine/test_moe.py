@@ -8,7 +8,15 @@ import pytest
 import torch
 from families import instantiate
 from moe_families import CORE, FAMILIES, LORA_EXCLUDE, NO_AUX_LOSS, ROUTED, VOCAB, build
-from parity import GRAD_RTOL, LOSS_RTOL, assert_same_step, eval_logits, left_padded_batch, train_step
+from parity import (
+    GRAD_RTOL,
+    LOSS_RTOL,
+    assert_same_step,
+    assert_step_matches,
+    eval_logits,
+    left_padded_batch,
+    train_step,
+)
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import hf_offload
@@ -49,17 +57,6 @@ def streamed_copy(reference, base, family, **options):
     return hf_offload.enable_layer_streaming(model, OffloadConfig(device="cpu", **options))
 
 
-def assert_matches(reference_step, streamed, batch):
-    loss_ref, grads_ref = reference_step
-    loss, grads = train_step(streamed, batch)
-    torch.testing.assert_close(loss, loss_ref, rtol=LOSS_RTOL, atol=0)
-    assert grads.keys() == grads_ref.keys()
-    for name, g_ref in grads_ref.items():
-        assert g_ref.abs().sum() > 0, f"{name}: the reference gradient is zero, the test would prove nothing"
-        rel = (grads[name] - g_ref).norm() / g_ref.norm()
-        assert rel <= GRAD_RTOL, f"{name}: relative gradient error {rel:.2e}"
-
-
 ALL = [f if f in CORE else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
 
 
@@ -80,7 +77,7 @@ def test_streamed_moe_training_equals_ordinary_in_both_fetch_modes(family):
     for mode in MODES:
         streamed = streamed_copy(reference, base, family, expert_fetch=mode)
         hf_offload.reset_stats(streamed)
-        assert_matches(reference_step, streamed, batch)
+        assert_step_matches(reference_step, streamed, batch)
         torch.testing.assert_close(eval_logits(streamed, batch), reference_logits, rtol=1e-5, atol=1e-6)
         stats, summary = hf_offload.stats(streamed), hf_offload.summary(streamed)
         if family in ROUTED:
@@ -101,7 +98,7 @@ def test_router_aux_loss_gradient_needs_the_recorded_router_logits(monkeypatch):
     monkeypatch.setattr(compat, "recorded_output_keys", lambda: [])  # hooks record inside the no_grad forward
     streamed = streamed_copy(reference, base, None)
     with pytest.raises(AssertionError, match="relative gradient error"):
-        assert_matches(reference_step, streamed, batch)
+        assert_step_matches(reference_step, streamed, batch)
 
 
 def test_sampling_router_needs_rng_replay():
@@ -111,10 +108,10 @@ def test_sampling_router_needs_rng_replay():
     batch = left_padded_batch(VOCAB)
     reference = with_expert_lora(copy.deepcopy(base), "phimoe")
     reference_step = train_step(reference, batch)
-    assert_matches(reference_step, streamed_copy(reference, base, "phimoe"), batch)
+    assert_step_matches(reference_step, streamed_copy(reference, base, "phimoe"), batch)
     unreplayed = streamed_copy(reference, base, "phimoe", preserve_rng_state=False)
     with pytest.raises(AssertionError, match="relative gradient error"):
-        assert_matches(reference_step, unreplayed, batch)
+        assert_step_matches(reference_step, unreplayed, batch)
 
 
 def _many_experts_model():
@@ -145,7 +142,7 @@ def test_routed_fetch_moves_only_routed_experts_with_64_experts():
         streamed = streamed_copy(reference, base, None, expert_fetch=mode)
         copies = record_expert_copies(hf_offload.api.get_runtime(streamed).streamer)
         hf_offload.reset_stats(streamed)
-        assert_matches(reference_step, streamed, batch)
+        assert_step_matches(reference_step, streamed, batch)
         results[mode] = hf_offload.stats(streamed), copies
 
     layers = 4
@@ -178,7 +175,7 @@ def test_experts_that_were_not_loaded_are_never_read():
         for slot in streamer._slots:
             slot.buffer.fill_(0xFF)  # every float32 (and bf16) made of these bytes is NaN
         streamer.invalidate()  # the slots' bytes changed behind the streamer's back: nothing in them is loaded now
-        assert_matches(reference_step, streamed, batch)
+        assert_step_matches(reference_step, streamed, batch)
 
 
 def test_expert_lora_saves_and_loads_like_ordinary_peft(tmp_path):
