@@ -13,8 +13,9 @@ PACKAGE = ROOT / "hf_offload"
 
 tomllib = pytest.importorskip("tomllib") if sys.version_info >= (3, 11) else pytest.importorskip("tomli")
 
-# imported only inside `try: ... except ImportError`, each with a fallback or a clear message
-OPTIONAL = {"deepspeed", "psutil"}
+# imported only inside `try: ... except ImportError`, each with a fallback or a clear message (datasets: the
+# `examples` extra, asked for by `hf_offload.demo.import_datasets`)
+OPTIONAL = {"deepspeed", "psutil", "datasets"}
 
 
 def _project() -> dict:
