@@ -6,6 +6,7 @@ aux loss on (`output_router_logits=True`, a non-zero coefficient) and dropout wh
 
 from __future__ import annotations
 
+import torch
 import transformers
 from families import instantiate
 
@@ -290,3 +291,26 @@ CORE = ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "qwen2_moe", "gpt_oss", 
 def build(family: str, seed: int = 0):
     """A randomly initialised fp32 MoE causal LM of `family` (same weights for the same seed)."""
     return instantiate(*FAMILIES[family], seed=seed)
+
+
+EXPERT_TENSORS = ["gate_up_proj", "down_proj"]
+
+
+def with_expert_lora(model, family: str | None = None):
+    """LoRA on every linear layer and on the stacked expert tensors (peft `target_parameters`).
+
+    peft's ParamWrapper refuses LoRA dropout, so adapters have none; the models keep their own dropout.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(123)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        target_parameters=EXPERT_TENSORS,
+        exclude_modules=LORA_EXCLUDE.get(family),
+        init_lora_weights=False,  # B non-zero: every adapter gets a gradient
+    )
+    return get_peft_model(model, config)

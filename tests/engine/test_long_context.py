@@ -8,11 +8,11 @@ import pytest
 import torch
 import transformers
 from families import FAMILIES, VOCAB, build, instantiate
-from moe_families import CORE, LORA_EXCLUDE
+from moe_families import CORE, with_expert_lora
 from moe_families import FAMILIES as MOE_FAMILIES
 from moe_families import build as build_moe
 from parity import assert_same_step, eval_logits, left_padded_batch, reference_and_streamed, train_step
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 
 import hf_offload
 from hf_offload import OffloadConfig
@@ -56,20 +56,6 @@ def test_mlp_with_lora_dropout_computes_whole_and_stays_exact(family):
     reference, streamed = reference_and_streamed(build(family), OffloadConfig(**SMALL), lora_dropout=0.1)
     assert_same_step(reference, streamed, left_padded_batch(VOCAB))
     assert runtime(streamed).tiled_mlps.tiled_calls == 0 and runtime(streamed).tiled_mlps.whole_calls == 8
-
-
-def with_expert_lora(model, family):
-    torch.manual_seed(123)
-    config = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        target_modules="all-linear",
-        target_parameters=["gate_up_proj", "down_proj"],
-        exclude_modules=LORA_EXCLUDE.get(family),
-        init_lora_weights=False,
-    )
-    return get_peft_model(model, config)
 
 
 MOE_ALL = [f if f in CORE else pytest.param(f, marks=pytest.mark.slow) for f in MOE_FAMILIES]

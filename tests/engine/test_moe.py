@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from families import instantiate
-from moe_families import CORE, FAMILIES, LORA_EXCLUDE, NO_AUX_LOSS, ROUTED, VOCAB, build
+from moe_families import CORE, FAMILIES, NO_AUX_LOSS, ROUTED, VOCAB, build, with_expert_lora
 from parity import (
     GRAD_RTOL,
     LOSS_RTOL,
@@ -17,7 +17,7 @@ from parity import (
     left_padded_batch,
     train_step,
 )
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
 import hf_offload
 from hf_offload import OffloadConfig
@@ -28,27 +28,6 @@ MODES = ("all", "routed")
 
 # Tiny models: intra-op threads only add overhead (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-EXPERT_TENSORS = ["gate_up_proj", "down_proj"]
-
-
-def with_expert_lora(model, family: str | None = None):
-    """LoRA on every linear layer and on the stacked expert tensors (peft `target_parameters`).
-
-    peft's ParamWrapper refuses LoRA dropout, so adapters have none; the models keep their own dropout.
-    """
-    torch.manual_seed(123)
-    config = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        target_modules="all-linear",
-        target_parameters=EXPERT_TENSORS,
-        exclude_modules=LORA_EXCLUDE.get(family),
-        init_lora_weights=False,  # B non-zero: every adapter gets a gradient
-    )
-    return get_peft_model(model, config)
 
 
 def streamed_copy(reference, base, family, **options):

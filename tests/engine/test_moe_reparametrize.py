@@ -11,9 +11,8 @@ import copy
 
 import pytest
 import torch
-from moe_families import LORA_EXCLUDE, VOCAB, build
+from moe_families import VOCAB, build, with_expert_lora
 from parity import GRAD_RTOL, LOSS_RTOL, left_padded_batch, train_step, with_lora
-from peft import LoraConfig, get_peft_model
 
 import hf_offload
 from hf_offload import OffloadConfig
@@ -23,25 +22,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 
 
-def expert_lora(model, family):
-    torch.manual_seed(123)
-    config = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,  # peft's ParamWrapper refuses LoRA dropout
-        target_modules="all-linear",
-        target_parameters=["gate_up_proj", "down_proj"],
-        exclude_modules=LORA_EXCLUDE.get(family),
-        init_lora_weights=False,
-    )
-    return get_peft_model(model, config)
-
-
 def adapted(base, family, on_experts: bool, implementation: str):
     # LoRA on the attention projections leaves the stacked 3D expert tensors without adapters (all-linear does
     # too on GPT-OSS, but peft adds expert adapters to it on other families); target_parameters adds them
     if on_experts:
-        model = expert_lora(copy.deepcopy(base), family)
+        model = with_expert_lora(copy.deepcopy(base), family)
     else:
         model = with_lora(copy.deepcopy(base), target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     model.get_base_model().set_experts_implementation(implementation)

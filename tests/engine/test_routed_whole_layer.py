@@ -6,9 +6,8 @@ import copy
 
 import pytest
 import torch
-from moe_families import VOCAB, build
+from moe_families import VOCAB, build, with_expert_lora
 from parity import GRAD_RTOL, LOSS_RTOL, left_padded_batch, train_step
-from peft import LoraConfig, get_peft_model
 
 import hf_offload
 from hf_offload import OffloadConfig
@@ -19,22 +18,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 LAYERS = 4
 
 
-def expert_lora(model):
-    torch.manual_seed(123)
-    config = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules="all-linear",
-        target_parameters=["gate_up_proj", "down_proj"],
-        init_lora_weights=False,
-    )
-    return get_peft_model(model, config)
-
-
 def three_steps(batch):
     base = build("qwen3_moe")
-    reference = expert_lora(copy.deepcopy(base))
-    streamed = expert_lora(copy.deepcopy(base))
+    reference = with_expert_lora(copy.deepcopy(base))
+    streamed = with_expert_lora(copy.deepcopy(base))
     streamed.load_state_dict(reference.state_dict())
     hf_offload.enable_layer_streaming(streamed, OffloadConfig(device="cpu", prefetch=1, expert_fetch="routed"))
     streamer = get_runtime(streamed).streamer

@@ -15,6 +15,7 @@ import torch
 from families import VOCAB, build
 from moe_families import VOCAB as MOE_VOCAB
 from moe_families import build as build_moe
+from moe_families import with_expert_lora
 from parity import (
     assert_same_step,
     assert_step_matches,
@@ -23,7 +24,6 @@ from parity import (
     reference_and_streamed,
     train_step,
 )
-from peft import LoraConfig, get_peft_model
 
 import hf_offload
 from hf_offload import OffloadConfig
@@ -46,18 +46,6 @@ def assert_simulated(model):
     runtime = get_runtime(model)
     assert hf_offload.summary(model)["simulated_async_seed"] == SEED
     assert runtime.ops.simulation.copies > 0, "no copy ran on the simulated copy stream"
-
-
-def with_expert_lora(model):
-    torch.manual_seed(123)
-    config = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules="all-linear",
-        target_parameters=["gate_up_proj", "down_proj"],
-        init_lora_weights=False,
-    )
-    return get_peft_model(model, config)
 
 
 # --- the switch ---------------------------------------------------------------------------------------------------
