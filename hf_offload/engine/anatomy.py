@@ -92,11 +92,11 @@ def _used_outside(model: nn.Module, path: str) -> frozenset[int]:
     return frozenset(inside & outside)
 
 
-def check_streamable(model: nn.Module) -> Anatomy:
+def check_streamable(model: nn.Module, skeleton: bool = False) -> Anatomy:
     """Every refusal that does not depend on which weights train, made before anything about `model` changes.
 
     Finds the decoder layers (as `find_decoder_layers`), then refuses weights on the meta device anywhere in the
-    model, bitsandbytes parameters without the state needed to stream them, and weights shared across layers.
+    model (unless `skeleton`: a model built on the meta device whose checkpoint is about to load), bitsandbytes parameters without the state needed to stream them, and weights shared across layers.
 
     Returns:
         Where the decoder layers are.
@@ -106,7 +106,7 @@ def check_streamable(model: nn.Module) -> Anatomy:
     """
     anatomy = find_decoder_layers(model)
     meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
-    if meta:
+    if meta and not skeleton:
         where = ", ".join(meta[:3]) + ("..." if len(meta) > 3 else "")
         raise UnsupportedModelError(
             f"{_describe(model)} has weights on the meta device ({where}): they were never loaded. Load the "

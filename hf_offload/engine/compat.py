@@ -390,3 +390,25 @@ def replace_loss_function(model: nn.Module, loss_function):
             model.__dict__.pop("_loss_function", None)
 
     return restore
+
+
+def weight_conversion_op_base() -> type:
+    """The base class of transformers' per-tensor loading operations (`core_model_loading.ConversionOps`).
+
+    A quantizer's `get_quantize_ops()` returns one; transformers calls its `convert(input_dict, model=..., ...)`
+    with each checkpoint tensor (renamed, Mixture-of-Experts experts already fused) and installs what it returns.
+    Checked against transformers 5.0.0 and 5.24.0 (the module and the class exist in both, `convert` takes the
+    tensors by target name and keyword arguments).
+    """
+    try:
+        from transformers.core_model_loading import ConversionOps
+    except ImportError as err:
+        import transformers
+
+        raise ImportError(
+            "hf_offload loads checkpoints straight into its host store through transformers' per-tensor loading "
+            "operations (transformers.core_model_loading.ConversionOps), which this transformers "
+            f"({transformers.__version__}) does not have. Install transformers>=5.0, or load the model without "
+            "HostStoreConfig (enable_layer_streaming then packs it after loading)."
+        ) from err
+    return ConversionOps

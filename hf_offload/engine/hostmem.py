@@ -166,11 +166,16 @@ def peak_bytes(layers: list[LayerNeed]) -> int:
     return max(peak, 0)
 
 
-def check_fits(needs_of: Callable[[str | None], list[LayerNeed]], chosen: str | None, available: int | None) -> None:
+def check_fits(
+    needs_of: Callable[[str | None], list[LayerNeed]],
+    chosen: str | None,
+    available: int | None,
+    settings: str = "OffloadConfig",
+) -> None:
     """Raise `HostMemoryError` when the store for `chosen` (a base_weight_dtype) would not fit in `available`.
 
     `needs_of(dtype)` gives the layer needs of the store with that base_weight_dtype; the other dtypes are only
-    laid out when `chosen` does not fit, to say which of them would.
+    laid out when `chosen` does not fit, to say which of them would. `settings` names where the user sets them.
     """
     if available is None:
         logger.debug("hf_offload: available host memory unknown; skipping the host memory check")
@@ -189,8 +194,8 @@ def check_fits(needs_of: Callable[[str | None], list[LayerNeed]], chosen: str | 
         f"hf_offload: building the host store with base_weight_dtype={chosen!r} needs {format_bytes(needed)} more "
         f"host memory, but only {format_bytes(available)} is available (MemAvailable, or the cgroup limit). "
         + ("; ".join(options) + ". " if options else "")
-        + "Free host memory, pick a smaller base_weight_dtype in OffloadConfig, or pass "
-        "OffloadConfig(check_host_memory=False) to skip this check.",
+        + f"Free host memory, pick a smaller base_weight_dtype in {settings}, or pass "
+        f"{settings}(check_host_memory=False) to skip this check.",
         needed,
         available,
     )

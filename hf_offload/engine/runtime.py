@@ -22,6 +22,7 @@ from .facts import StreamingSummary, bytes_per_train_step
 from .layer_fn import call_streamed_layer
 from .moe import RoutedExperts, find_expert_groups, has_unroutable_experts
 from .overrides import Overrides
+from .prebuilt import take_prebuilt_store
 from .quant import make_codec
 from .store import HostStore, layout_layer, require_frozen_weights
 from .streamer import Streamer
@@ -93,7 +94,9 @@ class LayerStreamingRuntime:
         if pin and self.ops.is_cpu and not simulated:
             logger.info("hf_offload: pin_memory has no effect when layers compute on the CPU")
         codec = make_codec(config.base_weight_dtype)
-        if config.check_host_memory:
+        # Layers a checkpoint load already built in the store (HostStoreConfig) are adopted as they are.
+        prebuilt = take_prebuilt_store(model, self.anatomy.layers, config.base_weight_dtype)
+        if config.check_host_memory and prebuilt is None:
             _check_host_memory(self.anatomy.layers, config.base_weight_dtype, self.anatomy.shared_outside)
         # Experts modules are found before packing: their stacked tensors are packed as expert regions.
         groups, reasons = find_expert_groups(self.anatomy.layers)
@@ -113,6 +116,7 @@ class LayerStreamingRuntime:
             codec=codec,
             keep_resident=self.anatomy.shared_outside,
             expert_groups=lambda index: [g.params for g in groups[index]],
+            prebuilt=prebuilt,
         )
         self._warn_unpinned(pin)
         self.streamer = Streamer(self.store, self.ops, self.prefetch, routed=routed)

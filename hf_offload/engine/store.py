@@ -175,6 +175,7 @@ class LayerPack:
     quantized_tuners: list[nn.Module] = field(default_factory=list)  # peft layers whose base weight is quantized
     experts: list[ExpertRegion] = field(default_factory=list)  # packed after the rest (see the module docstring)
     base_nbytes: int = 0  # bytes before the first expert region (all of them when there is none)
+    adopted: bool = False  # the buffer a checkpoint loader filled, taken as it was (see prebuilt.py)
 
     @property
     def nbytes(self) -> int:
@@ -297,6 +298,26 @@ def require_frozen_weights(layers: nn.ModuleList, keep_resident: frozenset[int] 
         )
 
 
+def write_dense(region: Region, value: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
+    """Copy `value` into its place `region` of the layer buffer `host` and return that view."""
+    view = region.view_in(host)
+    view.copy_(value)
+    return view
+
+
+def write_encoded(codec: Codec, parts: list[Region], value: torch.Tensor, host: torch.Tensor) -> dict:
+    """Encode `value` with `codec` into its places `parts` of the layer buffer `host`; returns the codec's metadata."""
+    tensors, meta = codec.encode(value)
+    for part, tensor in zip(parts, tensors, strict=True):
+        part.view_in(host).copy_(tensor.reshape(part.shape))
+    return meta
+
+
+def hollow(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """What an encoded weight's parameter holds between uses: see Note: [Hollow weights]."""
+    return torch.full((), float("nan"), dtype=dtype).expand(tuple(shape))
+
+
 def pack_layer(
     index: int,
     layer: nn.Module,
@@ -304,19 +325,27 @@ def pack_layer(
     codec: Codec | None = None,
     keep_resident: frozenset[int] = frozenset(),
     expert_groups: Sequence[Sequence[nn.Parameter]] = (),
+    prebuilt=None,
 ) -> LayerPack:
     """Move `layer`'s frozen parameters into one new host buffer and free their old storage.
 
     `expert_groups`: per experts module, its frozen stacked expert parameters (each [num_experts, ...]); they are
     packed last, as expert regions.
+    `prebuilt`: the layer's buffer as a checkpoint loader filled it (`prebuilt.PrebuiltLayer`), or None. When the
+    parameters already sit where this layout puts them, that buffer becomes the pack as it is: nothing is copied
+    or encoded again (see Note: [Loading into the store] in prebuilt.py).
     """
     layout = layout_layer(layer, codec, keep_resident=keep_resident, expert_groups=expert_groups)
+    adopted = prebuilt is not None and prebuilt.matches(layout)
+    if prebuilt is not None and not adopted:
+        prebuilt.give_back_dense()  # packed the ordinary way below, from the prebuilt values
     pack = LayerPack(
         index=index,
-        host=page_aligned_empty(layout.nbytes),
+        host=prebuilt.host if adopted else page_aligned_empty(layout.nbytes),
         scratch_nbytes=layout.scratch_nbytes,
         quantized_tuners=layout.quantized_tuners,
         base_nbytes=layout.base_nbytes,
+        adopted=adopted,
     )
     pack.pinned = pin(pack.host)
     # Attributes first: one that aliases a parameter is copied with it, before the parameter is rebound.
@@ -327,19 +356,16 @@ def pack_layer(
         pack.attributes.append(PackedAttribute(holder, name, region, tensor.device))
     for param, region in layout.dense:
         packed = PackedTensor(param=param, region=region, original_device=param.device)
-        view = packed.view_in(pack.host)
-        view.copy_(param.data)
+        view = packed.view_in(pack.host) if adopted else write_dense(region, param.data, pack.host)
         param.data = view  # the old storage is freed here unless something else holds it
         pack.tensors.append(packed)
     for attribute in pack.attributes:
         attribute.bind(pack.host)
     for param, parts, scratch in layout.encoded:
-        tensors, meta = codec.encode(param.data)
-        for part, tensor in zip(parts, tensors, strict=True):
-            part.view_in(pack.host).copy_(tensor.reshape(part.shape))
-        hollow = torch.full((), float("nan"), dtype=param.dtype).expand(param.shape)
-        pack.encoded.append(EncodedTensor(param, codec, parts, meta, scratch, param.device, hollow))
-        param.data = hollow  # see Note: [Hollow weights]
+        meta = prebuilt.encoded_meta(param) if adopted else write_encoded(codec, parts, param.data, pack.host)
+        empty = hollow(param.shape, param.dtype)
+        pack.encoded.append(EncodedTensor(param, codec, parts, meta, scratch, param.device, empty))
+        param.data = empty  # see Note: [Hollow weights]
     by_param = {id(t.param): t for t in pack.tensors}
     for group in expert_groups:
         pack.experts.append(ExpertRegion(group[0].shape[0], [by_param[id(p)] for p in group]))
@@ -361,14 +387,24 @@ class HostStore:
         codec: Codec | None = None,
         keep_resident: frozenset[int] = frozenset(),
         expert_groups: Callable[[int], Sequence[Sequence[nn.Parameter]]] | None = None,
+        prebuilt: Sequence | None = None,
     ) -> HostStore:
+        """Pack every layer; `prebuilt`: per layer, its buffer filled by a checkpoint loader (or None)."""
         from tqdm.auto import tqdm
 
         progress = tqdm(
             layers, desc="hf_offload: packing layers in host memory", unit="layer", disable=_tqdm_disable(show_progress)
         )
         packs = [
-            pack_layer(index, layer, pin, codec, keep_resident, expert_groups(index) if expert_groups else ())
+            pack_layer(
+                index,
+                layer,
+                pin,
+                codec,
+                keep_resident,
+                expert_groups(index) if expert_groups else (),
+                prebuilt[index] if prebuilt is not None else None,
+            )
             for index, layer in enumerate(progress)
         ]
         return cls(packs)

@@ -1,0 +1,254 @@
+"""Loading a Hub checkpoint straight into the host store: `from_pretrained(..., quantization_config=HostStoreConfig())`.
+
+The decoder layers' weights go from the checkpoint's memory-mapped shards into their places in the host store, one
+tensor at a time, in the store's dtype (nf4/int8 encoded right away); the rest of the model (embeddings, head, final
+norm) loads as usual. Host memory while loading stays near the store's size, so a checkpoint bigger than host memory
+loads when its store fits. See Note: [Loading into the store] in engine/prebuilt.py for the store side.
+
+Note: [Why a transformers quantizer]
+transformers applies every checkpoint conversion (key renames, per-expert tensors fused into [num_experts, ...]
+tensors, dtype casts) in one loading loop, and gives quantizers a per-tensor hook into it: a registered quantization
+method is asked which parameters it takes (`param_needs_quantization`), and its operation (`get_quantize_ops`) gets
+each such tensor after conversion and returns what to install. That is exactly the seam needed: the conversions stay
+transformers' own for every family, the tensors arrive one by one (transformers loads synchronously for on-the-fly
+quantization, so it never reads ahead of us), and `from_pretrained(..., quantization_config=...)` is the spelling
+users know from bitsandbytes. The other design, building the model on the meta device and running a loading loop
+of our own, would have to re-implement the renames and fusions per family. The quantizer is ours only while loading:
+afterwards the model no longer says it is quantized (it is an ordinary model whose decoder weights live in the store),
+so the Trainer, peft and saving treat it as they treat any model.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..engine import compat, hostmem
+from ..engine.anatomy import check_streamable
+from ..engine.errors import UnsupportedModelError
+from ..engine.prebuilt import PREBUILT_ATTRIBUTE, PrebuiltStore, plan_prebuilt_store
+from ..engine.quant import make_codec
+
+logger = logging.getLogger(__name__)
+
+METHOD = "hf_offload"
+_SYNC_LOADING = "HF_DEACTIVATE_ASYNC_LOAD"  # transformers' switch for loading tensors one at a time
+
+
+@register_quantization_config(METHOD)
+class HostStoreConfig(QuantizationConfigMixin):
+    """Pass as `from_pretrained(..., quantization_config=HostStoreConfig(...))` to load the decoder layers' weights
+    straight into hf_offload's host store.
+
+    Args:
+        base_weight_dtype: how the store keeps frozen linear and expert weights: None (as loaded), "nf4" or "int8".
+            `enable_layer_streaming` must then be given the same `base_weight_dtype` (the Trainer flag and the
+            launcher pass one value to both).
+        check_host_memory: before any weight is read, stop with a clear error when the store and the rest of the
+            model would not fit in available host memory.
+        required: False when the launcher adds this config on its own: a model hf_offload cannot stream then loads
+            the ordinary way instead of failing (it is not the one being trained, or the Trainer will say why).
+    """
+
+    def __init__(self, base_weight_dtype: str | None = None, check_host_memory: bool = True, required: bool = True):
+        make_codec(base_weight_dtype)  # refuses an unknown dtype, naming the choices
+        self.quant_method = METHOD
+        self.base_weight_dtype = base_weight_dtype
+        self.check_host_memory = bool(check_host_memory)
+        self.required = bool(required)
+
+    def __repr__(self) -> str:
+        return f"HostStoreConfig(base_weight_dtype={self.base_weight_dtype!r})"
+
+
+@register_quantizer(METHOD)
+class HostStoreQuantizer(HfQuantizer):
+    """transformers' side of `HostStoreConfig`: plans the store on the model skeleton, fills it while loading."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: HostStoreConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self._restore_async: str | None = None
+
+    def validate_environment(self, *args, **kwargs):
+        if self.pre_quantized:
+            raise ValueError(
+                "This checkpoint's config.json names hf_offload's HostStoreConfig as its quantization_config; "
+                "hf_offload never saves one. Remove `quantization_config` from config.json."
+            )
+        # Older transformers read every tensor ahead on a thread pool; one at a time keeps memory at one tensor.
+        self._restore_async = os.environ.get(_SYNC_LOADING, "")
+        os.environ[_SYNC_LOADING] = "1"
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        config: HostStoreConfig = self.quantization_config
+        try:
+            anatomy = check_streamable(model, skeleton=True)
+        except UnsupportedModelError:
+            if config.required:
+                self._restore_loading()
+                raise
+            logger.info("hf_offload: %s loads the ordinary way (its decoder layers cannot stream)", type(model).__name__)
+            return model
+        store = plan_prebuilt_store(
+            anatomy.layers, anatomy.path, make_codec(config.base_weight_dtype), anatomy.shared_outside
+        )
+        if config.check_host_memory:
+            try:
+                check_loading_fits(model, anatomy, config.base_weight_dtype, store)
+            except hostmem.HostMemoryError:
+                self._restore_loading()
+                raise
+        setattr(model, PREBUILT_ATTRIBUTE, store)
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        store = getattr(model, PREBUILT_ATTRIBUTE, None)
+        return store is not None and store.layer_of(param_name) is not None
+
+    def get_quantize_ops(self):
+        return _write_into_store_op()
+
+    def postprocess_model(self, model, **kwargs):
+        """After loading: the model is an ordinary one again, whose decoder weights live in the store."""
+        self._restore_loading()
+        for attribute in ("hf_quantizer", "quantization_method"):
+            if hasattr(model, attribute):
+                delattr(model, attribute)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+        store: PrebuiltStore | None = getattr(model, PREBUILT_ATTRIBUTE, None)
+        if store is None:
+            return model
+        incomplete = [layer.index for layer in store.layers if not layer.complete]
+        if incomplete:
+            logger.info(
+                "hf_offload: the checkpoint did not fill layers %s of the host store completely; they are packed "
+                "the ordinary way when streaming starts.",
+                ", ".join(map(str, incomplete[:8])) + (", ..." if len(incomplete) > 8 else ""),
+            )
+        if store.base_weight_dtype is not None:
+            store.guard = model.register_forward_pre_hook(_refuse_forward_before_streaming)
+        return model
+
+    def _restore_loading(self) -> None:
+        if self._restore_async is not None:
+            if self._restore_async:
+                os.environ[_SYNC_LOADING] = self._restore_async
+            else:
+                os.environ.pop(_SYNC_LOADING, None)
+            self._restore_async = None
+
+    def is_serializable(self, safe_serialization=None):
+        return False  # never reached: postprocess_model detaches the quantizer from the model
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+@functools.cache
+def _write_into_store_op_class() -> type:
+    class WriteIntoStore(compat.weight_conversion_op_base()):
+        """transformers' per-tensor operation: each decoder-layer tensor goes into its place in the store."""
+
+        def convert(self, input_dict, model=None, **kwargs):
+            store: PrebuiltStore = getattr(model, PREBUILT_ATTRIBUTE)
+            installed = {}
+            for name, value in input_dict.items():
+                value = value[0] if isinstance(value, list) else value
+                layer = store.layer_of(name)
+                installed[name] = layer.write(name, value) if layer is not None else value
+            return installed
+
+    return WriteIntoStore
+
+
+def _write_into_store_op():
+    return _write_into_store_op_class()()
+
+
+def _refuse_forward_before_streaming(module, args):
+    raise RuntimeError(
+        f"hf_offload: the decoder weights of this {type(module).__name__} were loaded into hf_offload's host store "
+        "in encoded form (HostStoreConfig(base_weight_dtype=...)) and compute only while streaming. Call "
+        "hf_offload.enable_layer_streaming(model, OffloadConfig(base_weight_dtype=...)) with the same dtype (the "
+        "Trainer flag and `hf-offload launch` do it) before running the model."
+    )
+
+
+def check_loading_fits(model: nn.Module, anatomy, chosen: str | None, store: PrebuiltStore) -> None:
+    """Stop before any weight is read when the store plus the rest of the model would not fit in host memory.
+
+    Counted from the skeleton alone: the store's bytes, the modules outside the layers as loaded, and while a layer
+    loads, its largest tensor twice in the checkpoint's dtype (transformers materialises per-expert tensors, then
+    their fused stack) plus an fp32 copy of it for encoding.
+    """
+    in_layers = {id(p) for p in anatomy.layers.parameters()}
+    outside = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in in_layers)
+    largest = max((p.numel() for p in anatomy.layers.parameters()), default=0)
+    itemsize = max((p.element_size() for p in anatomy.layers.parameters()), default=0)
+    transient = largest * (2 * itemsize + 4)
+
+    def needs_of(dtype: str | None) -> list[hostmem.LayerNeed]:
+        planned = store if dtype == chosen else plan_prebuilt_store(
+            anatomy.layers, anatomy.path, make_codec(dtype), anatomy.shared_outside
+        )
+        rest = hostmem.LayerNeed(store_bytes=outside, freed_bytes=0, transient_bytes=0)
+        return [rest] + [hostmem.LayerNeed(layer.nbytes, 0, transient) for layer in planned.layers]
+
+    hostmem.check_fits(needs_of, chosen, hostmem.available_bytes(), settings="HostStoreConfig")
+
+
+def prebuilt_store_of(model: nn.Module) -> PrebuiltStore | None:
+    """The store a `HostStoreConfig` load left on `model` (or on the model inside a peft wrapper), if any."""
+    return getattr(compat.peft_base_model(model), PREBUILT_ATTRIBUTE, None)
+
+
+def forget_prebuilt_store(model: nn.Module) -> None:
+    base = compat.peft_base_model(model)
+    store = getattr(base, PREBUILT_ATTRIBUTE, None)
+    if store is not None:
+        store.release()
+        delattr(base, PREBUILT_ATTRIBUTE)
+
+
+# --- the launcher: every causal LM the launched script loads goes into the store ---------------------------------
+
+
+def patch_from_pretrained(model_class: type, base_weight_dtype: str | None, check_host_memory: bool) -> None:
+    """Make `model_class.from_pretrained` (transformers' PreTrainedModel) load into the host store unless the caller
+    chose a quantization_config or the checkpoint is already quantized. Idempotent."""
+    original = model_class.from_pretrained.__func__
+    if getattr(original, "_hf_offload_patched", False):
+        return
+
+    @functools.wraps(original)
+    def from_pretrained(cls, *args, **kwargs):
+        if kwargs.get("quantization_config") is not None or not _is_language_model(cls):
+            return original(cls, *args, **kwargs)
+        ours = HostStoreConfig(base_weight_dtype, check_host_memory=check_host_memory, required=False)
+        try:
+            return original(cls, *args, **{**kwargs, "quantization_config": ours})
+        except ValueError as err:
+            if "HostStoreConfig" not in str(err):
+                raise
+            # a pre-quantized checkpoint (fp8, bitsandbytes, ...): transformers refuses a second quantization config
+            logger.info("hf_offload: this checkpoint is already quantized; it loads the ordinary way")
+            return original(cls, *args, **kwargs)
+
+    from_pretrained._hf_offload_patched = True
+    model_class.from_pretrained = classmethod(from_pretrained)
+
+
+def _is_language_model(cls: type) -> bool:
+    return cls.__name__.endswith(("ForCausalLM", "ForConditionalGeneration"))
+
+

@@ -1,0 +1,134 @@
+"""Loading a checkpoint straight into the host store (`HostStoreConfig`) gives the store and the training step that
+loading the ordinary way and then streaming gives, for dense and MoE families, in every base_weight_dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from families import build as build_dense
+from moe_families import build as build_moe
+from moe_families import with_expert_lora
+from parity import assert_step_matches, left_padded_batch, train_step, with_lora
+
+import hf_offload
+from hf_offload.engine import hostmem
+from hf_offload.engine.prebuilt import PREBUILT_ATTRIBUTE, PrebuiltLayer
+from hf_offload.integrations.store_loading import HostStoreConfig
+
+DTYPES = [None, "nf4", "int8"]
+
+
+def _runtime(model):
+    return hf_offload.api.get_runtime(model)
+
+
+def _save(model, tmp_path) -> str:
+    path = str(tmp_path / "checkpoint")
+    model.save_pretrained(path)
+    return path
+
+
+def _load(path: str, base_weight_dtype=None, **kwargs):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=HostStoreConfig(base_weight_dtype), **kwargs
+    )
+
+
+def _streamed(model, base_weight_dtype, lora):
+    model = lora(model)
+    hf_offload.enable_layer_streaming(model, hf_offload.OffloadConfig(device="cpu", base_weight_dtype=base_weight_dtype))
+    return model
+
+
+def _check_same_store_and_step(path: str, base_weight_dtype, lora, vocab: int) -> None:
+    """Loaded into the store vs loaded then packed: same bytes per layer, every layer adopted, the same step."""
+    direct = _streamed(_load(path, base_weight_dtype), base_weight_dtype, lora)
+    packed = _streamed(
+        transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), base_weight_dtype, lora
+    )
+    direct_packs, packed_packs = _runtime(direct).store.packs, _runtime(packed).store.packs
+    assert all(pack.adopted for pack in direct_packs), "a layer was packed again instead of adopted"
+    assert not any(pack.adopted for pack in packed_packs)
+    for a, b in zip(direct_packs, packed_packs, strict=True):
+        assert torch.equal(a.host, b.host), f"layer {a.index}: the store bytes differ"
+    batch = left_padded_batch(vocab)
+    assert_step_matches(train_step(packed, batch), direct, batch)
+
+
+# every dtype on one family of each kind; other families in one dtype each (the suite stays quick)
+DENSE = [("llama", dtype) for dtype in DTYPES] + [("gpt2", "nf4"), ("gemma2", None)]
+MOE = [("qwen3_moe", dtype) for dtype in DTYPES] + [("mixtral", "nf4"), ("deepseek_v3", "int8")]
+
+
+@pytest.mark.parametrize(("family", "base_weight_dtype"), DENSE)
+def test_dense_checkpoint_loads_into_the_store(family, base_weight_dtype, tmp_path):
+    path = _save(build_dense(family), tmp_path)
+    _check_same_store_and_step(path, base_weight_dtype, with_lora, vocab=96)
+
+
+@pytest.mark.parametrize(("family", "base_weight_dtype"), MOE)
+def test_moe_checkpoint_with_per_expert_keys_loads_into_the_store(family, base_weight_dtype, tmp_path):
+    path = _save(build_moe(family), tmp_path)
+    _check_same_store_and_step(path, base_weight_dtype, lambda m: with_expert_lora(m, family), vocab=96)
+
+
+def test_loaded_store_trains_like_the_ordinary_model(tmp_path):
+    """No streaming on one side: the ordinary fp32 model with the same LoRA gives the same loss and gradients."""
+    path = _save(build_dense("llama"), tmp_path)
+    ordinary = with_lora(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+    direct = _streamed(_load(path), None, with_lora)
+    batch = left_padded_batch(96)
+    assert_step_matches(train_step(ordinary, batch), direct, batch)
+
+
+def test_encoded_store_refuses_to_run_before_streaming(tmp_path):
+    path = _save(build_dense("llama"), tmp_path)
+    model = _load(path, "nf4")
+    assert not getattr(model, "is_quantized", False) and not hasattr(model.config, "quantization_config")
+    with pytest.raises(RuntimeError, match="enable_layer_streaming"):
+        model(input_ids=torch.tensor([[3, 4, 5]]))
+
+
+def test_streaming_with_another_dtype_than_loaded_is_refused(tmp_path):
+    path = _save(build_dense("llama"), tmp_path)
+    model = with_lora(_load(path, "nf4"))
+    with pytest.raises(ValueError, match="base_weight_dtype='nf4'"):
+        hf_offload.enable_layer_streaming(model, hf_offload.OffloadConfig(device="cpu"))
+
+
+def test_a_weight_left_trainable_falls_back_to_ordinary_packing(tmp_path):
+    """A layer whose layout changed after loading (a norm left trainable) is packed from the prebuilt values."""
+    path = _save(build_dense("llama"), tmp_path)
+    reference = with_lora(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+    model = with_lora(_load(path, "int8"))
+    for m in (reference, model):
+        m.base_model.model.model.layers[1].input_layernorm.weight.requires_grad_(True)
+    hf_offload.enable_layer_streaming(reference, hf_offload.OffloadConfig(device="cpu", base_weight_dtype="int8"))
+    hf_offload.enable_layer_streaming(model, hf_offload.OffloadConfig(device="cpu", base_weight_dtype="int8"))
+    adopted = [pack.adopted for pack in _runtime(model).store.packs]
+    assert adopted == [True, False, True, True]
+    batch = left_padded_batch(96)
+    assert_step_matches(train_step(reference, batch), model, batch)
+    assert not hasattr(model.base_model.model, PREBUILT_ATTRIBUTE)
+
+
+def test_host_memory_check_runs_before_any_weight_is_read(tmp_path, monkeypatch):
+    path = _save(build_dense("llama"), tmp_path)
+    written = []
+    monkeypatch.setattr(PrebuiltLayer, "write", lambda self, name, value: written.append(name))
+    monkeypatch.setattr(hostmem, "available_bytes", lambda *a, **k: 1000)
+    with pytest.raises(hostmem.HostMemoryError, match=r"HostStoreConfig\(check_host_memory=False\)"):
+        _load(path, "nf4")
+    assert not written
+    monkeypatch.undo()
+    monkeypatch.setattr(hostmem, "available_bytes", lambda *a, **k: 1000)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=HostStoreConfig("nf4", check_host_memory=False)
+    )
+    assert getattr(model, PREBUILT_ATTRIBUTE).layers[0].complete
+
+
+def test_unknown_dtype_is_refused():
+    with pytest.raises(ValueError, match="base_weight_dtype"):
+        HostStoreConfig("fp3")
