@@ -96,7 +96,8 @@ def check_streamable(model: nn.Module, skeleton: bool = False) -> Anatomy:
     """Every refusal that does not depend on which weights train, made before anything about `model` changes.
 
     Finds the decoder layers (as `find_decoder_layers`), then refuses weights on the meta device anywhere in the
-    model (unless `skeleton`: a model built on the meta device whose checkpoint is about to load), bitsandbytes parameters without the state needed to stream them, and weights shared across layers.
+    model (unless `skeleton`: a model built on the meta device whose checkpoint is about to load), bitsandbytes
+    parameters without the state needed to stream them, and weights shared across layers.
 
     Returns:
         Where the decoder layers are.

@@ -42,7 +42,8 @@ class PrebuiltLayer:
     places: dict[str, tuple[torch.dtype, tuple[int, ...], Region | list[Region]]]  # name -> dtype, shape, place
     host: torch.Tensor | None = None  # allocated when the first tensor arrives
     dense: dict[int, Region] = field(default_factory=dict)  # id(parameter) -> its region
-    encoded: dict[int, tuple[nn.Parameter, list[Region], dict]] = field(default_factory=dict)  # id -> param, parts, meta
+    # id(parameter) -> the parameter, its parts' regions, the codec's metadata
+    encoded: dict[int, tuple[nn.Parameter, list[Region], dict]] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -82,7 +83,8 @@ class PrebuiltLayer:
         for param, region in layout.dense:
             if self.dense.get(id(param)) != region or param.data.data_ptr() != base + region.offset:
                 return False
-        return all(id(param) in self.encoded and self.encoded[id(param)][1] == parts for param, parts, _ in layout.encoded)
+        encoded = self.encoded
+        return all(id(param) in encoded and encoded[id(param)][1] == parts for param, parts, _ in layout.encoded)
 
     def encoded_meta(self, param: nn.Parameter) -> dict:
         return self.encoded[id(param)][2]

@@ -94,7 +94,7 @@ class HostStoreQuantizer(HfQuantizer):
             if config.required:
                 self._restore_loading()
                 raise
-            logger.info("hf_offload: %s loads the ordinary way (its decoder layers cannot stream)", type(model).__name__)
+            logger.info("hf_offload: %s loads the ordinary way (it cannot stream)", type(model).__name__)
             return model
         store = plan_prebuilt_store(
             anatomy.layers, anatomy.path, make_codec(config.base_weight_dtype), anatomy.shared_outside
@@ -198,8 +198,10 @@ def check_loading_fits(model: nn.Module, anatomy, chosen: str | None, store: Pre
     transient = largest * (2 * itemsize + 4)
 
     def needs_of(dtype: str | None) -> list[hostmem.LayerNeed]:
-        planned = store if dtype == chosen else plan_prebuilt_store(
-            anatomy.layers, anatomy.path, make_codec(dtype), anatomy.shared_outside
+        planned = (
+            store
+            if dtype == chosen
+            else plan_prebuilt_store(anatomy.layers, anatomy.path, make_codec(dtype), anatomy.shared_outside)
         )
         rest = hostmem.LayerNeed(store_bytes=outside, freed_bytes=0, transient_bytes=0)
         return [rest] + [hostmem.LayerNeed(layer.nbytes, 0, transient) for layer in planned.layers]
@@ -250,5 +252,3 @@ def patch_from_pretrained(model_class: type, base_weight_dtype: str | None, chec
 
 def _is_language_model(cls: type) -> bool:
     return cls.__name__.endswith(("ForCausalLM", "ForConditionalGeneration"))
-
-

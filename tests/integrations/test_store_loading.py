@@ -37,7 +37,8 @@ def _load(path: str, base_weight_dtype=None, **kwargs):
 
 def _streamed(model, base_weight_dtype, lora):
     model = lora(model)
-    hf_offload.enable_layer_streaming(model, hf_offload.OffloadConfig(device="cpu", base_weight_dtype=base_weight_dtype))
+    config = hf_offload.OffloadConfig(device="cpu", base_weight_dtype=base_weight_dtype)
+    hf_offload.enable_layer_streaming(model, config)
     return model
 
 
