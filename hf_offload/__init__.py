@@ -5,6 +5,9 @@
 >>> model(**batch).loss.backward()
 >>> stats(model)["bytes_to_device"]
 
+A checkpoint bigger than host memory: `from_pretrained(..., quantization_config=HostStoreConfig("nf4"))` loads its
+decoder layers straight into the host store.
+
 With `transformers.Trainer`: `OffloadTrainingArguments` + `OffloadTrainer` and `--layer_streaming`, or an unchanged
 script under `hf-offload launch -- python train.py ...`. With a plain accelerate loop: `OffloadAccelerator`.
 
@@ -40,6 +43,7 @@ _LAZY = {
     "OffloadTrainer": "integrations.trainer",
     "LayerStreamingPlugin": "integrations.plugin",
     "OffloadAccelerator": "integrations.accelerator",
+    "HostStoreConfig": "integrations.store_loading",
 }
 
 

@@ -37,6 +37,7 @@ BAD = {
     "lora_target_modules": " , ",
     "default_optim": "adamw_quantum",
     "save_merged": "yes",
+    "load_into_store": "maybe",
     "skip_bad_steps": "yes",
     "spike_sigmas": -1.0,
     "spike_window": 1,

@@ -1,11 +1,13 @@
-"""Start-up hook of `hf-offload launch`: patch `transformers.Trainer` as soon as a process imports it.
+"""Start-up hook of `hf-offload launch`: patch `transformers.Trainer` and `from_pretrained` as soon as a process
+imports them.
 
 Python imports `sitecustomize` at start-up from the first folder on `sys.path` that has one; `hf-offload launch`
 puts this folder first on PYTHONPATH, and child processes inherit it, so this runs in every Python the launched
 command starts (`accelerate launch` and `trl sft` re-exec Python). It imports nothing heavy: it installs an import
 hook that, once `transformers.trainer` has been executed, applies `hf_offload.integrations.trainer.patch_trainer()`
-to it, so processes that never build a Trainer pay nothing. Then it runs the `sitecustomize` it shadows, if there is
-one.
+to it, and once `transformers.modeling_utils` has, makes `from_pretrained` load causal LMs straight into the host
+store (`hf_offload.integrations.store_loading.patch_from_pretrained_for_launch`), so processes that never load a
+model or build a Trainer pay nothing. Then it runs the `sitecustomize` it shadows, if there is one.
 """
 
 import contextlib
@@ -15,7 +17,8 @@ import importlib.util
 import os
 import sys
 
-_TARGET = "transformers.trainer"
+_TRAINER = "transformers.trainer"
+_MODELING = "transformers.modeling_utils"
 _SETTINGS = "HF_OFFLOAD_LAYER_STREAMING"
 _REPORT = "HF_OFFLOAD_LAUNCH_REPORT"  # hf_offload.integrations.recipe.REPORT_ENV_VAR
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -25,7 +28,7 @@ class _PatchTrainerAfterImport(importlib.abc.MetaPathFinder):
     """Finds nothing itself: wraps the real loader of `transformers.trainer` so the module is patched when loaded."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _TARGET:
+        if fullname not in (_TRAINER, _MODELING):
             return None
         spec = None
         for finder in sys.meta_path:
@@ -52,6 +55,9 @@ class _PatchingLoader(importlib.abc.Loader):
     def exec_module(self, module):
         module.__loader__ = module.__spec__.loader = self._loader  # the module looks as if loaded normally
         self._loader.exec_module(module)
+        if module.__name__ == _MODELING:
+            _patch_loading(module)
+            return
         sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _PatchTrainerAfterImport)]
         ours = sys.modules.get("hf_offload.integrations.trainer")
         if ours is not None and not hasattr(ours, "patch_trainer"):
@@ -65,6 +71,14 @@ class _PatchingLoader(importlib.abc.Loader):
             ) from err
         patch_trainer(module.Trainer)
         _note("trainer-imported")
+
+
+def _patch_loading(module):
+    try:
+        from hf_offload.integrations.store_loading import patch_from_pretrained_for_launch
+    except ImportError:
+        return  # the Trainer patch reports a missing hf_offload clearly
+    patch_from_pretrained_for_launch(module.PreTrainedModel)
 
 
 def _run_shadowed_sitecustomize():

@@ -51,10 +51,13 @@ class StreamingSummary(Record):
     loss_chunk_tokens: int | None  # tokens per chunk (None: planned from the vocabulary)
     mlp_tile_tokens: int | None  # MLPs of longer inputs compute in tiles of about this many tokens (None: never)
     tiled_mlp_layers: int  # layers whose MLP can be tiled (dense MLPs)
+    layers_loaded_into_store: int = 0  # layers whose buffer was filled straight from the checkpoint (HostStoreConfig)
 
     def describe(self) -> str:
         """One paragraph for the log: what streams, where it lives, what a step moves."""
         store = format_bytes(self.host_store_bytes) + (" (pinned)" if self.pinned else "")
+        if self.layers_loaded_into_store:
+            store += f", {self.layers_loaded_into_store} layers loaded straight from the checkpoint"
         if self.quantized_weights:
             store += f", {self.quantized_weights} linear weights in {self.base_weight_dtype}"
         scratch = self.device_scratch_bytes

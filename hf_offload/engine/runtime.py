@@ -209,6 +209,7 @@ class LayerStreamingRuntime:
             loss_chunk_tokens=self.config.loss_chunk_tokens,
             mlp_tile_tokens=self.config.mlp_tile_tokens,
             tiled_mlp_layers=len(self.tiled_mlps.mlps),
+            layers_loaded_into_store=sum(p.adopted for p in packs),
         )
 
     # --- installation and removal ------------------------------------------------------------------------------------

@@ -139,6 +139,14 @@ class LayerStreamingPlugin:
         check=_optimizer_name,
         aliases=("optim",),
     )
+    load_into_store: bool = option(
+        True,
+        "Under `hf-offload launch`: every causal LM the command loads with `from_pretrained` goes straight into the "
+        "host store (decoder weights in base_weight_dtype, one tensor at a time), so host memory holds the store "
+        "rather than the checkpoint. False loads models the ordinary way; streaming then packs them.",
+        faces={"plugin", "launch"},
+        check=boolean,
+    )
     save_merged: bool = option(
         False,
         "When the final model is saved (save_model, push_to_hub), also write a merged full checkpoint "

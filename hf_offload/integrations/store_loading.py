@@ -250,5 +250,14 @@ def patch_from_pretrained(model_class: type, base_weight_dtype: str | None, chec
     model_class.from_pretrained = classmethod(from_pretrained)
 
 
+def patch_from_pretrained_for_launch(model_class: type) -> None:
+    """`hf-offload launch`'s start-up hook: load into the store as the launcher's options say (`load_into_store`)."""
+    from .plugin import LayerStreamingPlugin
+
+    plugin = LayerStreamingPlugin.from_env()
+    if plugin is not None and plugin.load_into_store:
+        patch_from_pretrained(model_class, plugin.base_weight_dtype, plugin.check_host_memory)
+
+
 def _is_language_model(cls: type) -> bool:
     return cls.__name__.endswith(("ForCausalLM", "ForConditionalGeneration"))

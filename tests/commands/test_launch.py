@@ -97,6 +97,7 @@ def test_unmodified_example_under_launch_streams_like_the_flag(tiny_model_dir, t
     done = _launch([*LORA, "--", sys.executable, str(EXAMPLES / "finetune.py"), *common], cwd=tmp_path)
     assert "hf_offload: the Trainer keeps" in done.stderr
     assert "'offload/h2d_GB'" in done.stdout
+    assert "2 layers loaded straight from the checkpoint" in done.stderr  # the script's from_pretrained, patched
 
     run_example("finetune.py", example_argv(tiny_model_dir, tmp_path / "flag", "--layer_streaming"), monkeypatch)
     assert state_losses(tmp_path / "launched") == state_losses(tmp_path / "flag")
