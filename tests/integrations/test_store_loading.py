@@ -12,9 +12,9 @@ from moe_families import with_expert_lora
 from parity import assert_step_matches, left_padded_batch, train_step, with_lora
 
 import hf_offload
+from hf_offload import HostStoreConfig
 from hf_offload.engine import hostmem
 from hf_offload.engine.prebuilt import PREBUILT_ATTRIBUTE, PrebuiltLayer
-from hf_offload import HostStoreConfig
 
 DTYPES = [None, "nf4", "int8"]
 
