@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .hostmem import release_free_heap
 from .moe import find_expert_groups
 from .quant import Codec
 from .store import LayerLayout, Region, hollow, layout_layer, page_aligned_empty, write_dense, write_encoded
@@ -71,6 +72,8 @@ class PrebuiltLayer:
             meta = write_encoded(self.codec, place, value, self.host)
             param.data = hollow(shape, dtype)
             self.encoded[id(param)] = (param, place, meta)
+        if self.complete:
+            release_free_heap()  # the layer's loading temporaries, freed, must not stay in the process
         return param
 
     def matches(self, layout: LayerLayout) -> bool:

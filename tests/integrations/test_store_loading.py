@@ -133,3 +133,54 @@ def test_host_memory_check_runs_before_any_weight_is_read(tmp_path, monkeypatch)
 def test_unknown_dtype_is_refused():
     with pytest.raises(ValueError, match="base_weight_dtype"):
         HostStoreConfig("fp3")
+
+
+_PEAK_PROBE = """
+import sys, threading, time, torch, transformers
+import bitsandbytes  # imported by the first encode otherwise: its own memory is not the loader's
+from hf_offload import HostStoreConfig
+
+def anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon"))
+
+peak, done = [anon()], threading.Event()
+def sample():
+    while not done.is_set():
+        peak.append(anon()); time.sleep(0.0005)
+thread = threading.Thread(target=sample); before = anon(); thread.start()
+config = HostStoreConfig("nf4") if sys.argv[2] == "store" else None
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, quantization_config=config)
+done.set(); thread.join()
+print(max(peak) - before)
+"""
+
+
+def test_loading_into_the_store_holds_about_the_store_not_the_checkpoint(tmp_path):
+    """A bf16 checkpoint loaded in fp32: the ordinary load holds every layer in fp32; loading into an nf4 store holds
+    the store, the modules outside the layers and about two layers' worth of tensors in flight, never more."""
+    import subprocess
+    import sys
+
+    config = transformers.LlamaConfig(
+        hidden_size=512, intermediate_size=1536, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=4,
+        vocab_size=1024,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    path = _save(model, tmp_path)
+    layer_fp32 = sum(p.numel() for p in model.model.layers[0].parameters()) * 4
+    outside_fp32 = sum(p.numel() for n, p in model.named_parameters() if ".layers." not in n) * 4
+    del model
+    peaks = {}
+    for how in ("store", "ordinary"):
+        done = subprocess.run(
+            [sys.executable, "-c", _PEAK_PROBE, path, how], capture_output=True, text=True, timeout=300,
+            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        peaks[how] = int(done.stdout.split()[-1])
+    store = _load(path, "nf4").__dict__[PREBUILT_ATTRIBUTE].nbytes
+    bound = store + 2 * layer_fp32 + outside_fp32 + 16 * 2**20  # + the loader's own working set
+    assert peaks["store"] <= bound, (peaks, bound)
+    assert peaks["ordinary"] > bound, (peaks, bound)  # the model is big enough for the bound to mean something
