@@ -11,9 +11,11 @@ model or build a Trainer pay nothing. Then it runs the `sitecustomize` it shadow
 """
 
 import contextlib
+import functools
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import json
 import os
 import sys
 
@@ -74,11 +76,24 @@ class _PatchingLoader(importlib.abc.Loader):
 
 
 def _patch_loading(module):
-    try:
-        from hf_offload.integrations.store_loading import patch_from_pretrained_for_launch
-    except ImportError:
-        return  # the Trainer patch reports a missing hf_offload clearly
-    patch_from_pretrained_for_launch(module.PreTrainedModel)
+    """`from_pretrained` loads causal LMs into the host store (unless the launcher's `load_into_store` is off).
+
+    Nothing is imported here: `transformers.modeling_utils` may be loading in the middle of another package's import
+    (peft's). hf_offload's loading code is imported when the script first calls `from_pretrained`.
+    """
+    settings = json.loads(os.environ[_SETTINGS])
+    if not settings.get("load_into_store", True):
+        return
+    model_class = module.PreTrainedModel
+    original = model_class.from_pretrained.__func__
+
+    @functools.wraps(original)
+    def from_pretrained(cls, *args, **kwargs):
+        from hf_offload.integrations.store_loading import load_into_store_for_launch
+
+        return load_into_store_for_launch(original, cls, args, kwargs, settings)
+
+    model_class.from_pretrained = classmethod(from_pretrained)
 
 
 def _run_shadowed_sitecustomize():

@@ -225,38 +225,23 @@ def forget_prebuilt_store(model: nn.Module) -> None:
 # --- the launcher: every causal LM the launched script loads goes into the store ---------------------------------
 
 
-def patch_from_pretrained(model_class: type, base_weight_dtype: str | None, check_host_memory: bool) -> None:
-    """Make `model_class.from_pretrained` (transformers' PreTrainedModel) load into the host store unless the caller
-    chose a quantization_config or the checkpoint is already quantized. Idempotent."""
-    original = model_class.from_pretrained.__func__
-    if getattr(original, "_hf_offload_patched", False):
-        return
-
-    @functools.wraps(original)
-    def from_pretrained(cls, *args, **kwargs):
-        if kwargs.get("quantization_config") is not None or not _is_language_model(cls):
-            return original(cls, *args, **kwargs)
-        ours = HostStoreConfig(base_weight_dtype, check_host_memory=check_host_memory, required=False)
-        try:
-            return original(cls, *args, **{**kwargs, "quantization_config": ours})
-        except ValueError as err:
-            if "HostStoreConfig" not in str(err):
-                raise
-            # a pre-quantized checkpoint (fp8, bitsandbytes, ...): transformers refuses a second quantization config
-            logger.info("hf_offload: this checkpoint is already quantized; it loads the ordinary way")
-            return original(cls, *args, **kwargs)
-
-    from_pretrained._hf_offload_patched = True
-    model_class.from_pretrained = classmethod(from_pretrained)
-
-
-def patch_from_pretrained_for_launch(model_class: type) -> None:
-    """`hf-offload launch`'s start-up hook: load into the store as the launcher's options say (`load_into_store`)."""
-    from .plugin import LayerStreamingPlugin
-
-    plugin = LayerStreamingPlugin.from_env()
-    if plugin is not None and plugin.load_into_store:
-        patch_from_pretrained(model_class, plugin.base_weight_dtype, plugin.check_host_memory)
+def load_into_store_for_launch(original, cls, args: tuple, kwargs: dict, settings: dict):
+    """`hf-offload launch`'s `from_pretrained` (installed by its start-up hook): `original` (transformers' own),
+    loading into the host store as the launcher's `settings` say, unless the caller chose a quantization_config, the
+    class is not a language model, or the checkpoint is already quantized."""
+    if kwargs.get("quantization_config") is not None or not _is_language_model(cls):
+        return original(cls, *args, **kwargs)
+    ours = HostStoreConfig(
+        settings.get("base_weight_dtype"), check_host_memory=settings.get("check_host_memory", True), required=False
+    )
+    try:
+        return original(cls, *args, **{**kwargs, "quantization_config": ours})
+    except ValueError as err:
+        if "HostStoreConfig" not in str(err):
+            raise
+        # a pre-quantized checkpoint (fp8, bitsandbytes, ...): transformers refuses a second quantization config
+        logger.info("hf_offload: this checkpoint is already quantized; it loads the ordinary way")
+        return original(cls, *args, **kwargs)
 
 
 def _is_language_model(cls: type) -> bool:
