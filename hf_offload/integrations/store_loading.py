@@ -209,19 +209,6 @@ def check_loading_fits(model: nn.Module, anatomy, chosen: str | None, store: Pre
     hostmem.check_fits(needs_of, chosen, hostmem.available_bytes(), settings="HostStoreConfig")
 
 
-def prebuilt_store_of(model: nn.Module) -> PrebuiltStore | None:
-    """The store a `HostStoreConfig` load left on `model` (or on the model inside a peft wrapper), if any."""
-    return getattr(compat.peft_base_model(model), PREBUILT_ATTRIBUTE, None)
-
-
-def forget_prebuilt_store(model: nn.Module) -> None:
-    base = compat.peft_base_model(model)
-    store = getattr(base, PREBUILT_ATTRIBUTE, None)
-    if store is not None:
-        store.release()
-        delattr(base, PREBUILT_ATTRIBUTE)
-
-
 # --- the launcher: every causal LM the launched script loads goes into the store ---------------------------------
 
 
