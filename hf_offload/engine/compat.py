@@ -412,3 +412,31 @@ def weight_conversion_op_base() -> type:
             "HostStoreConfig (enable_layer_streaming then packs it after loading)."
         ) from err
     return ConversionOps
+
+
+# Checked against torch 2.13 (OpenMP and native thread pools): `torch.set_num_threads` sets a process-wide default
+# and the calling thread's own count; a thread reads the default once, at its first parallel kernel, and keeps its
+# own count after that. Encoding threads each take one chunk at a time, so their kernels must not fan out again
+# (with OpenMP that oversubscribes the cores and spins in barriers, many times slower on a busy machine).
+def single_threaded_pool(workers: int, name: str):
+    """A `ThreadPoolExecutor` of `workers` threads whose torch kernels run on one thread each.
+
+    The caller's own thread count and the process-wide default are what they were before, once this returns.
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    ready = threading.Barrier(workers + 1)
+
+    def initializer() -> None:
+        torch.get_num_threads()  # reads the process-wide default now, so the next line is what the thread keeps
+        torch.set_num_threads(1)
+        ready.wait()
+
+    before = torch.get_num_threads()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=initializer)
+    for _ in range(workers):  # each submit starts a thread while none is idle (all wait in the initializer)
+        pool.submit(int)
+    ready.wait()
+    torch.set_num_threads(before)
+    return pool
