@@ -17,8 +17,17 @@ gives wrong values for 2D shapes whose rows are not a multiple of the block size
 single row. Weights whose size is not a multiple of 64 stay dense.
 
 Which weights are quantized: the 2D weight of every `nn.Linear` and transformers `Conv1D` in a decoder layer
-(the base layer of a peft LoRA layer included, its adapters excluded), when it is frozen and floating point.
-Norms, biases, embeddings and 3D expert tensors stay as they are.
+(the base layer of a peft LoRA layer included, its adapters excluded), when it is frozen and floating point; and
+the stacked expert tensors ([num_experts, out, in]) of Mixture-of-Experts layers, expert by expert (see Note:
+[Experts encoded one by one]). Norms, biases and embeddings stay as they are.
+
+Note: [Experts encoded one by one]
+A stacked expert tensor is encoded as `num_experts` separate weights: expert e's [out, in] slice goes through the
+same `encode` as a linear weight, and part p of all experts is stored as one [num_experts, ...] array (each row
+padded to the store's alignment), so the parts of expert e are fixed byte ranges. Routed expert fetch can then copy
+the encoded bytes of only the routed experts and decode just those (streamer.py); an expert's values do not depend
+on which other experts are loaded. The metadata (nf4's absmax offset) is per expert too. With nf4, a stack whose
+expert slices are not a multiple of 64 values stays dense (Note: [nf4 on flattened weights]).
 """
 
 from __future__ import annotations
@@ -56,6 +65,10 @@ class Codec:
     def accepts(self, weight: torch.Tensor) -> bool:
         return weight.dim() == 2 and weight.dtype in _FLOATS
 
+    def accepts_experts(self, stack: torch.Tensor) -> bool:
+        """Whether each [out, in] slice of a stacked expert tensor [num_experts, out, in] can be encoded."""
+        return stack.dim() == 3 and stack.shape[0] > 0 and self.accepts(stack[0])
+
     def parts(self, shape: torch.Size, dtype: torch.dtype) -> list[Part]:
         """The layout of the encoded weight; needs only the shape, so it works on the meta device (plans)."""
         raise NotImplementedError
@@ -67,6 +80,12 @@ class Codec:
     def decode(self, parts: list[torch.Tensor], meta: dict, out: torch.Tensor) -> None:
         """Write the dense weight into `out` (same device as `parts`, original shape and dtype)."""
         raise NotImplementedError
+
+    def decode_experts(self, parts: list[torch.Tensor], metas: list[dict], out: torch.Tensor) -> None:
+        """Decode several experts at once: `parts` are [count, ...part] views, `metas` one dict per expert, `out` is
+        [count, out, in]. Expert i's result is exactly `decode` of its own parts."""
+        for i, meta in enumerate(metas):
+            self.decode([part[i] for part in parts], meta, out[i])
 
 
 class NF4Codec(Codec):
@@ -146,7 +165,32 @@ class Int8RowwiseCodec(Codec):
 
     def decode(self, parts, meta, out):
         codes, scale = parts
-        torch.mul(codes, scale[:, None], out=out)  # computed in fp32, rounded once into out's dtype
+        torch.mul(codes, scale[..., None], out=out)  # computed in fp32, rounded once into out's dtype
+
+    def decode_experts(self, parts, metas, out):
+        self.decode(parts, {}, out)  # elementwise: one kernel for [count, rows, cols] gives each expert's decode
+
+
+def encode_experts(codec: Codec, stack: torch.Tensor, parts: list[torch.Tensor]) -> list[dict]:
+    """Encode each expert of `stack` ([num_experts, out, in]) alone, into row e of each of `parts`.
+
+    See Note: [Experts encoded one by one]. One expert at a time, so the transient memory is one expert's.
+
+    Args:
+        codec: the codec (`accepts_experts(stack)` must hold).
+        stack: the dense stacked expert tensor.
+        parts: per part of `codec.parts(stack.shape[1:], ...)`, a writable [num_experts, ...part shape] view.
+
+    Returns:
+        The metadata `decode` needs, one dict per expert.
+    """
+    metas = []
+    for expert in range(stack.shape[0]):
+        tensors, meta = codec.encode(stack[expert])
+        for part, tensor in zip(parts, tensors, strict=True):
+            part[expert].copy_(tensor.reshape(part.shape[1:]))
+        metas.append(meta)
+    return metas
 
 
 def make_codec(base_weight_dtype: str | None) -> Codec | None:
