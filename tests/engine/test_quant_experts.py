@@ -178,7 +178,7 @@ def test_routed_fetch_moves_the_encoded_bytes_of_routed_experts_only(dtype, monk
         assert_step_matches(reference_step, streamed, batch)
         results[mode] = hf_offload.stats(streamed), copies, list(decoded), get_runtime(streamed).store
 
-    (stats_all, copies_all, decoded_all, store), (stats, copies, decoded_routed, _) = results["all"], results["routed"]
+    (_, copies_all, decoded_all, store), (stats, copies, decoded_routed, _) = results["all"], results["routed"]
     assert copies_all == [] and set(decoded_all) == {64}  # whole layers: every expert decoded, never copied alone
     # bytes: each load's base prefix plus, per routed copy, the ENCODED bytes of the experts it copied
     packs = store.packs
