@@ -269,3 +269,20 @@ def test_encoded_experts_are_hollow_between_uses_and_come_back_dequantized(dtype
         assert torch.equal(param.data, decoded[id(param)])  # the values the layers computed with
         original = originals[names[id(param)].replace("base_model.model.", "").replace(".base_layer", "")]
         assert (param.data - original).norm() / original.norm() < 0.11
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_training_after_a_first_use_under_inference_mode(mode):
+    """The scratch the experts decode into is allocated on first use, possibly under inference mode: training after
+    must still match a model never used there."""
+    base = build("qwen3_moe")
+    batch = left_padded_batch(VOCAB)
+    config = OffloadConfig(device="cpu", base_weight_dtype="nf4", expert_fetch=mode)
+    streamed, reference = (
+        hf_offload.enable_layer_streaming(with_expert_lora(copy.deepcopy(base)), config) for _ in range(2)
+    )
+    streamed.eval()
+    with torch.inference_mode():
+        first = streamed(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert_step_matches(train_step(reference, batch), streamed, batch)
+    torch.testing.assert_close(eval_logits(streamed, batch), first, rtol=1e-5, atol=1e-6)
