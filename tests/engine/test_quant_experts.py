@@ -4,6 +4,7 @@ expert, routed fetch of encoded bytes, exactness against ordinary training on th
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -286,3 +287,59 @@ def test_training_after_a_first_use_under_inference_mode(mode):
         first = streamed(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert_step_matches(train_step(reference, batch), streamed, batch)
     torch.testing.assert_close(eval_logits(streamed, batch), first, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(128, 128), (256, 192), (32, 32), (96, 64)])  # 16384 | numel: one batched decode
+def test_nf4_decode_of_many_experts_is_bitwise_each_experts_own_decode(shape, dtype, monkeypatch):
+    """The batched nf4 decode (real expert shapes) and the one-by-one fallback give each expert's `decode`."""
+    from hf_offload.engine import store
+
+    codec = NF4Codec()
+    stack = torch.randn(6, *shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    part_shapes = codec.parts(shape, dtype)
+    regions, offset = [], 0
+    for part in part_shapes:
+        regions.append(store.StackedRegion(offset, part.dtype, part.shape, 6, store._aligned(part.nbytes)))
+        offset += regions[-1].nbytes
+    host = torch.zeros(offset, dtype=torch.uint8)
+    from hf_offload.engine.quant import encode_experts
+
+    metas = encode_experts(codec, stack, [r.view_in(host) for r in regions])
+    calls = []
+    one = codec.decode
+    monkeypatch.setattr(codec, "decode", lambda *args: calls.append(1) or one(*args))
+    for start, count in ((0, 6), (1, 3), (5, 1)):
+        calls.clear()
+        out = torch.full((count, *shape), float("nan"), dtype=dtype)
+        experts = [4, 0, 2, 5, 1, 3][start : start + count]  # positions hold experts in any order (routed slots)
+        codec.decode_experts([r.view_in(host, start, count) for r in regions], [metas[e] for e in experts], out)
+        batched = math.prod(shape) % (64 * 256) == 0
+        assert len(calls) == (0 if batched else count)
+        for i in range(count):
+            alone = torch.empty(shape, dtype=dtype)
+            one([r.view_in(host, start + i, 1)[0] for r in regions], metas[experts[i]], alone)
+            assert torch.equal(out[i], alone), (start, i)
+
+
+def test_expert_shapes_of_16384_values_decode_in_one_batch_and_keep_parity():
+    """gate_up_proj experts of 128 x 128 take the batched nf4 decode (down_proj, 128 x 64, the one-by-one one)."""
+    config_class, kwargs = FAMILIES["qwen3_moe"]
+    base = instantiate(config_class, dict(kwargs, hidden_size=128, moe_intermediate_size=64, num_hidden_layers=2))
+    batch = left_padded_batch(VOCAB)
+    for mode in MODES:
+        streamed, reference = streamed_and_decoded_reference(base, None, base_weight_dtype="nf4", expert_fetch=mode)
+        shapes = {tuple(e.param.shape[1:]) for _, e in encoded_experts(streamed)}
+        assert shapes == {(128, 128), (128, 64)}
+        assert_step_matches(train_step(reference, batch), streamed, batch)
+    # what the reference computed with is each expert's own round trip through the codec
+    names = {id(p): n.replace("base_model.model.", "") for n, p in streamed.named_parameters()}
+    names = {key: name.replace(".base_layer", "") for key, name in names.items()}
+    originals = dict(base.named_parameters())
+    codec = NF4Codec()
+    for pack, encoded in encoded_experts(streamed):
+        dense = encoded.dense_copy(pack.host)
+        for expert, weight in enumerate(originals[names[id(encoded.param)]].detach()):
+            alone = torch.empty_like(weight)
+            codec.decode(*codec.encode(weight), alone)
+            assert torch.equal(dense[expert], alone)
