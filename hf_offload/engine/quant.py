@@ -131,7 +131,7 @@ class NF4Codec(Codec):
             absmax_q, absmax=nested_absmax, code=self._code(out.device), blocksize=self.nested_blocksize
         )
         absmax += meta["offset"]
-        self._dequantize(packed, absmax, out.view(-1))
+        self._dequantize(packed.view(1, -1), absmax.view(1, -1), out.view(1, -1))
 
     def decode_experts(self, parts, metas, out):
         """All experts with three kernels instead of three per expert, when that is exactly the per-expert decode.
@@ -157,18 +157,24 @@ class NF4Codec(Codec):
         if out.device.type != "cpu":  # staged through page-locked memory: the host does not wait
             offsets = offsets.pin_memory().to(out.device, non_blocking=True)
         absmax.view(count, blocks).add_(offsets[:, None])  # float32, as `absmax += offset` in decode
-        self._dequantize(packed.contiguous().view(-1), absmax, out.view(-1))
+        self._dequantize(packed.contiguous(), absmax.view(count, blocks), out.view(count, -1))
 
-    def _dequantize(self, packed: torch.Tensor, absmax: torch.Tensor, flat: torch.Tensor) -> None:
+    def _dequantize(self, packed: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor) -> None:
+        """The 4-bit codes `packed` ([rows, n/2], contiguous) times their block's `absmax` ([rows, n/64]) into `out`
+        ([rows, n]): one kernel on an accelerator."""
         import bitsandbytes.functional as F
 
-        if flat.device.type == "cpu":  # bitsandbytes 0.50.2 has no CPU kernel writing into `out`
-            dense = torch.ops.bitsandbytes.dequantize_4bit.default(
-                packed, absmax, self.blocksize, "nf4", [flat.numel()], flat.dtype
-            )
-            flat.copy_(dense.view(-1))
+        if out.device.type == "cpu":  # bitsandbytes 0.50.2 has no CPU kernel writing into `out`
+            for row in range(out.shape[0]):  # a row at a time: its temporary stays in cache
+                dense = torch.ops.bitsandbytes.dequantize_4bit.default(
+                    packed[row], absmax[row], self.blocksize, "nf4", [out.shape[1]], out.dtype
+                )
+                out[row].copy_(dense.view(-1))
         else:
-            F.dequantize_4bit(packed, absmax=absmax, out=flat, blocksize=self.blocksize, quant_type="nf4")
+            flat = out.view(-1)
+            F.dequantize_4bit(
+                packed.view(-1), absmax=absmax.view(-1), out=flat, blocksize=self.blocksize, quant_type="nf4"
+            )
 
     def _code(self, device: torch.device) -> torch.Tensor:
         code = self._nested_code.get(device)
