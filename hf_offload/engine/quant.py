@@ -27,7 +27,10 @@ same `encode` as a linear weight, and part p of all experts is stored as one [nu
 padded to the store's alignment), so the parts of expert e are fixed byte ranges. Routed expert fetch can then copy
 the encoded bytes of only the routed experts and decode just those (streamer.py); an expert's values do not depend
 on which other experts are loaded. The metadata (nf4's absmax offset) is per expert too. With nf4, a stack whose
-expert slices are not a multiple of 64 values stays dense (Note: [nf4 on flattened weights]).
+expert slices are not a multiple of 64 values stays dense (Note: [nf4 on flattened weights]). Decoding several
+experts (`decode_experts`) gives exactly each expert's own `decode`: int8 in one elementwise kernel, nf4 in three
+kernels when an expert's size is a multiple of 16384 values (its absmax blocks then fill whole nested blocks), else
+one expert at a time.
 """
 
 from __future__ import annotations
