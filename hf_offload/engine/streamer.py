@@ -25,10 +25,10 @@ copied, into the first positions of each part, and just those positions are deco
 the tensor's [num_experts, out, in] scratch region; the views handed out are [k, out, in] views of the decoded
 scratch. The scratch remembers how many positions of each region it has decoded for the layer it holds, so a
 request decodes only what it appended, and a whole-layer load (which holds every expert) decodes them all on
-acquire. A second request in the same
-acquisition only appends (views handed out earlier stay valid for autograd). The set is remembered per layer, so the
-backward prefetches base + the same experts; the recompute then finds them in place. In the forward, the next
-layer's prefetch waits until this layer's experts are enqueued, so the experts it waits for are copied first.
+acquire. A second request in the same acquisition only appends (views handed out earlier stay valid for
+autograd). The set is remembered per layer, so the backward prefetches base + the same experts; the recompute then
+finds them in place. In the forward, the next layer's prefetch waits until this layer's experts are enqueued, so the
+experts it waits for are copied first.
 
 Note: [Slot validity]
 A layer stays in its slot after release and is found there again by the next acquisition: the backward finds the
