@@ -90,7 +90,8 @@ class OffloadConfig:
     )
     base_weight_dtype: str | None = option(
         None,
-        "Keep the frozen linear weights of the decoder layers quantized in host memory and over the link: 'nf4' "
+        "Keep the frozen linear weights and Mixture-of-Experts expert tensors of the decoder layers quantized in "
+        "host memory and over the link: 'nf4' "
         "(4-bit NormalFloat with double quantization, as QLoRA; about 3.9x fewer bytes than bf16) or 'int8' "
         "(row-wise absmax; about 2x fewer). They are dequantized on the device inside the layer's window. Norms, "
         "biases and embeddings stay as they are. None (the default) keeps weights as loaded.",

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..engine.anatomy import find_decoder_layers
+from ..engine.moe import find_expert_groups
 from ..engine.quant import linear_weights, make_codec
 from ..engine.store import layout_layer
 
@@ -107,9 +108,14 @@ class ModelSizes:
     vocab: int
 
     def store_layouts(self, base_weight_dtype: str | None) -> list:
-        """The host store's layout of every layer, as `enable_layer_streaming` would pack it."""
+        """The host store's layout of every layer, as `enable_layer_streaming` would pack it for adapter training
+        (frozen base): the stacked tensors of experts modules as expert regions, encoded with the codec too."""
         codec = make_codec(base_weight_dtype)
-        return [layout_layer(layer, codec, params=list(layer.parameters())) for layer in self.layers]
+        groups, _ = find_expert_groups(nn.ModuleList(self.layers))
+        return [
+            layout_layer(layer, codec, params=list(layer.parameters()), expert_groups=[g.params for g in found])
+            for layer, found in zip(self.layers, groups)
+        ]
 
 
 def config_dtype(config) -> torch.dtype:
@@ -135,6 +141,7 @@ def measure(config, dtype: torch.dtype | None = None) -> ModelSizes:
             "layer is built on the meta device). Check num_hidden_layers in the config."
         )
     model = empty_model(config, dtype)
+    model.requires_grad_(False)  # a frozen base, as adapter training streams it (experts modules count as such)
     layers = list(find_decoder_layers(model).layers)
     streamed = {id(p) for layer in layers for p in layer.parameters()}
     params = list({id(p): p for p in model.parameters()}.values())

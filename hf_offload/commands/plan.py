@@ -60,7 +60,7 @@ class Estimate(Record):
     host_terms: dict[str, int]  # what the host memory holds: the compute copy, and with full fine-tuning the rest
     full_finetune: bool
     grad_bytes_to_host: int  # full fine-tuning: the layers' weight gradients sent back per step
-    unquantized_matrix_bytes: int  # weight matrices the codec leaves dense (fused MoE experts, odd sizes)
+    unquantized_matrix_bytes: int  # weight matrices the codec leaves dense (unroutable MoE experts, odd sizes)
     gpu_bytes: int
     gpu_terms: dict[str, int]
     bytes_per_step: int
@@ -228,7 +228,7 @@ def estimate(
         host_terms=host_terms,
         full_finetune=full_finetune,
         grad_bytes_to_host=grad_bytes_to_host,
-        # not nn.Linear/Conv1D (fused MoE expert tensors), or odd sizes
+        # not nn.Linear/Conv1D nor the stacked tensors of a routable experts module, or odd sizes
         unquantized_matrix_bytes=sum(r.nbytes for layout in layouts for p, r in layout.dense if p.dim() >= 2)
         if base_weight_dtype is not None
         else 0,
@@ -357,8 +357,9 @@ def _advice(
         advice.append(line)
     if plan["unquantized_matrix_bytes"] > plan["host_bytes"] / 4:
         advice.append(
-            f"quantization: {plan['unquantized_matrix_bytes'] / GB:.1f} GB of the layers' weight matrices are not "
-            f"linear layers (fused MoE expert tensors) and stay in their dtype; base_weight_dtype does not shrink them"
+            f"quantization: {plan['unquantized_matrix_bytes'] / GB:.1f} GB of the layers' weight matrices are neither "
+            "linear layers nor experts hf_offload can route (or their sizes are not multiples of 64 for nf4), and stay "
+            "in their dtype; base_weight_dtype does not shrink them"
         )
     if plan["tokens_per_step"] < plan["break_even_tokens"]:
         line = (

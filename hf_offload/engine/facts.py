@@ -40,7 +40,7 @@ class StreamingSummary(Record):
     bytes_per_train_step: int  # with expert_fetch="routed": the bound reached when every expert is routed to
     pinned: bool
     base_weight_dtype: str | None
-    quantized_weights: int  # linear weights the store keeps encoded
+    quantized_weights: int  # weights the store keeps encoded: linear weights, and stacked expert tensors (one each)
     device_scratch_bytes: int  # dense form of the computing layer's encoded weights (0 without base_weight_dtype)
     expert_fetch: str
     moe_layers: int  # layers whose experts the streamer can fetch by routing
@@ -59,7 +59,7 @@ class StreamingSummary(Record):
         if self.layers_loaded_into_store:
             store += f", {self.layers_loaded_into_store} layers loaded straight from the checkpoint"
         if self.quantized_weights:
-            store += f", {self.quantized_weights} linear weights in {self.base_weight_dtype}"
+            store += f", {self.quantized_weights} weights in {self.base_weight_dtype}"
         scratch = self.device_scratch_bytes
         scratch = f" + {format_bytes(scratch)} of dequantization scratch" if scratch else ""
         text = (

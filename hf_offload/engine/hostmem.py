@@ -208,9 +208,11 @@ def layer_needs(layouts: list, mappings: _FileMappings | None = None) -> list[La
     mappings = mappings if mappings is not None else _FileMappings()
     needs = []
     for layout in layouts:
-        params = [p for p, _ in layout.dense] + [p for p, _, _ in layout.encoded]
-        # quantizing one weight works on an fp32 copy of it at most
-        transient = max((p.numel() * 4 for p, _, _ in layout.encoded), default=0)
+        encoded = [p for p, _, _ in layout.encoded]
+        params = [p for p, _ in layout.dense] + encoded + [p for p, _, _ in layout.encoded_experts]
+        # quantizing one weight (or one expert of a stacked expert tensor) works on an fp32 copy of it at most
+        weights = [p.numel() for p in encoded] + [p[0].numel() for p, _, _ in layout.encoded_experts]
+        transient = max((n * 4 for n in weights), default=0)
         needs.append(LayerNeed(layout.nbytes, freed_bytes(params, mappings), transient))
     return needs
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -58,7 +58,6 @@ class ExpertGroup:
     num_experts: int
     index_argument: str
     signature: inspect.Signature
-    host_views: list[torch.Tensor] = field(default_factory=list)  # set once the store is built
 
 
 def _index_argument(module: nn.Module) -> str | None:
@@ -139,9 +138,8 @@ class RoutedExperts:
         self.groups = [g for layer_groups in groups for g in layer_groups]
         self._overrides = Overrides()
 
-    def install(self, host_views_of: Callable[[ExpertGroup], list[torch.Tensor]]) -> None:
+    def install(self) -> None:
         for group in self.groups:
-            group.host_views = host_views_of(group)
             original = group.base.forward  # bound class forward (the experts implementation dispatch included)
             self._overrides.replace(group.entry, "forward", _routed_forward(self.streamer, group, original))
 

@@ -28,9 +28,31 @@ from torch import nn
 from .hostmem import release_free_heap
 from .moe import find_expert_groups
 from .quant import Codec
-from .store import LayerLayout, Region, hollow, layout_layer, page_aligned_empty, write_dense, write_encoded
+from .store import (
+    EncodedExperts,
+    EncodedTensor,
+    LayerLayout,
+    Region,
+    encode_stacked_experts,
+    encode_weight,
+    layout_layer,
+    page_aligned_empty,
+    write_dense,
+)
 
 PREBUILT_ATTRIBUTE = "_hf_offload_prebuilt_store"
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where one parameter of a layer goes: its dtype and shape, and its region (dense) or its encoded parts."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    kind: str  # "dense", "encoded" (a linear weight) or "experts" (a stacked expert tensor, encoded per expert)
+    region: Region | None = None
+    parts: tuple = ()
+    scratch: Region | None = None
 
 
 @dataclass
@@ -40,11 +62,10 @@ class PrebuiltLayer:
     index: int
     codec: Codec | None
     nbytes: int
-    places: dict[str, tuple[torch.dtype, tuple[int, ...], Region | list[Region]]]  # name -> dtype, shape, place
+    places: dict[str, Place]  # by the parameter's name in the model it was planned on
     host: torch.Tensor | None = None  # allocated when the first tensor arrives
     dense: dict[int, Region] = field(default_factory=dict)  # id(parameter) -> its region
-    # id(parameter) -> the parameter, its parts' regions, the codec's metadata
-    encoded: dict[int, tuple[nn.Parameter, list[Region], dict]] = field(default_factory=dict)
+    encoded: dict[int, EncodedTensor | EncodedExperts] = field(default_factory=dict)  # id(parameter) -> its record
 
     @property
     def complete(self) -> bool:
@@ -52,26 +73,25 @@ class PrebuiltLayer:
 
     def write(self, name: str, value: torch.Tensor) -> nn.Parameter:
         """Put the checkpoint's `value` for parameter `name` into its place; returns the parameter to install."""
-        dtype, shape, place = self.places[name]
-        if tuple(value.shape) != shape:
+        place = self.places[name]
+        if tuple(value.shape) != place.shape:
             raise ValueError(
                 f"hf_offload: the checkpoint's `{name}` has shape {tuple(value.shape)}, but the model built from its "
-                f"config expects {shape}. The checkpoint and its config.json disagree; check the checkpoint."
+                f"config expects {place.shape}. The checkpoint and its config.json disagree; check the checkpoint."
             )
         if self.host is None:
             self.host = page_aligned_empty(self.nbytes)
-        value = value.to(dtype)
+        value = value.to(place.dtype)
         # A parameter of its own bound through `.data`, as packing binds them: a Parameter made from a view would
         # share the buffer's version counter with every other tensor of the layer, and autograd would take a write
         # to one weight for a write to all.
-        param = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=dtype.is_floating_point)
-        if isinstance(place, Region):
-            param.data = write_dense(place, value, self.host)
-            self.dense[id(param)] = place
+        param = nn.Parameter(torch.empty(0, dtype=place.dtype), requires_grad=place.dtype.is_floating_point)
+        if place.kind == "dense":
+            param.data = write_dense(place.region, value, self.host)
+            self.dense[id(param)] = place.region
         else:
-            meta = write_encoded(self.codec, place, value, self.host)
-            param.data = hollow(shape, dtype)
-            self.encoded[id(param)] = (param, place, meta)
+            encode = encode_weight if place.kind == "encoded" else encode_stacked_experts
+            self.encoded[id(param)] = encode(self.host, param, value, self.codec, list(place.parts), place.scratch)
         if self.complete:
             release_free_heap()  # the layer's loading temporaries, freed, must not stay in the process
         return param
@@ -80,24 +100,26 @@ class PrebuiltLayer:
         """Whether `layout` (planned from the real parameters) puts every tensor where it already is."""
         if self.host is None or not self.complete or layout.nbytes != self.nbytes or layout.attributes:
             return False
-        if len(layout.dense) != len(self.dense) or len(layout.encoded) != len(self.encoded):
+        encoded = [*layout.encoded, *layout.encoded_experts]
+        if len(layout.dense) != len(self.dense) or len(encoded) != len(self.encoded):
             return False
         base = self.host.data_ptr()
         for param, region in layout.dense:
             if self.dense.get(id(param)) != region or param.data.data_ptr() != base + region.offset:
                 return False
-        encoded = self.encoded
-        return all(id(param) in encoded and encoded[id(param)][1] == parts for param, parts, _ in layout.encoded)
+        for param, parts, scratch in encoded:
+            record = self.encoded.get(id(param))
+            if record is None or list(record.parts) != list(parts) or record.scratch != scratch:
+                return False
+        return True
 
-    def encoded_meta(self, param: nn.Parameter) -> dict:
-        return self.encoded[id(param)][2]
+    def record(self, param: nn.Parameter) -> EncodedTensor | EncodedExperts:
+        return self.encoded[id(param)]
 
     def give_back_dense(self) -> None:
         """Decode every encoded tensor into a dense tensor of its own, for ordinary packing (the fallback)."""
-        for param, parts, meta in self.encoded.values():
-            out = torch.empty(param.shape, dtype=param.dtype)
-            self.codec.decode([part.view_in(self.host) for part in parts], meta, out)
-            param.data = out
+        for record in self.encoded.values():
+            record.param.data = record.dense_copy(self.host)
         self.encoded.clear()
         self.host = None  # dense parameters keep their views (and so the buffer) until they are packed
 
@@ -144,11 +166,12 @@ def plan_prebuilt_store(
         with _frozen(params):  # every weight streams as a frozen one; routed expert groups are found among frozen
             groups, _ = find_expert_groups(nn.ModuleList([layer]))
             layout = layout_layer(layer, codec, params=params, expert_groups=[g.params for g in groups[0]])
-        places: dict[str, tuple] = {}
+        places: dict[str, Place] = {}
         for param, region in layout.dense:
-            places[names[id(param)]] = (param.dtype, tuple(param.shape), region)
-        for param, parts, _ in layout.encoded:
-            places[names[id(param)]] = (param.dtype, tuple(param.shape), parts)
+            places[names[id(param)]] = Place(param.dtype, tuple(param.shape), "dense", region=region)
+        for kind, entries in (("encoded", layout.encoded), ("experts", layout.encoded_experts)):
+            for param, parts, scratch in entries:
+                places[names[id(param)]] = Place(param.dtype, tuple(param.shape), kind, None, tuple(parts), scratch)
         planned.append(PrebuiltLayer(index=index, codec=codec, nbytes=layout.nbytes, places=places))
     base_weight_dtype = codec.name if codec is not None else None
     return PrebuiltStore(layer_path, [id(layer) for layer in layers], base_weight_dtype, planned)

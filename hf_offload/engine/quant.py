@@ -17,8 +17,20 @@ gives wrong values for 2D shapes whose rows are not a multiple of the block size
 single row. Weights whose size is not a multiple of 64 stay dense.
 
 Which weights are quantized: the 2D weight of every `nn.Linear` and transformers `Conv1D` in a decoder layer
-(the base layer of a peft LoRA layer included, its adapters excluded), when it is frozen and floating point.
-Norms, biases, embeddings and 3D expert tensors stay as they are.
+(the base layer of a peft LoRA layer included, its adapters excluded), when it is frozen and floating point; and
+the stacked expert tensors ([num_experts, out, in]) of Mixture-of-Experts layers, expert by expert (see Note:
+[Experts encoded one by one]). Norms, biases and embeddings stay as they are.
+
+Note: [Experts encoded one by one]
+A stacked expert tensor is encoded as `num_experts` separate weights: expert e's [out, in] slice goes through the
+same `encode` as a linear weight, and part p of all experts is stored as one [num_experts, ...] array (each row
+padded to the store's alignment), so the parts of expert e are fixed byte ranges. Routed expert fetch can then copy
+the encoded bytes of only the routed experts and decode just those (streamer.py); an expert's values do not depend
+on which other experts are loaded. The metadata (nf4's absmax offset) is per expert too. With nf4, a stack whose
+expert slices are not a multiple of 64 values stays dense (Note: [nf4 on flattened weights]). Decoding several
+experts (`decode_experts`) gives exactly each expert's own `decode`: int8 in one elementwise kernel, nf4 in three
+kernels when an expert's size is a multiple of 16384 values (its absmax blocks then fill whole nested blocks), else
+one expert at a time.
 """
 
 from __future__ import annotations
@@ -56,6 +68,10 @@ class Codec:
     def accepts(self, weight: torch.Tensor) -> bool:
         return weight.dim() == 2 and weight.dtype in _FLOATS
 
+    def accepts_experts(self, stack: torch.Tensor) -> bool:
+        """Whether each [out, in] slice of a stacked expert tensor [num_experts, out, in] can be encoded."""
+        return stack.dim() == 3 and stack.shape[0] > 0 and self.accepts(stack[0])
+
     def parts(self, shape: torch.Size, dtype: torch.dtype) -> list[Part]:
         """The layout of the encoded weight; needs only the shape, so it works on the meta device (plans)."""
         raise NotImplementedError
@@ -67,6 +83,12 @@ class Codec:
     def decode(self, parts: list[torch.Tensor], meta: dict, out: torch.Tensor) -> None:
         """Write the dense weight into `out` (same device as `parts`, original shape and dtype)."""
         raise NotImplementedError
+
+    def decode_experts(self, parts: list[torch.Tensor], metas: list[dict], out: torch.Tensor) -> None:
+        """Decode several experts at once: `parts` are [count, ...part] views, `metas` one dict per expert, `out` is
+        [count, out, in]. Expert i's result is exactly `decode` of its own parts."""
+        for i, meta in enumerate(metas):
+            self.decode([part[i] for part in parts], meta, out[i])
 
 
 class NF4Codec(Codec):
@@ -104,14 +126,50 @@ class NF4Codec(Codec):
             absmax_q, absmax=nested_absmax, code=self._code(out.device), blocksize=self.nested_blocksize
         )
         absmax += meta["offset"]
-        flat = out.view(-1)
+        self._dequantize(packed.view(1, -1), absmax.view(1, -1), out.view(1, -1))
+
+    def decode_experts(self, parts, metas, out):
+        """All experts with three kernels instead of three per expert, when that is exactly the per-expert decode.
+
+        An expert's absmax blocks start a new nested block when their count is a multiple of the nested block size
+        (true of real expert shapes: 16384 values); then the stacked absmax codes dequantize as one vector with the
+        same scale for every value as alone, and every step is elementwise. Otherwise, one expert at a time."""
+        packed, absmax_q, nested_absmax = parts
+        count, blocks = absmax_q.shape
+        if blocks % self.nested_blocksize:
+            super().decode_experts(parts, metas, out)
+            return
+        import bitsandbytes.functional as F
+
+        # bitsandbytes reads raw memory: padded rows (strided views) are made contiguous first (small parts)
+        absmax = F.dequantize_blockwise(
+            absmax_q.contiguous().view(-1),
+            absmax=nested_absmax.contiguous().view(-1),
+            code=self._code(out.device),
+            blocksize=self.nested_blocksize,
+        )
+        offsets = torch.tensor([meta["offset"] for meta in metas], dtype=torch.float32)
+        if out.device.type != "cpu":  # staged through page-locked memory: the host does not wait
+            offsets = offsets.pin_memory().to(out.device, non_blocking=True)
+        absmax.view(count, blocks).add_(offsets[:, None])  # float32, as `absmax += offset` in decode
+        self._dequantize(packed.contiguous(), absmax.view(count, blocks), out.view(count, -1))
+
+    def _dequantize(self, packed: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor) -> None:
+        """The 4-bit codes `packed` ([rows, n/2], contiguous) times their block's `absmax` ([rows, n/64]) into `out`
+        ([rows, n]): one kernel on an accelerator."""
+        import bitsandbytes.functional as F
+
         if out.device.type == "cpu":  # bitsandbytes 0.50.2 has no CPU kernel writing into `out`
-            dense = torch.ops.bitsandbytes.dequantize_4bit.default(
-                packed, absmax, self.blocksize, "nf4", [flat.numel()], out.dtype
-            )
-            flat.copy_(dense.view(-1))
+            for row in range(out.shape[0]):  # a row at a time: its temporary stays in cache
+                dense = torch.ops.bitsandbytes.dequantize_4bit.default(
+                    packed[row], absmax[row], self.blocksize, "nf4", [out.shape[1]], out.dtype
+                )
+                out[row].copy_(dense.view(-1))
         else:
-            F.dequantize_4bit(packed, absmax=absmax, out=flat, blocksize=self.blocksize, quant_type="nf4")
+            flat = out.view(-1)
+            F.dequantize_4bit(
+                packed.view(-1), absmax=absmax.view(-1), out=flat, blocksize=self.blocksize, quant_type="nf4"
+            )
 
     def _code(self, device: torch.device) -> torch.Tensor:
         code = self._nested_code.get(device)
@@ -138,7 +196,32 @@ class Int8RowwiseCodec(Codec):
 
     def decode(self, parts, meta, out):
         codes, scale = parts
-        torch.mul(codes, scale[:, None], out=out)  # computed in fp32, rounded once into out's dtype
+        torch.mul(codes, scale[..., None], out=out)  # computed in fp32, rounded once into out's dtype
+
+    def decode_experts(self, parts, metas, out):
+        self.decode(parts, {}, out)  # elementwise: one kernel for [count, rows, cols] gives each expert's decode
+
+
+def encode_experts(codec: Codec, stack: torch.Tensor, parts: list[torch.Tensor]) -> list[dict]:
+    """Encode each expert of `stack` ([num_experts, out, in]) alone, into row e of each of `parts`.
+
+    See Note: [Experts encoded one by one]. One expert at a time, so the transient memory is one expert's.
+
+    Args:
+        codec: the codec (`accepts_experts(stack)` must hold).
+        stack: the dense stacked expert tensor.
+        parts: per part of `codec.parts(stack.shape[1:], ...)`, a writable [num_experts, ...part shape] view.
+
+    Returns:
+        The metadata `decode` needs, one dict per expert.
+    """
+    metas = []
+    for expert in range(stack.shape[0]):
+        tensors, meta = codec.encode(stack[expert])
+        for part, tensor in zip(parts, tensors, strict=True):
+            part[expert].copy_(tensor.reshape(part.shape[1:]))
+        metas.append(meta)
+    return metas
 
 
 def make_codec(base_weight_dtype: str | None) -> Codec | None:

@@ -96,10 +96,13 @@ class LayerStreamingRuntime:
         codec = make_codec(config.base_weight_dtype)
         # Layers a checkpoint load already built in the store (HostStoreConfig) are adopted as they are.
         prebuilt = take_prebuilt_store(model, self.anatomy.layers, config.base_weight_dtype)
-        if config.check_host_memory and prebuilt is None:
-            _check_host_memory(self.anatomy.layers, config.base_weight_dtype, self.anatomy.shared_outside)
         # Experts modules are found before packing: their stacked tensors are packed as expert regions.
         groups, reasons = find_expert_groups(self.anatomy.layers)
+        expert_groups = [[g.params for g in layer_groups] for layer_groups in groups]
+        if config.check_host_memory and prebuilt is None:
+            _check_host_memory(
+                self.anatomy.layers, config.base_weight_dtype, self.anatomy.shared_outside, expert_groups
+            )
         # Full fine-tuning moves every expert: a gradient must have its parameter's (all experts') shape.
         routed = config.expert_fetch == "routed" and not config.full_finetune
         if config.full_finetune and config.expert_fetch == "routed" and any(groups):
@@ -115,13 +118,13 @@ class LayerStreamingRuntime:
             show_progress=config.show_progress,
             codec=codec,
             keep_resident=self.anatomy.shared_outside,
-            expert_groups=lambda index: [g.params for g in groups[index]],
+            expert_groups=lambda index: expert_groups[index],
             prebuilt=prebuilt,
         )
         self._warn_unpinned(pin)
         self.streamer = Streamer(self.store, self.ops, self.prefetch, routed=routed)
         self.routed_experts = RoutedExperts(groups if routed else [], self.streamer)
-        self.routed_experts.install(self._host_views)
+        self.routed_experts.install()
 
     # --- used by layer_fn ----------------------------------------------------------------------------------------
     def run_layer(self, index: int, direction: int, fn: Callable[[], Any]) -> Any:
@@ -142,10 +145,6 @@ class LayerStreamingRuntime:
         self.trainable.accumulate(index, grads)
         if index == 0:
             self.trainable.flush()  # the last layer of the backward: .grad is complete when backward returns
-
-    def _host_views(self, group) -> list[torch.Tensor]:
-        pack = self.store.packs[group.layer_index]
-        return [t.view_in(pack.host) for t in pack.experts[group.region].tensors]
 
     def activations_to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach()
@@ -386,12 +385,17 @@ def _no_pin(tensor: torch.Tensor) -> bool:
     return False
 
 
-def _check_host_memory(layers: nn.ModuleList, chosen: str | None, keep_resident: frozenset[int]) -> None:
+def _check_host_memory(
+    layers: nn.ModuleList, chosen: str | None, keep_resident: frozenset[int], expert_groups: list[list]
+) -> None:
     """Stop before packing when the store would not fit in host memory (see hostmem.py)."""
     mappings = hostmem.file_mappings()
 
     def needs_of(dtype: str | None) -> list[hostmem.LayerNeed]:
-        layouts = [layout_layer(layer, make_codec(dtype), keep_resident=keep_resident) for layer in layers]
+        layouts = [
+            layout_layer(layer, make_codec(dtype), keep_resident=keep_resident, expert_groups=groups)
+            for layer, groups in zip(layers, expert_groups)
+        ]
         return hostmem.layer_needs(layouts, mappings)
 
     hostmem.check_fits(needs_of, chosen, hostmem.available_bytes())

@@ -11,6 +11,9 @@ What a buffer holds, per frozen tensor:
   layer window the streamer decodes them into a dense scratch buffer on the device and binds `.data` there.
   Between uses `.data` is a "hollow" placeholder of the right shape and dtype that costs one element and reads
   as NaN (see Note: [Hollow weights]).
+- encoded expert tensors (the same option, stacked [num_experts, out, in] tensors of an experts module): each
+  expert encoded alone, part p of all experts one [num_experts, ...] array (`StackedRegion`, Note: [Experts
+  encoded one by one] in quant.py); hollow between uses like an encoded linear weight.
 - bitsandbytes-quantized weights of a model loaded in 4/8 bits (QLoRA): the weight's bytes as they are, plus the
   tensors of its quantization state (`PackedAttribute`), which are bound wherever the weight is bound.
 
@@ -26,8 +29,10 @@ Expert regions: a Mixture-of-Experts layer's stacked expert tensors (shape [num_
 everything else, each still one contiguous tensor, so expert e of a tensor is the byte range
 `offset + e * slice_nbytes` and can be copied alone, and everything but the experts (attention, router, shared
 experts, norms, quantization states) is the prefix `[0, base_nbytes)` of the buffer: one copy. The layout is the
-same whether or not experts are fetched by routing; only the streamer decides what to copy. Expert tensors are
-never encoded (the codecs take 2D linear weights), so each expert slice stays separately addressable.
+same whether or not experts are fetched by routing; only the streamer decides what to copy. An encoded expert
+tensor keeps this property part by part: expert e of part p is `part.offset + e * part.stride`, so the encoded
+bytes of one expert are a few fixed ranges, copied alone and decoded alone. Its dense form lives in the scratch
+buffer as [num_experts, out, in]; a routed load decodes its k experts into the first k positions there.
 
 Layout note: a later shared store (one host copy for several ranks, or memory-mapped checkpoint files) only has to
 provide the same `LayerPack.host` byte buffers; nothing else depends on where those bytes live.
@@ -45,7 +50,7 @@ from torch import nn
 
 from . import compat
 from .errors import UnsupportedModelError
-from .quant import Codec, linear_weights
+from .quant import Codec, encode_experts, linear_weights
 
 ALIGNMENT = 64  # bytes; every tensor starts on a boundary any dtype view accepts
 
@@ -87,6 +92,28 @@ def page_aligned_empty(nbytes: int) -> torch.Tensor:
     return torch.frombuffer(mapping, dtype=torch.uint8)[:nbytes]
 
 
+@dataclass(frozen=True)
+class StackedRegion:
+    """One part of an expert tensor encoded expert by expert: expert e's part (`shape`) at `offset + e * stride`."""
+
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]  # one expert's part
+    count: int  # experts
+    stride: int  # bytes from one expert's part to the next: the part's bytes, aligned
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * self.stride
+
+    def view_in(self, buffer: torch.Tensor, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """Experts `start .. start + count - 1` (default: to the last) of this part in `buffer`, as [count, ...]."""
+        count = self.count - start if count is None else count
+        first = self.offset + start * self.stride
+        rows = buffer[first : first + count * self.stride].view(count, self.stride)
+        return rows[:, : math.prod(self.shape) * self.dtype.itemsize].view(self.dtype).view(count, *self.shape)
+
+
 @dataclass
 class PackedTensor:
     """Where one frozen parameter lives inside its layer's buffer."""
@@ -107,23 +134,32 @@ class PackedTensor:
 
 @dataclass
 class ExpertRegion:
-    """Stacked expert tensors of one experts module: tensor t holds expert e at `t.offset + e * slice_nbytes(t)`."""
+    """Stacked expert tensors of one experts module, dense (`PackedTensor`) or encoded (`EncodedExperts`): each
+    is one or more arrays holding expert e at `offset + e * size` (see `slices`)."""
 
     num_experts: int
-    tensors: list[PackedTensor] = field(default_factory=list)
+    tensors: list[PackedTensor | EncodedExperts] = field(default_factory=list)
 
     @staticmethod
-    def slice_nbytes(tensor: PackedTensor) -> int:
-        return tensor.nbytes // tensor.shape[0]
+    def slices(tensor: PackedTensor | EncodedExperts) -> list[tuple[int, int]]:
+        """Per array of `tensor` in the buffer, (offset, bytes per expert): expert e is at offset + e * size."""
+        if isinstance(tensor, EncodedExperts):
+            return [(part.offset, part.stride) for part in tensor.parts]
+        return [(tensor.offset, tensor.nbytes // tensor.shape[0])]
 
     @property
     def expert_nbytes(self) -> int:
-        """Bytes of one expert, over all its tensors."""
-        return sum(self.slice_nbytes(t) for t in self.tensors)
+        """Bytes of one expert in the buffer, over all its tensors (encoded bytes for encoded ones)."""
+        return sum(size for tensor in self.tensors for _, size in self.slices(tensor))
 
-    def view_first(self, tensor: PackedTensor, buffer: torch.Tensor, count: int) -> torch.Tensor:
-        """The first `count` expert slices of `tensor` in `buffer`, as a [count, ...] tensor."""
-        start, end = tensor.offset, tensor.offset + count * self.slice_nbytes(tensor)
+    def view_first(
+        self, tensor: PackedTensor | EncodedExperts, buffer: torch.Tensor, count: int, scratch: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The first `count` experts of `tensor` as a dense [count, ...] tensor: in `buffer` (a slot), or for an
+        encoded tensor decoded in `scratch`."""
+        if isinstance(tensor, EncodedExperts):
+            return tensor.scratch.view_in(scratch)[:count]
+        start, end = tensor.offset, tensor.offset + count * (tensor.nbytes // tensor.shape[0])
         return buffer[start:end].view(tensor.dtype).view(count, *tensor.shape[1:])
 
 
@@ -149,6 +185,70 @@ class EncodedTensor:
 
 
 @dataclass
+class EncodedExperts:
+    """A frozen stacked expert tensor kept encoded expert by expert (Note: [Experts encoded one by one], quant.py).
+
+    Its dense form is a [num_experts, out, in] region of the scratch buffer; position i there decodes position i of
+    the parts in the slot, whichever expert the slot holds at that position."""
+
+    param: nn.Parameter
+    codec: Codec
+    parts: list[StackedRegion]
+    metas: list[dict]  # per expert id
+    scratch: Region  # [num_experts, out, in] in the scratch buffer
+    original_device: torch.device
+    hollow: torch.Tensor  # bound between uses; see Note: [Hollow weights]
+
+    @property
+    def num_experts(self) -> int:
+        return self.scratch.shape[0]
+
+    def decode_positions(self, buffer: torch.Tensor, scratch: torch.Tensor, experts: Sequence[int], start: int) -> None:
+        """Decode positions `start ..` of the parts in `buffer`, which hold `experts` (ids, in that order), into the
+        same positions of the scratch region."""
+        if not experts:
+            return
+        parts = [part.view_in(buffer, start, len(experts)) for part in self.parts]
+        out = self.scratch.view_in(scratch)[start : start + len(experts)]
+        self.codec.decode_experts(parts, [self.metas[e] for e in experts], out)
+
+    def decode(self, buffer: torch.Tensor, scratch: torch.Tensor) -> None:
+        """Decode every expert (a whole-layer load, the experts in id order)."""
+        self.decode_positions(buffer, scratch, range(self.num_experts), 0)
+
+    def dense_copy(self, buffer: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(self.scratch.shape, dtype=self.scratch.dtype, device=buffer.device)
+        self.codec.decode_experts([part.view_in(buffer) for part in self.parts], self.metas, out)
+        return out
+
+
+def encode_weight(
+    host: torch.Tensor, param: nn.Parameter, value: torch.Tensor, codec: Codec, parts: list[Region], scratch: Region
+) -> EncodedTensor:
+    """Encode `value` (the weight `param` holds) into its `parts` of `host`, and make `param` hollow."""
+    meta = write_encoded(codec, parts, value, host)
+    encoded = EncodedTensor(param, codec, parts, meta, scratch, param.device, hollow(value.shape, param.dtype))
+    param.data = encoded.hollow  # see Note: [Hollow weights]; the dense storage is freed here
+    return encoded
+
+
+def encode_stacked_experts(
+    host: torch.Tensor,
+    param: nn.Parameter,
+    value: torch.Tensor,
+    codec: Codec,
+    parts: list[StackedRegion],
+    scratch: Region,
+) -> EncodedExperts:
+    """Encode the stacked expert tensor `value` (what `param` holds) expert by expert into its `parts` of `host`,
+    and make `param` hollow."""
+    metas = encode_experts(codec, value, [part.view_in(host) for part in parts])
+    encoded = EncodedExperts(param, codec, parts, metas, scratch, param.device, hollow(value.shape, param.dtype))
+    param.data = encoded.hollow  # see Note: [Hollow weights]; the dense storage is freed here
+    return encoded
+
+
+@dataclass
 class PackedAttribute:
     """A non-parameter tensor a layer reads (the quantization state of a bitsandbytes weight), streamed with it."""
 
@@ -169,7 +269,7 @@ class LayerPack:
     host: torch.Tensor  # uint8, nbytes long
     tensors: list[PackedTensor] = field(default_factory=list)
     pinned: bool = False
-    encoded: list[EncodedTensor] = field(default_factory=list)
+    encoded: list[EncodedTensor | EncodedExperts] = field(default_factory=list)
     attributes: list[PackedAttribute] = field(default_factory=list)
     scratch_nbytes: int = 0  # dense bytes of the encoded weights, laid out in the scratch buffer
     quantized_tuners: list[nn.Module] = field(default_factory=list)  # peft layers whose base weight is quantized
@@ -193,9 +293,16 @@ class LayerPack:
         for attribute in self.attributes:
             attribute.bind(buffer)
 
-    def materialize(self, buffer: torch.Tensor, scratch: torch.Tensor, decode: bool = True) -> None:
-        """Decode the encoded weights from `buffer` (a device slot) into `scratch` and bind them there."""
+    def materialize(
+        self, buffer: torch.Tensor, scratch: torch.Tensor, decode: bool = True, experts: bool = True
+    ) -> None:
+        """Decode the encoded weights from `buffer` (a device slot) into `scratch` and bind them there.
+
+        `experts=False` (routed fetch): encoded expert tensors stay hollow; the streamer decodes the loaded experts
+        (see Note: [Routed expert fetch] in streamer.py)."""
         for encoded in self.encoded:
+            if not experts and isinstance(encoded, EncodedExperts):
+                continue
             if decode:
                 encoded.decode(buffer, scratch)
             encoded.param.data = encoded.scratch.view_in(scratch)
@@ -212,6 +319,7 @@ class LayerLayout:
 
     dense: list[tuple[nn.Parameter, Region]] = field(default_factory=list)
     encoded: list[tuple[nn.Parameter, list[Region], Region]] = field(default_factory=list)
+    encoded_experts: list[tuple[nn.Parameter, list[StackedRegion], Region]] = field(default_factory=list)
     attributes: list[tuple[object, str, Region, bool]] = field(default_factory=list)  # ..., aliases a dense param
     quantized_tuners: list[nn.Module] = field(default_factory=list)
     nbytes: int = 0
@@ -238,8 +346,8 @@ def layout_layer(
 ) -> LayerLayout:
     """Plan `layer`'s buffer: `params` (default: its frozen parameters but `keep_resident`) dense or encoded with
     `codec`, then the quantization-state tensors of bitsandbytes weights, then the stacked expert tensors of
-    `expert_groups` (per experts module, its frozen [num_experts, ...] parameters) as expert regions. Plans
-    (hf-offload plan) pass every parameter of a meta model."""
+    `expert_groups` (per experts module, its frozen [num_experts, ...] parameters) as expert regions, encoded expert
+    by expert when `codec` accepts them. Plans (hf-offload plan) pass every parameter of a meta model."""
     params = frozen_parameters(layer, keep_resident) if params is None else params
     in_groups = [p for group in expert_groups for p in group]
     expert_ids = {id(p) for p in in_groups}
@@ -278,8 +386,16 @@ def layout_layer(
             layout.attributes.append((holder, name, region, alias))
     layout.base_nbytes = offset
     for param in in_groups:
-        layout.dense.append((param, Region(offset, param.dtype, tuple(param.shape))))
-        offset += _aligned(param.numel() * param.element_size())
+        if codec is not None and codec.accepts_experts(param):  # Note: [Experts encoded one by one] in quant.py
+            parts = []
+            for part in codec.parts(tuple(param.shape[1:]), param.dtype):
+                parts.append(StackedRegion(offset, part.dtype, part.shape, param.shape[0], _aligned(part.nbytes)))
+                offset += parts[-1].nbytes
+            layout.encoded_experts.append((param, parts, Region(scratch, param.dtype, tuple(param.shape))))
+            scratch += _aligned(param.numel() * param.element_size())
+        else:
+            layout.dense.append((param, Region(offset, param.dtype, tuple(param.shape))))
+            offset += _aligned(param.numel() * param.element_size())
     quantized = encode | {id(w) for w, _ in linear if compat.is_quantized_parameter(w)}
     layout.quantized_tuners = list({id(t): t for w, t in linear if t is not None and id(w) in quantized}.values())
     layout.nbytes, layout.scratch_nbytes = offset, scratch
@@ -330,7 +446,7 @@ def pack_layer(
     """Move `layer`'s frozen parameters into one new host buffer and free their old storage.
 
     `expert_groups`: per experts module, its frozen stacked expert parameters (each [num_experts, ...]); they are
-    packed last, as expert regions.
+    packed last, as expert regions (encoded expert by expert when `codec` accepts them).
     `prebuilt`: the layer's buffer as a checkpoint loader filled it (`prebuilt.PrebuiltLayer`), or None. When the
     parameters already sit where this layout puts them, that buffer becomes the pack as it is: nothing is copied
     or encoded again (see Note: [Loading into the store] in prebuilt.py).
@@ -362,11 +478,16 @@ def pack_layer(
     for attribute in pack.attributes:
         attribute.bind(pack.host)
     for param, parts, scratch in layout.encoded:
-        meta = prebuilt.encoded_meta(param) if adopted else write_encoded(codec, parts, param.data, pack.host)
-        empty = hollow(param.shape, param.dtype)
-        pack.encoded.append(EncodedTensor(param, codec, parts, meta, scratch, param.device, empty))
-        param.data = empty  # see Note: [Hollow weights]
-    by_param = {id(t.param): t for t in pack.tensors}
+        if adopted:
+            pack.encoded.append(prebuilt.record(param))
+        else:
+            pack.encoded.append(encode_weight(pack.host, param, param.data, codec, parts, scratch))
+    for param, parts, scratch in layout.encoded_experts:
+        if adopted:
+            pack.encoded.append(prebuilt.record(param))
+        else:
+            pack.encoded.append(encode_stacked_experts(pack.host, param, param.data, codec, parts, scratch))
+    by_param = {id(t.param): t for t in (*pack.tensors, *pack.encoded)}
     for group in expert_groups:
         pack.experts.append(ExpertRegion(group[0].shape[0], [by_param[id(p)] for p in group]))
     return pack

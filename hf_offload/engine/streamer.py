@@ -5,10 +5,11 @@ reused. Loading a layer is one contiguous copy of its host buffer into a slot, e
 compute stream waits on the slot's `ready` event before it reads, and the copy stream waits on the slot's
 `freed` event (recorded after the last kernel that reads it) before it overwrites. No host synchronisation.
 
-Encoded (nf4/int8) weights: their parts arrive in the slot like any bytes; on acquire they are decoded on the compute
-stream into one dense scratch buffer (allocated once, as large as the largest layer's encoded weights) and the
-parameters are bound there. One scratch is enough because one layer computes at a time; it is not decoded again
-when the same layer comes back before anything else used it (the turnaround).
+Encoded (nf4/int8) weights, linear weights and expert tensors alike: their parts arrive in the slot like any
+bytes; on acquire they are decoded on the compute stream into one dense scratch buffer (allocated once, as large as
+the dense form of the largest layer's encoded weights) and the parameters are bound there (a routed layer's expert
+tensors: see Note: [Routed expert fetch]). One scratch is enough because one layer computes at a time; it is not
+decoded again when the same layer comes back before anything else used it (the turnaround).
 
 Schedule: acquiring layer i in direction d (+1 forward, -1 backward) starts loading i+d .. i+d*prefetch into
 slots that are not in use and hold nothing in that window. Layers stay in their slot after release, so the last
@@ -18,10 +19,16 @@ Note: [Routed expert fetch]
 With `routed=True`, a layer with expert regions (see store.py) is loaded without its experts: only the prefix
 `[0, base_nbytes)`. When its experts module runs, `load_experts` copies the experts the routing picked into the
 first positions of each expert tensor's place in the slot, in ascending expert order, and returns [k, ...] views of
-exactly those experts: stale bytes of the slot are never part of any tensor. A second request in the same
-acquisition only appends (views handed out earlier stay valid for autograd). The set is remembered per layer, so the
-backward prefetches base + the same experts; the recompute then finds them in place. In the forward, the next
-layer's prefetch waits until this layer's experts are enqueued, so the experts it waits for are copied first.
+exactly those experts: stale bytes of the slot are never part of any tensor. Expert tensors stored encoded
+(nf4/int8, expert by expert) work the same way on their encoded parts: only the routed experts' encoded bytes are
+copied, into the first positions of each part, and just those positions are decoded into the first positions of
+the tensor's [num_experts, out, in] scratch region; the views handed out are [k, out, in] views of the decoded
+scratch. The scratch remembers how many positions of each region it has decoded for the layer it holds, so a
+request decodes only what it appended, and a whole-layer load (which holds every expert) decodes them all on
+acquire. A second request in the same acquisition only appends (views handed out earlier stay valid for
+autograd). The set is remembered per layer, so the backward prefetches base + the same experts; the recompute then
+finds them in place. In the forward, the next layer's prefetch waits until this layer's experts are enqueued, so the
+experts it waits for are copied first.
 
 Note: [Slot validity]
 A layer stays in its slot after release and is found there again by the next acquisition: the backward finds the
@@ -49,7 +56,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .device import DeviceOps
-from .store import HostStore
+from .store import EncodedExperts, HostStore
 
 # Note: [Whole-layer fallback]
 # A routed layer's experts are copied once its experts call knows the routing: nothing overlaps that copy. When
@@ -111,6 +118,7 @@ class Streamer:
         self._expert_hits: dict[tuple[int, int], collections.deque] = {}  # (layer, region): shares of recent calls
         self._scratch: torch.Tensor | None = None  # dense form of the computing layer's encoded weights
         self._scratch_layer: int | None = None  # whose decoded weights the scratch holds
+        self._scratch_experts: dict[int, int] = {}  # routed: per expert region, positions decoded in the scratch
 
     # --- public ------------------------------------------------------------------------------------------------
     def acquire(self, index: int, direction: int) -> None:
@@ -171,13 +179,16 @@ class Streamer:
             self.ops.wait_event(ready)
             present.extend(missing)
             self.stats.experts_skipped -= len(missing)
+            if pack.encoded:
+                self._decode_experts(index, slot)
         self._expert_plans.setdefault(index, {})[region] = sorted(experts)
         hits = self._expert_hits.setdefault((index, region), collections.deque(maxlen=WHOLE_LAYER_WINDOW))
         hits.append(len(set(experts)) / expert_region.num_experts)
         if slot.deferred_prefetch is not None:
             direction, slot.deferred_prefetch = slot.deferred_prefetch, None
             self._prefetch_after(index, direction)
-        return list(present), [expert_region.view_first(t, slot.buffer, len(present)) for t in expert_region.tensors]
+        views = [expert_region.view_first(t, slot.buffer, len(present), self._scratch) for t in expert_region.tensors]
+        return list(present), views
 
     def read_to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` read back to the host through the device ops (a host sync), counted in the stats."""
@@ -274,8 +285,27 @@ class Streamer:
             with torch.inference_mode(False):  # see Note: [Allocated outside inference mode]
                 self._scratch = torch.empty(self.store.max_scratch_bytes, dtype=torch.uint8, device=self.ops.device)
         # Ordered after the previous layer's kernels on the compute stream, so overwriting the scratch is safe.
-        self.store.packs[index].materialize(slot.buffer, self._scratch, decode=self._scratch_layer != index)
+        pack, decode = self.store.packs[index], self._scratch_layer != index
+        routed = self._is_routed(pack)
+        pack.materialize(slot.buffer, self._scratch, decode=decode, experts=not routed)
         self._scratch_layer = index
+        if decode:
+            self._scratch_experts = {}
+        if routed:  # the experts loaded with the layer (the backward's planned set, or all of a whole load)
+            self._decode_experts(index, slot)
+
+    def _decode_experts(self, index: int, slot: Slot) -> None:
+        """Decode the encoded experts `slot` holds beyond those already in the scratch (Note: [Routed expert
+        fetch]); on the compute stream, after their copy."""
+        pack = self.store.packs[index]
+        for region, expert_region in enumerate(pack.experts):
+            present = slot.experts.get(region, [])
+            done = self._scratch_experts.get(region, 0)
+            if len(present) > done:
+                for tensor in expert_region.tensors:
+                    if isinstance(tensor, EncodedExperts):
+                        tensor.decode_positions(slot.buffer, self._scratch, present[done:], start=done)
+                self._scratch_experts[region] = len(present)
 
     def _is_routed(self, pack) -> bool:
         return self.routed and bool(pack.experts)
@@ -331,11 +361,10 @@ class Streamer:
                 runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
             else:
                 runs.append((expert, position, 1))
-        for tensor in expert_region.tensors:
-            size = expert_region.slice_nbytes(tensor)
+        for offset, size in (s for tensor in expert_region.tensors for s in expert_region.slices(tensor)):
             for expert, position, count in runs:
-                source = tensor.offset + expert * size
-                target = tensor.offset + position * size
+                source = offset + expert * size
+                target = offset + position * size
                 self.ops.copy_(
                     slot.buffer[target : target + count * size],
                     pack.host[source : source + count * size],

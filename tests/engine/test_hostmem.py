@@ -77,3 +77,25 @@ def test_anonymous_weights_need_only_a_layer_of_headroom(monkeypatch):
     layer_bytes = sum(p.numel() * 4 for p in model.get_base_model().model.layers[0].parameters() if not p.requires_grad)
     unstreamable_here(monkeypatch, 2 * layer_bytes)  # far less than the 4-layer store
     hf_offload.enable_layer_streaming(model, OffloadConfig(device="cpu"))
+
+
+@pytest.mark.parametrize("dtype", ["nf4", "int8"])
+def test_the_check_counts_quantized_experts_as_the_store_packs_them(monkeypatch, dtype):
+    """An MoE's experts are quantized expert by expert: the estimate is the store actually built, plus one expert's
+    fp32 copy while it is quantized, not the dense experts."""
+    from moe_families import build as build_moe
+    from moe_families import with_expert_lora
+
+    base = build_moe("qwen3_moe")
+    built = hf_offload.enable_layer_streaming(
+        with_expert_lora(copy.deepcopy(base)), OffloadConfig(device="cpu", base_weight_dtype=dtype)
+    )
+    store_bytes = hf_offload.summary(built)["host_store_bytes"]
+    monkeypatch.setattr(hostmem, "freed_bytes", lambda params, mappings: 0)  # the whole store is new memory
+    unstreamable_here(monkeypatch, 1)
+    with pytest.raises(hf_offload.HostMemoryError) as info:
+        hf_offload.enable_layer_streaming(with_expert_lora(copy.deepcopy(base)), OffloadConfig(base_weight_dtype=dtype))
+    experts = base.model.layers[0].mlp.experts
+    one_expert = max(p[0].numel() * 4 for p in experts.parameters())
+    linear = max(m.weight.numel() * 4 for m in base.model.layers[0].modules() if isinstance(m, torch.nn.Linear))
+    assert store_bytes <= info.value.needed <= store_bytes + max(one_expert, linear)

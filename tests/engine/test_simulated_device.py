@@ -1,8 +1,8 @@
 """The simulated asynchronous device (engine/simulated.py): the CUDA schedule, with late copies, on the CPU.
 
 A representative slice of the parity suite runs under it (dense, prefetch 0/1/2, activation offload, eval then
-train, nf4, routed MoE), and the teeth tests show that it catches a missing wait: parity fails, or a hazard is
-raised.
+train, nf4, routed MoE, nf4 experts), and the teeth tests show that it catches a missing wait: parity fails, or a
+hazard is raised.
 """
 
 from __future__ import annotations
@@ -167,6 +167,25 @@ def test_routed_moe_matches_under_simulation(simulate, prefetch):
     assert_step_matches(reference_step, streamed, batch)
     stats = hf_offload.stats(streamed)
     assert stats["experts_skipped"] > 0
+    assert_simulated(streamed)
+
+
+@pytest.mark.parametrize("expert_fetch", ["routed", "all"])
+def test_quantized_experts_match_the_synchronous_cpu_under_simulation(simulate, monkeypatch, expert_fetch):
+    """nf4 experts: routed copies of encoded experts land late; each decode must wait for its copy."""
+    base = build_moe("qwen3_moe")
+    batch = {k: v[:2, -5:] for k, v in left_padded_batch(MOE_VOCAB).items()}
+    config = OffloadConfig(device="cpu", base_weight_dtype="nf4", expert_fetch=expert_fetch)
+    models = {}
+    for simulated_run in (True, False):
+        if not simulated_run:
+            monkeypatch.delenv(ENVIRONMENT_VARIABLE)
+        models[simulated_run] = hf_offload.enable_layer_streaming(with_expert_lora(copy.deepcopy(base)), config)
+    streamed, synchronous = models[True], models[False]
+    assert get_runtime(synchronous).ops.simulation is None
+    for _ in range(2):
+        assert_step_matches(train_step(synchronous, batch), streamed, batch)
+    assert (hf_offload.stats(streamed)["experts_skipped"] > 0) == (expert_fetch == "routed")
     assert_simulated(streamed)
 
 

@@ -1,6 +1,6 @@
 """The engine's other CUDA paths: prefetch 0 and 2, activation offload, eval under inference mode then training,
-nf4/int8 decoding on the device, routed MoE (parity, one host readback per experts call), unpinned stores staged
-through bounce buffers, QLoRA models.
+nf4/int8 decoding on the device (quantized experts included), routed MoE (parity, one host readback per experts
+call), unpinned stores staged through bounce buffers, QLoRA models.
 
 Run on a machine with a GPU: `python -m pytest -q -m gpu tests/gpu`. Tiny fp32 models built in the test (no
 downloads): the streamed step must equal the resident one on the same device within the CPU suite's tolerances.
@@ -145,6 +145,33 @@ def test_routed_moe_parity_and_one_readback_per_experts_call_on_cuda(family, ada
     stats = hf_offload.stats(streamed)
     assert stats["experts_skipped"] > 0
     assert calls and stats["host_readbacks"] == len(calls) == runtime.ops.readbacks
+
+
+@pytest.mark.parametrize("mode", ["routed", "all"])
+@pytest.mark.parametrize("dtype", ["nf4", "int8"])
+def test_quantized_experts_on_cuda_equal_the_decoded_model(dtype, mode):
+    """Experts encoded expert by expert, copied (routed: only the routed ones) and decoded on the device: the step
+    equals a resident one on the decoded weights, expert LoRA included."""
+    from hf_offload.engine.store import EncodedExperts
+
+    base = build_moe("qwen3_moe")
+    reference = expert_lora(copy.deepcopy(base), "qwen3_moe")
+    streamed = expert_lora(copy.deepcopy(base), "qwen3_moe")
+    streamed.load_state_dict(reference.state_dict())
+    hf_offload.enable_layer_streaming(
+        streamed, OffloadConfig(device="cuda", base_weight_dtype=dtype, expert_fetch=mode)
+    )
+    names = {id(p): n for n, p in streamed.named_parameters()}
+    params = dict(reference.named_parameters())
+    encoded = [(pack, e) for pack in get_runtime(streamed).store.packs for e in pack.encoded]
+    assert any(isinstance(e, EncodedExperts) for _, e in encoded)
+    for pack, e in encoded:
+        params[names[id(e.param)]].data.copy_(e.dense_copy(pack.host))
+    reference.cuda()
+    batch = on_cuda({k: v[:1, -3:] for k, v in left_padded_batch(MOE_VOCAB).items()})  # some experts unrouted
+    assert_same_step(reference, streamed, batch)
+    stats = hf_offload.stats(streamed)
+    assert (stats["experts_skipped"] > 0) == (mode == "routed")
 
 
 def test_routed_ids_and_positions_cost_one_host_sync_on_cuda():
