@@ -43,9 +43,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import compat
+from . import compat, store_cache
 from .errors import UnsupportedModelError
 from .quant import Codec, linear_weights
+from .store_cache import CachedLayer
 
 ALIGNMENT = 64  # bytes; every tensor starts on a boundary any dtype view accepts
 
@@ -304,16 +305,22 @@ def pack_layer(
     codec: Codec | None = None,
     keep_resident: frozenset[int] = frozenset(),
     expert_groups: Sequence[Sequence[nn.Parameter]] = (),
+    layout: LayerLayout | None = None,
+    cached: CachedLayer | None = None,
 ) -> LayerPack:
     """Move `layer`'s frozen parameters into one new host buffer and free their old storage.
 
     `expert_groups`: per experts module, its frozen stacked expert parameters (each [num_experts, ...]); they are
-    packed last, as expert regions.
+    packed last, as expert regions. `layout`: `layout_layer`'s plan, when the caller made it already. `cached`:
+    this layer's buffer as a store cache holds it (same layout): it becomes the buffer, nothing is copied or
+    encoded, and every parameter is bound exactly as packing would bind it.
     """
-    layout = layout_layer(layer, codec, keep_resident=keep_resident, expert_groups=expert_groups)
+    layout = layout or layout_layer(layer, codec, keep_resident=keep_resident, expert_groups=expert_groups)
+    if cached is not None and (cached.host.numel() != layout.nbytes or len(cached.encoded_meta) != len(layout.encoded)):
+        raise ValueError(f"hf_offload: the cached buffer of layer {index} does not have this layer's layout")
     pack = LayerPack(
         index=index,
-        host=page_aligned_empty(layout.nbytes),
+        host=page_aligned_empty(layout.nbytes) if cached is None else cached.host,
         scratch_nbytes=layout.scratch_nbytes,
         quantized_tuners=layout.quantized_tuners,
         base_nbytes=layout.base_nbytes,
@@ -322,21 +329,25 @@ def pack_layer(
     # Attributes first: one that aliases a parameter is copied with it, before the parameter is rebound.
     for holder, name, region, alias in layout.attributes:
         tensor = getattr(holder, name)
-        if not alias:
+        if not alias and cached is None:
             region.view_in(pack.host).copy_(tensor)
         pack.attributes.append(PackedAttribute(holder, name, region, tensor.device))
     for param, region in layout.dense:
         packed = PackedTensor(param=param, region=region, original_device=param.device)
         view = packed.view_in(pack.host)
-        view.copy_(param.data)
+        if cached is None:
+            view.copy_(param.data)
         param.data = view  # the old storage is freed here unless something else holds it
         pack.tensors.append(packed)
     for attribute in pack.attributes:
         attribute.bind(pack.host)
-    for param, parts, scratch in layout.encoded:
-        tensors, meta = codec.encode(param.data)
-        for part, tensor in zip(parts, tensors, strict=True):
-            part.view_in(pack.host).copy_(tensor.reshape(part.shape))
+    for number, (param, parts, scratch) in enumerate(layout.encoded):
+        if cached is None:
+            tensors, meta = codec.encode(param.data)
+            for part, tensor in zip(parts, tensors, strict=True):
+                part.view_in(pack.host).copy_(tensor.reshape(part.shape))
+        else:
+            meta = dict(cached.encoded_meta[number])
         hollow = torch.full((), float("nan"), dtype=param.dtype).expand(param.shape)
         pack.encoded.append(EncodedTensor(param, codec, parts, meta, scratch, param.device, hollow))
         param.data = hollow  # see Note: [Hollow weights]
@@ -344,6 +355,28 @@ def pack_layer(
     for group in expert_groups:
         pack.experts.append(ExpertRegion(group[0].shape[0], [by_param[id(p)] for p in group]))
     return pack
+
+
+@dataclass(frozen=True)
+class StoreCache:
+    """Where to keep the built store on disk, and the model identity that goes into its key (store_cache.py)."""
+
+    directory: str
+    identity: dict  # store_cache.model_identity(model)
+
+    def key_fields(self, layers: nn.ModuleList, layouts: list[LayerLayout], codec: Codec | None) -> dict | None:
+        """The key's fields (Note: [Store cache key]), or None (logged) when the weights are not in memory."""
+        tensors = []
+        for layout in layouts:
+            tensors += [p.data for p, _ in layout.dense] + [p.data for p, _, _ in layout.encoded]
+            tensors += [getattr(holder, name) for holder, name, _, alias in layout.attributes if not alias]
+        try:
+            content = store_cache.fingerprint(tensors)
+        except ValueError as error:
+            store_cache.logger.warning("hf_offload: store_cache is not used: %s", error)
+            return None
+        digests = [store_cache.layout_digest(layer, layout) for layer, layout in zip(layers, layouts)]
+        return store_cache.make_key_fields(codec.name if codec else None, digests, self.identity, content)
 
 
 class HostStore:
@@ -361,16 +394,27 @@ class HostStore:
         codec: Codec | None = None,
         keep_resident: frozenset[int] = frozenset(),
         expert_groups: Callable[[int], Sequence[Sequence[nn.Parameter]]] | None = None,
+        cache: StoreCache | None = None,
     ) -> HostStore:
+        """Pack every layer; with `cache`, map the layer buffers from it when its key matches, else write them to
+        it once packed (see store_cache.py)."""
         from tqdm.auto import tqdm
 
-        progress = tqdm(
-            layers, desc="hf_offload: packing layers in host memory", unit="layer", disable=_tqdm_disable(show_progress)
-        )
+        groups = [expert_groups(index) if expert_groups else () for index in range(len(layers))]
+        layouts = [
+            layout_layer(layer, codec, keep_resident=keep_resident, expert_groups=groups[i])
+            for i, layer in enumerate(layers)
+        ]
+        fields = cache.key_fields(layers, layouts, codec) if cache is not None else None
+        cached = store_cache.open_cached(cache.directory, fields) if fields is not None else None
+        desc = "hf_offload: packing layers in host memory" if cached is None else "hf_offload: mapping cached layers"
+        progress = tqdm(layers, desc=desc, unit="layer", disable=_tqdm_disable(show_progress))
         packs = [
-            pack_layer(index, layer, pin, codec, keep_resident, expert_groups(index) if expert_groups else ())
+            pack_layer(index, layer, pin, codec, keep_resident, groups[index], layouts[index], cached and cached[index])
             for index, layer in enumerate(progress)
         ]
+        if fields is not None and cached is None:
+            store_cache.write_cache(cache.directory, fields, packs)
         return cls(packs)
 
     @property
