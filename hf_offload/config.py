@@ -7,6 +7,7 @@ shows it; `docs/options.md` is generated from these declarations.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,14 @@ from .options import (
 )
 
 EXPERT_FETCH_MODES = ("routed", "all")
+
+
+def _directory(value):
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike) or (isinstance(value, str) and value.strip()):
+        return os.fspath(value)
+    raise OptionError("a directory path (a non-empty string) or None")
 
 
 def _device(value):
@@ -123,6 +132,16 @@ class OffloadConfig:
         faces=TRAINING_FACES | {"plan"},
         check=boolean,
     )
+    store_cache: str | None = option(
+        None,
+        "A directory to keep the built host store in: the first run writes it there (one file per layer and a "
+        "manifest), later runs of the same checkpoint, base_weight_dtype and hf_offload version (restarts, resumes, "
+        "other ranks) map those files instead of packing and encoding again. A cache made for anything else is "
+        "detected, logged and replaced, never used. Needs the store's size on that disk. None (the default): no "
+        "cache.",
+        faces=TRAINING_FACES,
+        check=_directory,
+    )
 
     eval_group_size: int | None = option(
         None,
@@ -177,6 +196,12 @@ def check_engine_combinations(values: dict, face: str) -> None:
     Raises:
         ValueError: two options that cannot go together, both named, and what to do.
     """
+    if values.get("full_finetune") and values.get("store_cache") is not None:
+        raise ValueError(
+            f"{spelled('full_finetune', face)} trains the decoder weights in the host store, so a store cached on disk "
+            f"would not hold them, but {spelled('store_cache', face)} is {values['store_cache']!r}. Leave "
+            f"{spelled('store_cache', face)} unset with full fine-tuning."
+        )
     if values.get("full_finetune") and values.get("base_weight_dtype") is not None:
         raise ValueError(
             f"{spelled('full_finetune', face)} trains the decoder weights, so they cannot be kept quantized, but "

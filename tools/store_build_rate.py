@@ -8,6 +8,11 @@ the same buffer bytes.
 
     python tools/store_build_rate.py                      # nf4, int8 and dense, 3 rounds
     python tools/store_build_rate.py --codecs nf4 --rounds 5 --hidden 1024 --intermediate 3584   # smaller
+    python tools/store_build_rate.py --codecs nf4 --cache-layers 2    # also: restart from a store cache vs packing
+
+With --cache-layers N, it then builds an N-layer store three times with the current encoders: without a cache,
+with an empty `store_cache` directory (pack, then write the cache), and again (a restart: map the cache), and
+prints the three times. The cache directory is a temporary one, deleted at the end.
 
 Memory: about three copies of one layer (~1.3 GB at 8B widths).
 """
@@ -91,6 +96,8 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=14336)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--cache-layers", type=int, default=0, help="also time a store cache restart (N layers)")
+    parser.add_argument("--cache-dir", default=None, help="where to put the temporary cache (default: the system's)")
     args = parser.parse_args()
 
     layer = make_layer(args)
@@ -118,6 +125,45 @@ def main() -> None:
             f"{name:>5}: 0.1.0 {old:7.0f} MB/s ({old_cpu:.0f} MB/cpu-s)   new {new:7.0f} MB/s ({new_cpu:.0f} MB/cpu-s)"
             f"   x{new / old:.1f} wall   same bytes: {same}   (median of {args.rounds})"
         )
+    del layer
+    for name in args.codecs if args.cache_layers else ():
+        time_cache_restart(args, weights, name)
+
+
+def time_cache_restart(args, weights: dict[str, torch.Tensor], codec_name: str) -> None:
+    """Build an N-layer store without a cache, with an empty cache (pack + write), and from the cache (map)."""
+    import shutil
+    import tempfile
+
+    from hf_offload.engine import store_cache
+    from hf_offload.engine.store import HostStore, StoreCache
+
+    layers = torch.nn.ModuleList(make_layer(args) for _ in range(args.cache_layers))
+    nbytes = sum(w.nbytes for w in weights.values()) * len(layers)
+    directory = tempfile.mkdtemp(prefix="store-cache-", dir=args.cache_dir)
+    codec = None if codec_name == "dense" else codec_name
+    try:
+        for label, cache in (
+            ("pack, no cache", None),
+            ("pack + write cache", StoreCache(directory, {"name_or_path": "tools/store_build_rate"})),
+            ("restart: map cache", StoreCache(directory, {"name_or_path": "tools/store_build_rate"})),
+        ):
+            for layer in layers:
+                fresh_copy(layer, weights)
+            wall0 = time.perf_counter()
+            built = HostStore.build(
+                layers, pin=lambda _: False, show_progress=False, codec=make_codec(codec), cache=cache
+            )
+            wall = time.perf_counter() - wall0
+            print(f"{codec_name:>5} {len(layers)} layers ({nbytes / 1e9:.2f} GB bf16): {label:<20} {wall:7.2f} s")
+            del built
+        files = sum(
+            os.path.getsize(os.path.join(directory, store_cache.STORE, f))
+            for f in os.listdir(os.path.join(directory, store_cache.STORE))
+        )
+        print(f"      cache on disk: {files / 1e9:.2f} GB")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,9 @@ def encode_nf4(
     n = flat.numel()
     if n % BLOCKSIZE:
         raise ValueError(f"`weight` should have a multiple of {BLOCKSIZE} elements, but the value passed has {n}")
+    if flat.device.type != "cpu":  # a weight still on an accelerator: bitsandbytes' own kernel there is fast
+        packed, state = F.quantize_4bit(flat, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+        return packed.reshape(-1), state.absmax, state.state2.absmax, float(state.offset)
     packed = torch.empty(n // 2, dtype=torch.uint8)
     absmax = torch.empty(n // BLOCKSIZE, dtype=torch.float32)
     bounds = [(start, min(start + CHUNK, n)) for start in range(0, n, CHUNK)]
@@ -159,6 +162,11 @@ def encode_int8(weight: torch.Tensor, workers: int | None = None) -> tuple[torch
         (int8 codes of weight's shape, float32 absmax per row).
     """
     weight = weight.detach().contiguous()
+    if weight.device.type != "cpu":  # a weight still on an accelerator: bitsandbytes' own kernel there
+        import bitsandbytes.functional as F
+
+        codes, row_absmax, _ = F.int8_vectorwise_quant(weight, threshold=0.0)
+        return codes, row_absmax
     rows, cols = weight.shape
     codes = torch.empty((rows, cols), dtype=torch.int8)
     absmax = torch.empty(rows, dtype=torch.float32)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import OffloadConfig
-from . import compat, hostmem
+from . import compat, hostmem, store_cache
 from .anatomy import check_streamable
 from .chunked_loss import ChunkedLoss
 from .device import BOUNCE_BUFFERS, DeviceOps, resolve_device
@@ -24,7 +24,7 @@ from .moe import RoutedExperts, find_expert_groups, has_unroutable_experts
 from .overrides import Overrides
 from .prebuilt import take_prebuilt_store
 from .quant import make_codec
-from .store import HostStore, layout_layer, require_frozen_weights
+from .store import HostStore, StoreCache, layout_layer, require_frozen_weights
 from .streamer import Streamer
 from .tiled_mlp import TiledMLPs
 from .trainable import (
@@ -119,6 +119,8 @@ class LayerStreamingRuntime:
             codec=codec,
             keep_resident=self.anatomy.shared_outside,
             expert_groups=lambda index: expert_groups[index],
+            # a store loaded from a checkpoint is cached by the loader, keyed by the checkpoint (store_loading.py)
+            cache=_store_cache(model, config.store_cache) if prebuilt is None else None,
             prebuilt=prebuilt,
         )
         self._warn_unpinned(pin)
@@ -499,3 +501,9 @@ def _refuse_merge(*args, **kwargs):
 def _parent_module(model: nn.Module, path: str) -> nn.Module:
     parent_path = path.rpartition(".")[0]
     return model.get_submodule(parent_path) if parent_path else model
+
+
+def _store_cache(model: nn.Module, directory: str | None) -> StoreCache | None:
+    if directory is None:
+        return None
+    return StoreCache(directory, store_cache.model_identity(compat.peft_base_model(model)))

@@ -48,9 +48,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import compat
+from . import compat, store_cache
 from .errors import UnsupportedModelError
 from .quant import Codec, encode_experts, linear_weights
+from .store_cache import CachedLayer
 
 ALIGNMENT = 64  # bytes; every tensor starts on a boundary any dtype view accepts
 
@@ -175,6 +176,11 @@ class EncodedTensor:
     original_device: torch.device
     hollow: torch.Tensor  # bound between uses; see Note: [Hollow weights]
 
+    @property
+    def codec_meta(self) -> dict:
+        """What decoding needs besides the parts (kept by a store cache)."""
+        return self.meta
+
     def decode(self, buffer: torch.Tensor, scratch: torch.Tensor) -> None:
         self.codec.decode([part.view_in(buffer) for part in self.parts], self.meta, self.scratch.view_in(scratch))
 
@@ -198,6 +204,11 @@ class EncodedExperts:
     scratch: Region  # [num_experts, out, in] in the scratch buffer
     original_device: torch.device
     hollow: torch.Tensor  # bound between uses; see Note: [Hollow weights]
+
+    @property
+    def codec_meta(self) -> list[dict]:
+        """What decoding needs besides the parts, per expert (kept by a store cache)."""
+        return self.metas
 
     @property
     def num_experts(self) -> int:
@@ -246,6 +257,17 @@ def encode_stacked_experts(
     encoded = EncodedExperts(param, codec, parts, metas, scratch, param.device, hollow(value.shape, param.dtype))
     param.data = encoded.hollow  # see Note: [Hollow weights]; the dense storage is freed here
     return encoded
+
+
+def bind_encoded(
+    param: nn.Parameter, codec: Codec, parts: list, scratch: Region, meta, stacked: bool
+) -> EncodedTensor | EncodedExperts:
+    """The record of a weight whose encoded parts are in place already (a store cache), with the codec's metadata
+    (`meta`; per expert for a stacked expert tensor); makes `param` hollow."""
+    kind = EncodedExperts if stacked else EncodedTensor
+    record = kind(param, codec, parts, meta, scratch, param.device, hollow(param.shape, param.dtype))
+    param.data = record.hollow  # see Note: [Hollow weights]
+    return record
 
 
 @dataclass
@@ -441,23 +463,32 @@ def pack_layer(
     codec: Codec | None = None,
     keep_resident: frozenset[int] = frozenset(),
     expert_groups: Sequence[Sequence[nn.Parameter]] = (),
+    layout: LayerLayout | None = None,
+    cached: CachedLayer | None = None,
     prebuilt=None,
 ) -> LayerPack:
     """Move `layer`'s frozen parameters into one new host buffer and free their old storage.
 
     `expert_groups`: per experts module, its frozen stacked expert parameters (each [num_experts, ...]); they are
-    packed last, as expert regions (encoded expert by expert when `codec` accepts them).
-    `prebuilt`: the layer's buffer as a checkpoint loader filled it (`prebuilt.PrebuiltLayer`), or None. When the
-    parameters already sit where this layout puts them, that buffer becomes the pack as it is: nothing is copied
-    or encoded again (see Note: [Loading into the store] in prebuilt.py).
+    packed last, as expert regions (encoded expert by expert when `codec` accepts them). `layout`: `layout_layer`'s
+    plan, when the caller made it already.
+    Two ways the buffer may exist already, in which case nothing is copied or encoded and every parameter is bound
+    exactly as packing would bind it:
+    `cached`: this layer's buffer as a store cache holds it (same layout; see store_cache.py).
+    `prebuilt`: the layer's buffer as a checkpoint loader filled it (`prebuilt.PrebuiltLayer`), taken when the
+    parameters already sit where this layout puts them (see Note: [Loading into the store] in prebuilt.py).
     """
-    layout = layout_layer(layer, codec, keep_resident=keep_resident, expert_groups=expert_groups)
+    layout = layout or layout_layer(layer, codec, keep_resident=keep_resident, expert_groups=expert_groups)
+    encoded = [*layout.encoded, *layout.encoded_experts]
+    if cached is not None and (cached.host.numel() != layout.nbytes or len(cached.encoded_meta) != len(encoded)):
+        raise ValueError(f"hf_offload: the cached buffer of layer {index} does not have this layer's layout")
     adopted = prebuilt is not None and prebuilt.matches(layout)
     if prebuilt is not None and not adopted:
         prebuilt.give_back_dense()  # packed the ordinary way below, from the prebuilt values
+    filled = adopted or cached is not None
     pack = LayerPack(
         index=index,
-        host=prebuilt.host if adopted else page_aligned_empty(layout.nbytes),
+        host=prebuilt.host if adopted else cached.host if cached is not None else page_aligned_empty(layout.nbytes),
         scratch_nbytes=layout.scratch_nbytes,
         quantized_tuners=layout.quantized_tuners,
         base_nbytes=layout.base_nbytes,
@@ -467,30 +498,54 @@ def pack_layer(
     # Attributes first: one that aliases a parameter is copied with it, before the parameter is rebound.
     for holder, name, region, alias in layout.attributes:
         tensor = getattr(holder, name)
-        if not alias:
+        if not alias and cached is None:
             region.view_in(pack.host).copy_(tensor)
         pack.attributes.append(PackedAttribute(holder, name, region, tensor.device))
     for param, region in layout.dense:
         packed = PackedTensor(param=param, region=region, original_device=param.device)
-        view = packed.view_in(pack.host) if adopted else write_dense(region, param.data, pack.host)
+        view = packed.view_in(pack.host) if filled else write_dense(region, param.data, pack.host)
         param.data = view  # the old storage is freed here unless something else holds it
         pack.tensors.append(packed)
     for attribute in pack.attributes:
         attribute.bind(pack.host)
-    for param, parts, scratch in layout.encoded:
+    for number, (param, parts, scratch) in enumerate(encoded):
+        stacked = number >= len(layout.encoded)
         if adopted:
-            pack.encoded.append(prebuilt.record(param))
+            record = prebuilt.record(param)
+        elif cached is not None:
+            record = bind_encoded(param, codec, parts, scratch, cached.encoded_meta[number], stacked)
+        elif stacked:
+            record = encode_stacked_experts(pack.host, param, param.data, codec, parts, scratch)
         else:
-            pack.encoded.append(encode_weight(pack.host, param, param.data, codec, parts, scratch))
-    for param, parts, scratch in layout.encoded_experts:
-        if adopted:
-            pack.encoded.append(prebuilt.record(param))
-        else:
-            pack.encoded.append(encode_stacked_experts(pack.host, param, param.data, codec, parts, scratch))
+            record = encode_weight(pack.host, param, param.data, codec, parts, scratch)
+        pack.encoded.append(record)
     by_param = {id(t.param): t for t in (*pack.tensors, *pack.encoded)}
     for group in expert_groups:
         pack.experts.append(ExpertRegion(group[0].shape[0], [by_param[id(p)] for p in group]))
     return pack
+
+
+@dataclass(frozen=True)
+class StoreCache:
+    """Where to keep the built store on disk, and the model identity that goes into its key (store_cache.py)."""
+
+    directory: str
+    identity: dict  # store_cache.model_identity(model)
+
+    def key_fields(self, layers: nn.ModuleList, layouts: list[LayerLayout], codec: Codec | None) -> dict | None:
+        """The key's fields (Note: [Store cache key]), or None (logged) when the weights are not in memory."""
+        tensors = []
+        for layout in layouts:
+            tensors += [p.data for p, _ in layout.dense] + [p.data for p, _, _ in layout.encoded]
+            tensors += [p.data for p, _, _ in layout.encoded_experts]
+            tensors += [getattr(holder, name) for holder, name, _, alias in layout.attributes if not alias]
+        try:
+            content = store_cache.fingerprint(tensors)
+        except ValueError as error:
+            store_cache.logger.warning("hf_offload: store_cache is not used: %s", error)
+            return None
+        digests = [store_cache.layout_digest(layer, layout) for layer, layout in zip(layers, layouts)]
+        return store_cache.make_key_fields(codec.name if codec else None, digests, self.identity, content)
 
 
 class HostStore:
@@ -508,14 +563,22 @@ class HostStore:
         codec: Codec | None = None,
         keep_resident: frozenset[int] = frozenset(),
         expert_groups: Callable[[int], Sequence[Sequence[nn.Parameter]]] | None = None,
+        cache: StoreCache | None = None,
         prebuilt: Sequence | None = None,
     ) -> HostStore:
-        """Pack every layer; `prebuilt`: per layer, its buffer filled by a checkpoint loader (or None)."""
+        """Pack every layer; with `cache`, map the layer buffers from it when its key matches, else write them to
+        it once packed (see store_cache.py); `prebuilt`: per layer, its buffer filled by a checkpoint loader."""
         from tqdm.auto import tqdm
 
-        progress = tqdm(
-            layers, desc="hf_offload: packing layers in host memory", unit="layer", disable=_tqdm_disable(show_progress)
-        )
+        groups = [expert_groups(index) if expert_groups else () for index in range(len(layers))]
+        layouts = [
+            layout_layer(layer, codec, keep_resident=keep_resident, expert_groups=groups[i])
+            for i, layer in enumerate(layers)
+        ]
+        fields = cache.key_fields(layers, layouts, codec) if cache is not None else None
+        cached = store_cache.open_cached(cache.directory, fields) if fields is not None else None
+        desc = "hf_offload: packing layers in host memory" if cached is None else "hf_offload: mapping cached layers"
+        progress = tqdm(layers, desc=desc, unit="layer", disable=_tqdm_disable(show_progress))
         packs = [
             pack_layer(
                 index,
@@ -523,11 +586,15 @@ class HostStore:
                 pin,
                 codec,
                 keep_resident,
-                expert_groups(index) if expert_groups else (),
+                groups[index],
+                layouts[index],
+                cached and cached[index],
                 prebuilt[index] if prebuilt is not None else None,
             )
             for index, layer in enumerate(progress)
         ]
+        if fields is not None and cached is None:
+            store_cache.write_cache(cache.directory, fields, packs)
         return cls(packs)
 
     @property
