@@ -193,6 +193,15 @@ def test_a_training_step_from_the_cached_store_equals_one_from_a_packed_store(tm
     assert_step_matches(reference_step, cached, batch)
 
 
+def test_a_damaged_cache_is_rebuilt(tmp_path, caplog):
+    build_store(frozen_model(), tmp_path)
+    (tmp_path / "store" / "layer-00001.bin").write_bytes(b"short")  # truncated by something outside hf_offload
+    with caplog.at_level(logging.WARNING, logger="hf_offload.engine.store_cache"):
+        rebuilt = build_store(frozen_model(), tmp_path)
+    assert "damaged" in caplog.text
+    assert (tmp_path / "store" / "layer-00001.bin").stat().st_size == rebuilt.packs[1].nbytes
+
+
 def test_store_cache_with_full_finetune_is_refused():
     with pytest.raises(ValueError, match="store_cache"):
         OffloadConfig(full_finetune=True, store_cache="/tmp/x")
