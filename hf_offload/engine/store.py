@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 import mmap
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,7 @@ from .quant import Codec, encode_experts, linear_weights
 from .store_cache import CachedLayer
 
 ALIGNMENT = 64  # bytes; every tensor starts on a boundary any dtype view accepts
+READ_AHEAD = True  # see Note: [Reading ahead while packing]; off only to measure what it brings
 
 
 def _aligned(n: int) -> int:
@@ -534,11 +536,7 @@ class StoreCache:
 
     def key_fields(self, layers: nn.ModuleList, layouts: list[LayerLayout], codec: Codec | None) -> dict | None:
         """The key's fields (Note: [Store cache key]), or None (logged) when the weights are not in memory."""
-        tensors = []
-        for layout in layouts:
-            tensors += [p.data for p, _ in layout.dense] + [p.data for p, _, _ in layout.encoded]
-            tensors += [p.data for p, _, _ in layout.encoded_experts]
-            tensors += [getattr(holder, name) for holder, name, _, alias in layout.attributes if not alias]
+        tensors = [tensor for layout in layouts for tensor in _layout_tensors(layout)]
         try:
             content = store_cache.fingerprint(tensors)
         except ValueError as error:
@@ -579,20 +577,25 @@ class HostStore:
         cached = store_cache.open_cached(cache.directory, fields) if fields is not None else None
         desc = "hf_offload: packing layers in host memory" if cached is None else "hf_offload: mapping cached layers"
         progress = tqdm(layers, desc=desc, unit="layer", disable=_tqdm_disable(show_progress))
-        packs = [
-            pack_layer(
-                index,
-                layer,
-                pin,
-                codec,
-                keep_resident,
-                groups[index],
-                layouts[index],
-                cached and cached[index],
-                prebuilt[index] if prebuilt is not None else None,
-            )
-            for index, layer in enumerate(progress)
-        ]
+        packs = []
+        filled = cached is not None or prebuilt is not None  # buffers exist already: nothing to read ahead
+        with ThreadPoolExecutor(1, thread_name_prefix="hf_offload-read-ahead") as reader:
+            for index, layer in enumerate(progress):
+                if READ_AHEAD and not filled and index + 1 < len(layers):  # Note: [Reading ahead while packing]
+                    reader.submit(_touch_pages, _layout_tensors(layouts[index + 1]))
+                packs.append(
+                    pack_layer(
+                        index,
+                        layer,
+                        pin,
+                        codec,
+                        keep_resident,
+                        groups[index],
+                        layouts[index],
+                        cached and cached[index],
+                        prebuilt[index] if prebuilt is not None else None,
+                    )
+                )
         if fields is not None and cached is None:
             store_cache.write_cache(cache.directory, fields, packs)
         return cls(packs)
@@ -633,6 +636,25 @@ class HostStore:
                 unpin(pack.host)
             pack.host = torch.empty(0, dtype=torch.uint8)
         self.packs = []
+
+
+# Note: [Reading ahead while packing]
+# Weights loaded from safetensors files in their own dtype are usually views of the files mapped in memory, read
+# from disk only when first touched: packing a layer would then wait for the disk, then encode, in turn. While a
+# layer packs, one thread reads one byte of every page of the next layer's tensors, so the disk reads of the next
+# layer overlap the encoding of this one. It only reads; weights already in memory cost it a few microseconds.
+
+
+def _layout_tensors(layout: LayerLayout) -> list[torch.Tensor]:
+    tensors = [p.data for p, _ in layout.dense] + [p.data for p, _, _ in (*layout.encoded, *layout.encoded_experts)]
+    return tensors + [getattr(holder, name) for holder, name, _, alias in layout.attributes if not alias]
+
+
+def _touch_pages(tensors: list[torch.Tensor]) -> None:
+    page = mmap.PAGESIZE
+    for tensor in tensors:
+        if tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.numel():
+            tensor.detach().reshape(-1).view(torch.uint8)[::page].max()  # one read per page: faults it in
 
 
 def _tqdm_disable(show_progress: bool | None) -> bool | None:

@@ -157,10 +157,13 @@ def open_cached(directory: str | os.PathLike, fields: dict) -> list[CachedLayer]
     layers = []
     for entry in manifest["layers"]:
         path = store / entry["file"]
-        if path.stat().st_size != entry["nbytes"]:
-            logger.warning("hf_offload: %s has the wrong size; rebuilding the host store cache", path)
+        try:
+            if path.stat().st_size != entry["nbytes"]:
+                raise OSError(f"{path.name} holds {path.stat().st_size} bytes, the manifest says {entry['nbytes']}")
+            layers.append(CachedLayer(_map(path, entry["nbytes"]), entry["encoded_meta"]))
+        except OSError as error:
+            logger.warning("hf_offload: the host store cache in %s is damaged (%s); rebuilding it", directory, error)
             return None
-        layers.append(CachedLayer(_map(path, entry["nbytes"]), entry["encoded_meta"]))
     logger.info("hf_offload: host store mapped from the cache in %s (%d layers)", directory, len(layers))
     return layers
 

@@ -193,6 +193,36 @@ def test_a_training_step_from_the_cached_store_equals_one_from_a_packed_store(tm
     assert_step_matches(reference_step, cached, batch)
 
 
+def test_a_damaged_cache_is_rebuilt(tmp_path, caplog):
+    build_store(frozen_model(), tmp_path)
+    (tmp_path / "store" / "layer-00001.bin").write_bytes(b"short")  # truncated by something outside hf_offload
+    with caplog.at_level(logging.WARNING, logger="hf_offload.engine.store_cache"):
+        rebuilt = build_store(frozen_model(), tmp_path)
+    assert "damaged" in caplog.text
+    assert (tmp_path / "store" / "layer-00001.bin").stat().st_size == rebuilt.packs[1].nbytes
+
+
 def test_store_cache_with_full_finetune_is_refused():
     with pytest.raises(ValueError, match="store_cache"):
         OffloadConfig(full_finetune=True, store_cache="/tmp/x")
+
+
+def test_a_routed_moe_step_from_the_cached_store_equals_one_from_a_packed_store(tmp_path, caplog):
+    from moe_families import VOCAB as MOE_VOCAB
+    from moe_families import build as build_moe
+    from moe_families import with_expert_lora
+
+    def streamed_moe(directory):
+        model = with_expert_lora(build_moe("qwen3_moe"), "qwen3_moe")
+        config = OffloadConfig(device="cpu", base_weight_dtype="nf4", store_cache=str(directory) if directory else None)
+        return hf_offload.enable_layer_streaming(model, config)
+
+    batch = left_padded_batch(MOE_VOCAB)
+    reference_step = train_step(streamed_moe(None), batch)
+    streamed_moe(tmp_path)  # writes the cache
+    with caplog.at_level(logging.INFO, logger="hf_offload.engine.store_cache"):
+        cached = streamed_moe(tmp_path)
+    assert "mapped from the cache" in caplog.text
+    assert any(pack.experts for pack in get_runtime(cached).store.packs)  # expert regions come from the cache too
+    assert_step_matches(reference_step, cached, batch)
+    assert hf_offload.stats(cached)["experts_loaded"] > 0
