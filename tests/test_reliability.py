@@ -270,20 +270,83 @@ def test_plan_with_a_zero_or_negative_number_is_refused(tiny_config_json, capsys
     assert f"{option} should be" in err and "value passed" in err
 
 
-def test_plan_of_a_config_with_100000_layers_is_refused_quickly(tmp_path, capsys):
+def _deep_config(family: str, depth: int, **changes):
+    """A moe_families config `depth` layers deep; a per-layer list in `changes` is repeated to the depth."""
+    import transformers
+    from moe_families import FAMILIES
+
+    config_class, kwargs = FAMILIES[family]
+    changes = {k: (v * depth)[:depth] if isinstance(v, list) and k == "layer_types" else v for k, v in changes.items()}
+    return getattr(transformers, config_class)(**dict(kwargs, num_hidden_layers=depth, **changes))
+
+
+MIXED_STACKS = {
+    "qwen2_moe": dict(mlp_only_layers=[3, 10], decoder_sparse_step=2, max_window_layers=5),
+    "deepseek_v3": dict(first_k_dense_replace=3),
+    "jamba": dict(attn_layer_period=4, attn_layer_offset=2),
+    "qwen3_next": dict(layer_types=["linear_attention"] * 3 + ["full_attention"]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MIXED_STACKS))
+def test_plan_of_a_40_layer_mixed_config_gives_the_same_figures_by_layer_kind_as_layer_by_layer(family):
+    from hf_offload.commands.model_sizes import measure
+    from hf_offload.commands.plan import estimate
+
+    config = _deep_config(family, 40, **MIXED_STACKS[family])
+    by_kind, whole = measure(config), measure(config, every_layer=True)
+    assert 1 < len(by_kind.kinds) < 40 and len(whole.kinds) == 40  # the shallow build was used, and it mixes kinds
+    assert by_kind.layer_bytes == whole.layer_bytes and len(set(whole.layer_bytes)) > 1
+    for name in ("total_params", "resident_bytes", "compute_params", "lora_tensors", "intermediate"):
+        assert getattr(by_kind, name) == getattr(whole, name), name
+    for options in ({}, {"base_weight_dtype": "nf4"}, {"base_weight_dtype": "int8"}, {"full_finetune": True}):
+        assert estimate(by_kind, **options).as_dict() == estimate(whole, **options).as_dict(), options
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_next"])
+def test_plan_of_a_config_with_100000_layers_plans_in_seconds(tmp_path, capsys, family):
     import json
     import time
 
     from hf_offload.commands.cli import main
 
-    config = build("llama").config.to_dict()
-    config["num_hidden_layers"] = 100_000
-    path = tmp_path / "deep.json"
-    path.write_text(json.dumps(config))
-    start = time.perf_counter()
-    assert main(["plan", str(path)]) == 2
-    assert time.perf_counter() - start < 5
-    assert "100,000 decoder layers" in capsys.readouterr().err
+    def plan(depth: int) -> dict:
+        if family == "llama":
+            config = build("llama").config
+            config.num_hidden_layers = depth
+        else:  # linear-attention layers, every fourth one full attention
+            config = _deep_config(family, depth, **MIXED_STACKS[family])
+        path = tmp_path / f"{depth}.json"
+        config.to_json_file(str(path))
+        start = time.perf_counter()
+        assert main(["plan", str(path), "--host_mem", "1", "--json"]) == 0
+        return dict(json.loads(capsys.readouterr().out), seconds=time.perf_counter() - start)
+
+    four, eight = plan(4), plan(8)  # the first one imports everything, before the clock that counts
+    deep = plan(100_000)
+    assert deep["seconds"] < 5, deep["seconds"]
+    assert deep["layers"] == 100_000
+    # every four layers of either stack are like the first four
+    assert deep["host_bytes"] == 25_000 * four["host_bytes"]
+    assert deep["parameters"] - four["parameters"] == 24_999 * (eight["parameters"] - four["parameters"])
+
+
+@pytest.mark.parametrize("depth", [40, 100_000])
+def test_plan_of_a_config_whose_layer_kinds_the_config_does_not_name(monkeypatch, depth):
+    """A layer rule the config's names do not reveal: caught by the check of the shallow build, never mis-planned."""
+    from hf_offload.commands import model_sizes
+
+    monkeypatch.setattr(model_sizes, "_PERIOD_WORDS", ())  # decoder_sparse_step no longer read as a period
+    config = _deep_config("qwen2_moe", depth, decoder_sparse_step=2, mlp_only_layers=[])
+    if depth > model_sizes.MAX_MEASURED_LAYERS:
+        with pytest.raises(
+            model_sizes.ConfigError, match="cannot be told from the config: layer 1 is built unlike layer 0"
+        ):
+            model_sizes.measure(config)
+        return
+    by_kind, whole = model_sizes.measure(config), model_sizes.measure(config, every_layer=True)
+    assert len(by_kind.kinds) == 40  # built whole
+    assert by_kind.layer_bytes == whole.layer_bytes and len(set(whole.layer_bytes)) == 2
 
 
 @pytest.mark.parametrize("what", ["missing path", "non-JSON config", "empty directory", "JSON list"])
