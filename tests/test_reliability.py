@@ -469,6 +469,42 @@ def test_merged_export_killed_at_20_random_moments_always_leaves_a_loadable_mode
     assert not lost, lost
 
 
+def test_trainer_final_save_killed_at_8_random_moments_always_leaves_one_whole_save(tmp_path):
+    results = _kill_saves().final_trials(trials=8, seed=0, workdir=str(tmp_path))
+    lost = [r for r in results if not r["loadable"]]
+    assert not lost, lost
+
+
+def test_a_final_save_killed_after_its_commit_point_is_finished_by_the_next_training_run(tmp_path, monkeypatch):
+    from hf_offload.integrations import atomic
+
+    trainer = _trainer(build("llama"), tmp_path / "out", max_steps=1)
+    trainer.train()
+    trainer.save_model()
+    out = tmp_path / "out"
+    (out / "checkpoint-1").mkdir(exist_ok=True)
+    (out / "notes.txt").write_text("the user's")
+    lora_b = next(p for n, p in trainer.model.named_parameters() if "lora_B" in n)
+
+    def killed(staged, target):  # the process dies after the commit point, before any file is moved
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(atomic, "_move_in", killed)
+    with torch.no_grad():
+        lora_b.add_(1.0)
+    with pytest.raises(SystemExit):
+        trainer.save_model()
+    monkeypatch.undo()
+    staged = [p for p in tmp_path.iterdir() if p.name.startswith(".out.staged-")]
+    assert len(staged) == 1 and (staged[0] / atomic.COMPLETE_MARKER).is_file()  # committed, not yet moved
+    new = (staged[0] / "adapter_model.safetensors").read_bytes()
+    assert (out / "adapter_model.safetensors").read_bytes() != new
+    trainer.train()  # what the user does next: training again (or saving again) into that output directory
+    assert (out / "adapter_model.safetensors").read_bytes() == new  # the interrupted save finished first
+    assert (out / "notes.txt").read_text() == "the user's" and (out / "checkpoint-1").is_dir()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
 def test_an_export_that_fails_half_way_leaves_the_previous_one_in_place(tmp_path, monkeypatch):
     import safetensors.torch
 
