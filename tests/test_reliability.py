@@ -34,6 +34,33 @@ def test_deepcopy_of_a_streamed_model_is_refused():
             copy.deepcopy(target)
 
 
+def test_deepcopy_of_an_experts_module_alone_of_a_streamed_model_is_refused():
+    import moe_families
+
+    model = moe_families.with_expert_lora(moe_families.build("qwen3_moe"), "qwen3_moe")
+    hf_offload.enable_layer_streaming(model, CPU)
+    experts = model.get_base_model().model.layers[1].mlp.experts
+    assert hf_offload.stats(model) is not None and "forward" in vars(experts)  # routed fetch is installed on it
+    with pytest.raises(RuntimeError, match=r"or of a module hf_offload runs for it \(an experts module"):
+        copy.deepcopy(experts)
+    hf_offload.disable_layer_streaming(model)
+    clone = copy.deepcopy(experts)  # an ordinary module again: copies like one
+    hidden, index = torch.randn(5, 32), torch.randint(0, 8, (5, 2))
+    weights = torch.rand(5, 2)
+    torch.testing.assert_close(clone(hidden, index, weights), experts(hidden, index, weights), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("module", ["the tiled MLP of a layer", "the output head"])
+def test_deepcopy_of_a_module_hf_offload_gave_its_own_forward_is_refused(module):
+    model = with_lora(build("llama"))
+    hf_offload.enable_layer_streaming(model, OffloadConfig(device="cpu", mlp_tile_tokens=4))
+    base = model.get_base_model()
+    target = base.model.layers[0].mlp if module == "the tiled MLP of a layer" else base.lm_head
+    assert "forward" in vars(target)
+    with pytest.raises(RuntimeError, match=r"runs for it \((an MLP|the output head) of a streamed"):
+        copy.deepcopy(target)
+
+
 def test_deepcopy_after_disabling_streaming_works():
     model = with_lora(build("llama"))
     hf_offload.enable_layer_streaming(model, CPU)
