@@ -831,6 +831,34 @@ def test_torch_compile_of_a_streamed_model_compiles_the_resident_parts_and_keeps
             torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_torch_compile_flag_through_the_trainer_trains_like_the_compiled_plain_lora_run(tmp_path):
+    """`--torch_compile --torch_compile_backend eager` with `--layer_streaming`: the resident parts compile, the
+    streamed layers run eagerly, and the run matches the plain peft run compiled the same way, step by step."""
+    from faces import logged, tiny_args, token_dataset
+    from peft import get_peft_model
+
+    torch._dynamo.reset()
+    base = build("llama")
+    common = dict(max_steps=2, optim="adamw_torch", torch_compile=True, torch_compile_backend="eager")
+    plain_args = tiny_args(tmp_path / "plain", **common)
+    torch.manual_seed(0)
+    plain = hf_offload.OffloadTrainer(
+        model=get_peft_model(copy.deepcopy(base), plain_args.lora_config()),
+        args=plain_args,
+        train_dataset=token_dataset(),
+    )
+    plain.train()
+    torch.manual_seed(0)  # the LoRA the trainer adds starts from the same RNG state as the plain run's
+    streamed_args = tiny_args(tmp_path / "streamed", layer_streaming=True, **common)
+    streamed = hf_offload.OffloadTrainer(model=copy.deepcopy(base), args=streamed_args, train_dataset=token_dataset())
+    streamed.train()
+    assert hf_offload.is_streaming(streamed.model)
+    assert type(streamed.model_wrapped).__name__ == "OptimizedModule"  # compiled, as the plain run's
+    assert logged(streamed) == logged(plain) and len(logged(plain)) == 2
+    assert logged(streamed, "grad_norm") == logged(plain, "grad_norm")
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("offload_activations", [False, True])
 def test_a_second_backward_through_a_retained_graph_matches_vanilla(offload_activations):
     config = OffloadConfig(device="cpu", offload_activations=offload_activations)
