@@ -358,6 +358,16 @@ def test_plan_of_a_config_with_100000_layers_plans_in_seconds(tmp_path, capsys, 
     assert deep["parameters"] - four["parameters"] == 24_999 * (eight["parameters"] - four["parameters"])
 
 
+def test_plan_of_a_100000_layer_config_whose_last_layer_is_its_own_kind_is_refused_naming_the_setting():
+    from hf_offload.commands import model_sizes
+
+    config = _deep_config("ernie4_5_moe", 100_000)  # MoE layers up to moe_layer_end_index, by default the last
+    with pytest.raises(model_sizes.ConfigError, match=r"first appears at layer 99,999 \(set apart by moe_layer_end"):
+        model_sizes.measure(config)
+    shallow = _deep_config("ernie4_5_moe", 40)  # at a depth that can be built whole, it is
+    assert model_sizes.measure(shallow).layer_bytes == model_sizes.measure(shallow, every_layer=True).layer_bytes
+
+
 @pytest.mark.parametrize("depth", [40, 100_000])
 def test_plan_of_a_config_whose_layer_kinds_the_config_does_not_name(monkeypatch, depth):
     """A layer rule the config's names do not reveal: caught by the check of the shallow build, never mis-planned."""

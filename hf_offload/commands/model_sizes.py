@@ -185,15 +185,16 @@ def layer_keys(config, depth: int) -> list[tuple]:
     """
     per_layer, index_sets, rules = _layer_rules(config, depth)
     indices = range(depth)
-    columns = [list(values) for values in per_layer]  # one column per fact, zipped into keys (fast at any depth)
-    columns += [[i in members for i in indices] for members in index_sets]
-    columns += [[i < v for i in indices] for v, _ in rules]
-    columns += [[i % v for i in indices] for v, periodic in rules if periodic]
+    columns = [list(values) for _, values in per_layer]  # one column per fact, zipped into keys (fast at any depth)
+    columns += [[i in members for i in indices] for _, members in index_sets]
+    columns += [[i < v for i in indices] for _, v, _ in rules]
+    columns += [[i % v for i in indices] for _, v, periodic in rules if periodic]
     return list(zip(*columns)) if columns else [()] * depth
 
 
 def _layer_rules(config, depth: int) -> tuple[list, list, list]:
-    """The config's per-layer lists, its sets of layer indices, and its (integer, is a period) layer rules."""
+    """The config's per-layer lists and sets of layer indices, as (name, value), and its layer rules, as (name,
+    integer, whether it is a period)."""
     per_layer, index_sets, rules = [], [], []
     for name, value in sorted(vars(config).items()):
         if name.startswith("_") and not name.endswith("pattern"):
@@ -201,15 +202,25 @@ def _layer_rules(config, depth: int) -> tuple[list, list, list]:
         names_a_rule = any(word in name.lower() for word in _LAYER_RULE_WORDS)
         sequence = isinstance(value, (list, tuple)) or (isinstance(value, str) and names_a_rule)  # "M-M*-M..."
         if sequence and len(value) == depth and depth > 1:
-            per_layer.append(tuple(_hashable(v) for v in value))
+            per_layer.append((name, tuple(_hashable(v) for v in value)))
         if isinstance(value, (list, tuple, set)) and value and all(_is_int(v) and 0 <= v < depth for v in value):
-            index_sets.append(frozenset(value))
+            index_sets.append((name, frozenset(value)))
         elif _is_int(value) and 0 < value < depth and names_a_rule:
             if name in _DEPTH_NAMES:
                 continue
             periodic = value <= MAX_LAYER_PERIOD and any(word in name.lower() for word in _PERIOD_WORDS)
-            rules.append((value, periodic))
+            rules.append((name, value, periodic))
     return per_layer, index_sets, rules
+
+
+def _settings_apart(config, depth: int, index: int) -> list[str]:
+    """The config settings that say layer `index` differs from the layer before it, as name=value."""
+    per_layer, index_sets, rules = _layer_rules(config, depth)
+    before = index - 1
+    names = [name for name, values in per_layer if values[index] != values[before]]
+    names += [name for name, members in index_sets if (index in members) != (before in members)]
+    names += [name for name, v, periodic in rules if (index < v) != (before < v) or (periodic and index % v)]
+    return [f"{name}={getattr(config, name)!r:.40}" for name in names]
 
 
 _DEPTH_NAMES = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -280,14 +291,15 @@ def _build_by_kinds(config, dtype, depth_name: str, depth: int):
         first.setdefault(key, i)
     shallow = max(first.values()) + 1
     _, _, rules = _layer_rules(_text_config(config), depth)
-    period = max((v for v, periodic in rules if periodic), default=1)
+    period = max((v for _, v, periodic in rules if periodic), default=1)
     deeper = min(depth, shallow + max(16, 2 * period))  # every pattern repeated past its first appearances
-    if deeper >= depth:
+    if deeper >= depth and shallow <= MAX_MEASURED_LAYERS:
         return None  # shallow enough to build whole
     try:
         if shallow > MAX_MEASURED_LAYERS:
             raise _KindsDiffer(
-                f"a kind of layer first appears at layer {shallow - 1:,} of {depth:,} (from the per-layer settings)"
+                f"a kind of layer first appears at layer {shallow - 1:,} (set apart by "
+                f"{', '.join(_settings_apart(_text_config(config), depth, shallow - 1))})"
             )
         small, small_layers = _shallow(config, dtype, depth_name, shallow)
         model, layers = _shallow(config, dtype, depth_name, deeper)
