@@ -351,7 +351,8 @@ def test_plan_of_a_config_with_100000_layers_plans_in_seconds(tmp_path, capsys, 
 
     four, eight = plan(4), plan(8)  # the first one imports everything, before the clock that counts
     deep = plan(100_000)
-    assert deep["seconds"] < 5, deep["seconds"]
+    # seconds, not the minutes of building 100,000 layers; an 8-layer plan's time allows for a loaded machine
+    assert deep["seconds"] < max(5, 4 * eight["seconds"]), (deep["seconds"], eight["seconds"])
     assert deep["layers"] == 100_000
     # every four layers of either stack are like the first four
     assert deep["host_bytes"] == 25_000 * four["host_bytes"]
