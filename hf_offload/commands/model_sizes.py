@@ -323,8 +323,12 @@ def _build_by_kinds(config, dtype, depth_name: str, depth: int):
 
 
 def _shallow(config, dtype, depth_name: str, depth: int):
-    """The model built with `depth` decoder layers, everything else as configured."""
-    config = copy.deepcopy(config)
+    """The model built with `depth` decoder layers (per-layer lists cut to them), everything else as configured."""
+    text = _text_config(config)
+    full = getattr(text, depth_name)
+    per_layer = [getattr(text, name) for name, _ in _layer_rules(text, full)[0]]
+    # the copy gets the per-layer lists cut to `depth` (copying a 100,000-long list again and again is what costs)
+    config = copy.deepcopy(config, {id(values): copy.deepcopy(values[:depth]) for values in per_layer})
     setattr(_text_config(config), depth_name, depth)
     model = empty_model(config, dtype)
     layers = list(find_decoder_layers(model).layers)
