@@ -2,7 +2,8 @@
 
 `hf-offload plan` and `hf-offload bench` both read their configs and sizes here, so a plan and a bench of the same
 model agree: the decoder layers are found by the engine's anatomy (not guessed from parameter names) and their
-host-store bytes come from the store's layout code, quantized or not.
+host-store bytes come from the store's layout code, quantized or not. Each distinct kind of decoder layer is built
+and measured once, so a config of any depth is measured in about a second.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ class ConfigError(ValueError):
     """A model or config cannot be read or measured; the message says why and what to pass instead."""
 
 
-# Past this many decoder layers a model is measured by its distinct layer kinds only (see Note: [Measuring a deep
-# config by its layer kinds]); a config whose kinds first appear deeper than this is refused instead.
+# At most this many decoder layers are built one by one: when a config's layer kinds cannot be told from it (see the
+# Note on measuring by layer kinds below), or a kind first appears deeper; past it such a config is refused.
 MAX_MEASURED_LAYERS = 1024
 # Periods of per-layer patterns (every n-th layer MoE, sliding, attention...) are looked for up to this length.
 MAX_LAYER_PERIOD = 64
@@ -167,12 +168,12 @@ def config_dtype(config) -> torch.dtype:
 # index is in every list of layer indices, and, for every integer whose name says it places layers, whether the
 # index is below it and its remainder by it (small periods only). Layers with equal keys are built alike.
 # The model is then built twice, shallow: D1 layers (up to the last first appearance of a key) and D2 > D1 (more of
-# every pattern), with only the depth changed in the config. The build is trusted when the modules outside the
-# layers are the same at both depths (nothing there grows with the depth) and every layer of the deeper build has
-# the structure (parameter names, shapes, dtypes, module types) of the first layer with its key; the layers are
-# then measured kind by kind. When that check fails, a config of at most MAX_MEASURED_LAYERS layers is built
-# whole, and a deeper one is refused with the reason. A config whose layers are all alike plans in well under a
-# second at any depth.
+# every pattern), with only the depth changed in the config (and its per-layer lists cut to it). The build is
+# trusted when the modules outside the layers are the same at both depths (nothing there grows with the depth) and
+# every layer of the deeper build has the structure (parameter names, shapes, dtypes, module types) of the first
+# layer with its key; the layers are then measured kind by kind. When that check fails, a config of at most
+# MAX_MEASURED_LAYERS layers is built whole, and a deeper one is refused with the reason. A config of any depth plans
+# in about a second.
 def layer_keys(config, depth: int) -> list[tuple]:
     """Per decoder layer, what the config says about it: layers with equal keys are built alike.
 
