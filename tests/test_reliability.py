@@ -34,6 +34,33 @@ def test_deepcopy_of_a_streamed_model_is_refused():
             copy.deepcopy(target)
 
 
+def test_deepcopy_of_an_experts_module_alone_of_a_streamed_model_is_refused():
+    import moe_families
+
+    model = moe_families.with_expert_lora(moe_families.build("qwen3_moe"), "qwen3_moe")
+    hf_offload.enable_layer_streaming(model, CPU)
+    experts = model.get_base_model().model.layers[1].mlp.experts
+    assert hf_offload.stats(model) is not None and "forward" in vars(experts)  # routed fetch is installed on it
+    with pytest.raises(RuntimeError, match=r"or of a module hf_offload runs for it \(an experts module"):
+        copy.deepcopy(experts)
+    hf_offload.disable_layer_streaming(model)
+    clone = copy.deepcopy(experts)  # an ordinary module again: copies like one
+    hidden, index = torch.randn(5, 32), torch.randint(0, 8, (5, 2))
+    weights = torch.rand(5, 2)
+    torch.testing.assert_close(clone(hidden, index, weights), experts(hidden, index, weights), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("module", ["the tiled MLP of a layer", "the output head"])
+def test_deepcopy_of_a_module_hf_offload_gave_its_own_forward_is_refused(module):
+    model = with_lora(build("llama"))
+    hf_offload.enable_layer_streaming(model, OffloadConfig(device="cpu", mlp_tile_tokens=4))
+    base = model.get_base_model()
+    target = base.model.layers[0].mlp if module == "the tiled MLP of a layer" else base.lm_head
+    assert "forward" in vars(target)
+    with pytest.raises(RuntimeError, match=r"runs for it \((an MLP|the output head) of a streamed"):
+        copy.deepcopy(target)
+
+
 def test_deepcopy_after_disabling_streaming_works():
     model = with_lora(build("llama"))
     hf_offload.enable_layer_streaming(model, CPU)
@@ -270,20 +297,94 @@ def test_plan_with_a_zero_or_negative_number_is_refused(tiny_config_json, capsys
     assert f"{option} should be" in err and "value passed" in err
 
 
-def test_plan_of_a_config_with_100000_layers_is_refused_quickly(tmp_path, capsys):
+def _deep_config(family: str, depth: int, **changes):
+    """A moe_families config `depth` layers deep; a per-layer list in `changes` is repeated to the depth."""
+    import transformers
+    from moe_families import FAMILIES
+
+    config_class, kwargs = FAMILIES[family]
+    changes = {k: (v * depth)[:depth] if isinstance(v, list) and k == "layer_types" else v for k, v in changes.items()}
+    return getattr(transformers, config_class)(**dict(kwargs, num_hidden_layers=depth, **changes))
+
+
+MIXED_STACKS = {
+    "qwen2_moe": dict(mlp_only_layers=[3, 10], decoder_sparse_step=2, max_window_layers=5),
+    "deepseek_v3": dict(first_k_dense_replace=3),
+    "jamba": dict(attn_layer_period=4, attn_layer_offset=2),
+    "qwen3_next": dict(layer_types=["linear_attention"] * 3 + ["full_attention"]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MIXED_STACKS))
+def test_plan_of_a_40_layer_mixed_config_gives_the_same_figures_by_layer_kind_as_layer_by_layer(family):
+    from hf_offload.commands.model_sizes import measure
+    from hf_offload.commands.plan import estimate
+
+    config = _deep_config(family, 40, **MIXED_STACKS[family])
+    by_kind, whole = measure(config), measure(config, every_layer=True)
+    assert 1 < len(by_kind.kinds) < 40 and len(whole.kinds) == 40  # the shallow build was used, and it mixes kinds
+    assert by_kind.layer_bytes == whole.layer_bytes and len(set(whole.layer_bytes)) > 1
+    for name in ("total_params", "resident_bytes", "compute_params", "lora_tensors", "intermediate"):
+        assert getattr(by_kind, name) == getattr(whole, name), name
+    for options in ({}, {"base_weight_dtype": "nf4"}, {"base_weight_dtype": "int8"}, {"full_finetune": True}):
+        assert estimate(by_kind, **options).as_dict() == estimate(whole, **options).as_dict(), options
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_next"])
+def test_plan_of_a_config_with_100000_layers_plans_in_seconds(tmp_path, capsys, family):
     import json
     import time
 
     from hf_offload.commands.cli import main
 
-    config = build("llama").config.to_dict()
-    config["num_hidden_layers"] = 100_000
-    path = tmp_path / "deep.json"
-    path.write_text(json.dumps(config))
-    start = time.perf_counter()
-    assert main(["plan", str(path)]) == 2
-    assert time.perf_counter() - start < 5
-    assert "100,000 decoder layers" in capsys.readouterr().err
+    def plan(depth: int) -> dict:
+        if family == "llama":
+            config = build("llama").config
+            config.num_hidden_layers = depth
+        else:  # linear-attention layers, every fourth one full attention
+            config = _deep_config(family, depth, **MIXED_STACKS[family])
+        path = tmp_path / f"{depth}.json"
+        config.to_json_file(str(path))
+        start = time.perf_counter()
+        assert main(["plan", str(path), "--host_mem", "1", "--json"]) == 0
+        return dict(json.loads(capsys.readouterr().out), seconds=time.perf_counter() - start)
+
+    four, eight = plan(4), plan(8)  # the first one imports everything, before the clock that counts
+    deep = plan(100_000)
+    # seconds, not the minutes of building 100,000 layers; an 8-layer plan's time allows for a loaded machine
+    assert deep["seconds"] < max(5, 4 * eight["seconds"]), (deep["seconds"], eight["seconds"])
+    assert deep["layers"] == 100_000
+    # every four layers of either stack are like the first four
+    assert deep["host_bytes"] == 25_000 * four["host_bytes"]
+    assert deep["parameters"] - four["parameters"] == 24_999 * (eight["parameters"] - four["parameters"])
+
+
+def test_plan_of_a_100000_layer_config_whose_last_layer_is_its_own_kind_is_refused_naming_the_setting():
+    from hf_offload.commands import model_sizes
+
+    config = _deep_config("ernie4_5_moe", 100_000)  # MoE layers up to moe_layer_end_index, by default the last
+    with pytest.raises(model_sizes.ConfigError, match=r"first appears at layer 99,999 \(set apart by moe_layer_end"):
+        model_sizes.measure(config)
+    shallow = _deep_config("ernie4_5_moe", 40)  # at a depth that can be built whole, it is
+    assert model_sizes.measure(shallow).layer_bytes == model_sizes.measure(shallow, every_layer=True).layer_bytes
+
+
+@pytest.mark.parametrize("depth", [40, 100_000])
+def test_plan_of_a_config_whose_layer_kinds_the_config_does_not_name(monkeypatch, depth):
+    """A layer rule the config's names do not reveal: caught by the check of the shallow build, never mis-planned."""
+    from hf_offload.commands import model_sizes
+
+    monkeypatch.setattr(model_sizes, "_PERIOD_WORDS", ())  # decoder_sparse_step no longer read as a period
+    config = _deep_config("qwen2_moe", depth, decoder_sparse_step=2, mlp_only_layers=[])
+    if depth > model_sizes.MAX_MEASURED_LAYERS:
+        with pytest.raises(
+            model_sizes.ConfigError, match="cannot be told from the config: layer 1 is built unlike layer 0"
+        ):
+            model_sizes.measure(config)
+        return
+    by_kind, whole = model_sizes.measure(config), model_sizes.measure(config, every_layer=True)
+    assert len(by_kind.kinds) == 40  # built whole
+    assert by_kind.layer_bytes == whole.layer_bytes and len(set(whole.layer_bytes)) == 2
 
 
 @pytest.mark.parametrize("what", ["missing path", "non-JSON config", "empty directory", "JSON list"])
@@ -404,6 +505,42 @@ def test_merged_export_killed_at_20_random_moments_always_leaves_a_loadable_mode
     results = _kill_saves().merged_trials(trials=20, seed=0, workdir=str(tmp_path))
     lost = [r for r in results if not r["loadable"]]
     assert not lost, lost
+
+
+def test_trainer_final_save_killed_at_8_random_moments_always_leaves_one_whole_save(tmp_path):
+    results = _kill_saves().final_trials(trials=8, seed=0, workdir=str(tmp_path))
+    lost = [r for r in results if not r["loadable"]]
+    assert not lost, lost
+
+
+def test_a_final_save_killed_after_its_commit_point_is_finished_by_the_next_training_run(tmp_path, monkeypatch):
+    from hf_offload.integrations import atomic
+
+    trainer = _trainer(build("llama"), tmp_path / "out", max_steps=1)
+    trainer.train()
+    trainer.save_model()
+    out = tmp_path / "out"
+    (out / "checkpoint-1").mkdir(exist_ok=True)
+    (out / "notes.txt").write_text("the user's")
+    lora_b = next(p for n, p in trainer.model.named_parameters() if "lora_B" in n)
+
+    def killed(staged, target):  # the process dies after the commit point, before any file is moved
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(atomic, "_move_in", killed)
+    with torch.no_grad():
+        lora_b.add_(1.0)
+    with pytest.raises(SystemExit):
+        trainer.save_model()
+    monkeypatch.undo()
+    staged = [p for p in tmp_path.iterdir() if p.name.startswith(".out.staged-")]
+    assert len(staged) == 1 and (staged[0] / atomic.COMPLETE_MARKER).is_file()  # committed, not yet moved
+    new = (staged[0] / "adapter_model.safetensors").read_bytes()
+    assert (out / "adapter_model.safetensors").read_bytes() != new
+    trainer.train()  # what the user does next: training again (or saving again) into that output directory
+    assert (out / "adapter_model.safetensors").read_bytes() == new  # the interrupted save finished first
+    assert (out / "notes.txt").read_text() == "the user's" and (out / "checkpoint-1").is_dir()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
 def test_an_export_that_fails_half_way_leaves_the_previous_one_in_place(tmp_path, monkeypatch):
@@ -703,6 +840,34 @@ def test_torch_compile_of_a_streamed_model_compiles_the_resident_parts_and_keeps
         assert grads_c.keys() == grads_ref.keys()
         for name, g in grads_ref.items():
             torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_torch_compile_flag_through_the_trainer_trains_like_the_compiled_plain_lora_run(tmp_path):
+    """`--torch_compile --torch_compile_backend eager` with `--layer_streaming`: the resident parts compile, the
+    streamed layers run eagerly, and the run matches the plain peft run compiled the same way, step by step."""
+    from faces import logged, tiny_args, token_dataset
+    from peft import get_peft_model
+
+    torch._dynamo.reset()
+    base = build("llama")
+    common = dict(max_steps=2, optim="adamw_torch", torch_compile=True, torch_compile_backend="eager")
+    plain_args = tiny_args(tmp_path / "plain", **common)
+    torch.manual_seed(0)
+    plain = hf_offload.OffloadTrainer(
+        model=get_peft_model(copy.deepcopy(base), plain_args.lora_config()),
+        args=plain_args,
+        train_dataset=token_dataset(),
+    )
+    plain.train()
+    torch.manual_seed(0)  # the LoRA the trainer adds starts from the same RNG state as the plain run's
+    streamed_args = tiny_args(tmp_path / "streamed", layer_streaming=True, **common)
+    streamed = hf_offload.OffloadTrainer(model=copy.deepcopy(base), args=streamed_args, train_dataset=token_dataset())
+    streamed.train()
+    assert hf_offload.is_streaming(streamed.model)
+    assert type(streamed.model_wrapped).__name__ == "OptimizedModule"  # compiled, as the plain run's
+    assert logged(streamed) == logged(plain) and len(logged(plain)) == 2
+    assert logged(streamed, "grad_norm") == logged(plain, "grad_norm")
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("offload_activations", [False, True])

@@ -129,7 +129,7 @@ def token_terms(
     else:
         logits = tokens * sizes.vocab * (act + LOGIT_EXTRA_BYTES)
     return {
-        "boundary_activations": 0 if offload_activations else len(sizes.layers) * tokens * sizes.hidden * act,
+        "boundary_activations": 0 if offload_activations else len(sizes.kind_of) * tokens * sizes.hidden * act,
         "layer_activations": (tokens * per_hidden * sizes.hidden + mlp_tokens * per_inter * sizes.intermediate) * act,
         "logits": logits,
     }
@@ -188,12 +188,13 @@ def estimate(
     state (`host_terms`), the device trains the resident modules with AdamW instead of adapters, and each step sends
     every layer's gradients back to the host (`grad_bytes_to_host`).
     """
-    layouts = sizes.store_layouts(base_weight_dtype)
-    store = [layout.nbytes for layout in layouts]
+    layouts = sizes.kind_layouts(base_weight_dtype)  # one per layer kind; `counts` says how many layers each
+    counts = sizes.kind_counts()
+    store = [layouts[k].nbytes for k in sizes.kind_of]
     n_layers = len(store)
     tokens = batch * seq
     act = 4 if sizes.dtype == torch.float32 else 2
-    lora = [lora_r * n for n in sizes.lora_tensors]  # numel of each adapter matrix
+    lora = {lora_r * n: count for n, count in sizes.lora_tensors.items()}  # numel of an adapter matrix -> how many
     boundary = n_layers * tokens * sizes.hidden * act
     long_context = dict(chunked_loss=chunked_loss, loss_chunk_tokens=loss_chunk_tokens, mlp_tile_tokens=mlp_tile_tokens)
     gpu_terms = {
@@ -201,14 +202,18 @@ def estimate(
         "dequant_scratch": max(layout.scratch_nbytes for layout in layouts),
         "resident_modules": sizes.resident_bytes,
         # fp32 adapters (peft's default for bf16/fp16 bases), their fp32 gradients, 8-bit AdamW state
-        "adapters_and_optimizer": 0 if full_finetune else sum(8 * n + adamw8bit_state_bytes(n) for n in lora),
+        "adapters_and_optimizer": 0
+        if full_finetune
+        else sum(count * (8 * n + adamw8bit_state_bytes(n)) for n, count in lora.items()),
         **token_terms(sizes, tokens, offload_activations=offload_activations, **long_context),
     }
     host_terms = {"compute_copy": sum(store)}
     grad_bytes_to_host = 0
     if full_finetune:
         # the engine's own accounting (fp32 masters, gradients, AdamW moments), on the meta model's parameters
-        host_terms.update(training_host_bytes([p for layer in sizes.layers for p in layer.parameters()]))
+        for layer, count in zip(sizes.kinds, counts):
+            for name, nbytes in training_host_bytes(list(layer.parameters())).items():
+                host_terms[name] = host_terms.get(name, 0) + count * nbytes
         # the resident modules train on the device with torch AdamW: gradient and two moments in their dtype
         gpu_terms["resident_grads_adamw"] = 3 * sizes.resident_bytes
         gpu_terms["layer_gradients"] = max(store)  # one layer's weight gradients, until they reach the host
@@ -229,7 +234,9 @@ def estimate(
         full_finetune=full_finetune,
         grad_bytes_to_host=grad_bytes_to_host,
         # not nn.Linear/Conv1D nor the stacked tensors of a routable experts module, or odd sizes
-        unquantized_matrix_bytes=sum(r.nbytes for layout in layouts for p, r in layout.dense if p.dim() >= 2)
+        unquantized_matrix_bytes=sum(
+            count * r.nbytes for layout, count in zip(layouts, counts) for p, r in layout.dense if p.dim() >= 2
+        )
         if base_weight_dtype is not None
         else 0,
         gpu_bytes=sum(gpu_terms.values()),
@@ -292,7 +299,7 @@ def make_plan(
         **plan.as_dict(),
         model_type=getattr(config, "model_type", None),
         dtype=str(sizes.dtype).removeprefix("torch."),
-        layers=len(sizes.layers),
+        layers=len(sizes.kind_of),
         parameters=sizes.total_params,
         gpu_budget_bytes=gpu_budget,
         host_available_bytes=host_available,

@@ -46,6 +46,7 @@ from torch import nn
 from . import compat
 from .device import DeviceOps
 from .layer_fn import _autocast, _autocast_state
+from .overrides import InstalledForward
 from .rng_watch import RngWatch
 
 logger = logging.getLogger(__name__)
@@ -251,8 +252,7 @@ class ChunkedLoss:
         def forward(*args, **kwargs):
             return self._head_forward(original, args, kwargs)
 
-        forward.__wrapped__ = original
-        head.forward = forward
+        head.forward = InstalledForward(forward, original, "the output head of a streamed model (chunked loss)")
         self._handles.append(model.register_forward_pre_hook(self._arm, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._disarm, always_call=True))
 

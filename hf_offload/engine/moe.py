@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import compat
-from .overrides import Overrides
+from .overrides import InstalledForward, Overrides
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class RoutedExperts:
         self._overrides.restore()
 
 
-def _routed_forward(streamer, group: ExpertGroup, original: Callable):
+def _routed_forward(streamer, group: ExpertGroup, original: Callable) -> InstalledForward:
     def forward(*args, **kwargs):
         bound = group.signature.bind(*args, **kwargs)
         expert_index = bound.arguments[group.index_argument]
@@ -163,8 +163,7 @@ def _routed_forward(streamer, group: ExpertGroup, original: Callable):
                 return original(*bound.args, **bound.kwargs)
             return group.base(*bound.args, **bound.kwargs)
 
-    forward.__wrapped__ = original
-    return forward
+    return InstalledForward(forward, original, "an experts module of a streamed decoder layer (routed expert fetch)")
 
 
 def _routed_expert_ids(streamer, group: ExpertGroup, expert_index: torch.Tensor) -> list[int]:

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 _ABSENT = object()  # the object had no attribute of its own under that name
@@ -41,3 +42,37 @@ class Overrides:
 
     def __len__(self) -> int:
         return len(self._saved)
+
+
+def deepcopy_refusal(module: str | None = None) -> RuntimeError:
+    """The error for copy.deepcopy of a streamed model, or of `module`, one hf_offload gave its own forward.
+
+    See Note: [Copying a streamed model] in runtime.py. A model's copy may meet either first, so one message fits
+    both.
+    """
+    what = "a model whose decoder layers stream" + (
+        f", or of a module hf_offload runs for it ({module})," * bool(module)
+    )
+    return RuntimeError(
+        f"copy.deepcopy of {what} is not supported: the copy would keep computing with the original's host store "
+        "and modules. Copy the model before hf_offload.enable_layer_streaming (and stream each copy separately), or "
+        "call hf_offload.disable_layer_streaming(model), copy it, and enable streaming again. For a frozen reference "
+        "model, load it a second time (from_pretrained) instead of copying."
+    )
+
+
+class InstalledForward:
+    """A `forward` hf_offload sets on one module instance (routed experts, a tiled MLP, the chunked-loss head).
+
+    A callable object rather than a closure: copy.deepcopy shares functions, so a copied module would keep calling
+    the original's forward, bound to the original module and its streamer; a copy is refused instead.
+    """
+
+    def __init__(self, function: Callable, wrapped: Callable, what: str):
+        self.function, self.__wrapped__, self.what = function, wrapped, what
+
+    def __call__(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        raise deepcopy_refusal(self.what)

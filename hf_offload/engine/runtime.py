@@ -21,7 +21,7 @@ from .device import BOUNCE_BUFFERS, DeviceOps, resolve_device
 from .facts import StreamingSummary, bytes_per_train_step
 from .layer_fn import call_streamed_layer
 from .moe import RoutedExperts, find_expert_groups, has_unroutable_experts
-from .overrides import Overrides
+from .overrides import Overrides, deepcopy_refusal
 from .prebuilt import take_prebuilt_store
 from .quant import make_codec
 from .store import HostStore, StoreCache, layout_layer, require_frozen_weights
@@ -320,14 +320,11 @@ def raise_deepcopy_refusal():
     """Note: [Copying a streamed model]
     A deep copy of a streamed model would copy the parameters' host views but keep calling the original's runtime:
     the copy's layers would compute with the original's host store and its gradients land in the original's
-    adapters (a reference or EMA model would silently follow the live one). So copying is refused.
+    adapters (a reference or EMA model would silently follow the live one). So copying is refused. The same holds
+    for a module hf_offload gave its own forward (an experts module with routed fetch, a tiled MLP, the chunked-loss
+    head: `overrides.InstalledForward`): copied alone, it would keep calling the original's forward.
     """
-    raise RuntimeError(
-        "copy.deepcopy of a model whose decoder layers stream is not supported: the copy would keep computing with "
-        "the original's host store. Copy the model before hf_offload.enable_layer_streaming (and stream each copy "
-        "separately), or call hf_offload.disable_layer_streaming(model), copy it, and enable streaming again. For "
-        "a frozen reference model, load it a second time (from_pretrained) instead of copying."
-    )
+    raise deepcopy_refusal()
 
 
 def _refuse_streaming_twice(layers: nn.ModuleList) -> None:

@@ -31,6 +31,7 @@ from torch import nn
 from . import compat
 from .device import DeviceOps
 from .layer_fn import _autocast, _autocast_state
+from .overrides import InstalledForward
 from .rng_watch import RngWatch
 
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
@@ -175,8 +176,7 @@ class TiledMLPs:
                 return original(*args, **kwargs)
             return self._run(mlp, original, args[0])
 
-        forward.__wrapped__ = original
-        return forward
+        return InstalledForward(forward, original, "an MLP of a streamed decoder layer (tiled by mlp_tile_tokens)")
 
     def _run(self, mlp: nn.Module, original, hidden: torch.Tensor) -> torch.Tensor:
         length = hidden.shape[-2]

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
-_TMP, _OLD = ".tmp-", ".old-"
+_TMP, _OLD, _STAGED = ".tmp-", ".old-", ".staged-"
 COMPLETE_MARKER = ".hf_offload_complete"
 
 
@@ -134,17 +134,31 @@ def atomic_file(path: str) -> Iterator[str]:
     _fsync(parent)
 
 
+# Note: [The final save into output_dir]
+# A Trainer's output directory holds the final save (adapter, configs, training_args.bin, tokenizer, README.md) next
+# to what must survive it: checkpoint-N directories, a merged/ export, files the user put there. So the directory
+# cannot be swapped whole, and moving the final save into a subdirectory or behind symlinks would change what users
+# and tools (PeftModel.from_pretrained(output_dir), push_to_hub, cp) expect to find. The save is made atomic as a
+# set instead, with a commit marker, like a journal:
+# 1. the Trainer saves into a hidden sibling `.<name>.staged-*` (README.md copied in first, so peft updates it);
+# 2. every file there is flushed to disk, then COMPLETE_MARKER is written into it: this is the commit point;
+# 3. the files are moved into the output directory one by one (os.replace, atomic per file), and the sibling
+#    removed. Nothing else in the output directory is touched.
+# A kill before the commit point leaves the previous save whole (the sibling is dropped later). A kill after it
+# leaves the new save committed: `finish_staged_save` (run by the next save into that directory and when a Trainer
+# starts training) moves the rest in, so the directory ends up with the new save whole, never a mixture. What stays
+# open: the moves take a few milliseconds (renames only), and a loader that reads the output directory after a kill
+# inside those milliseconds and before anything has finished the save sees some files new and some old, each
+# whole. Call `finish_staged_save(output_dir)` before loading a directory whose writer was killed.
 @contextlib.contextmanager
 def staged_files(target: str, seed: tuple[str, ...] = ("README.md",)) -> Iterator[str]:
-    """Yield a temporary directory next to `target` to save into; then move each file saved there into `target`.
+    """Yield a temporary directory next to `target` to save into; then commit its files into `target` as one set.
 
-    For saves into a directory that holds other things too (a Trainer's output directory holds its checkpoints),
-    so the directory itself cannot be swapped: every file is complete before it replaces its namesake (os.replace),
-    so a kill leaves each file old or new, never cut short. Files named in `seed` are copied in first, so that a
-    save that updates them (peft updates README.md) updates the existing ones.
+    See Note: [The final save into output_dir]. Files named in `seed` are copied in first, so that a save that
+    updates them (peft updates README.md) updates the existing ones. If the block raises, `target` is left as it was.
 
     Args:
-        target: the directory the files end up in (created if missing).
+        target: the directory the files end up in (created if missing); what else it holds is left alone.
         seed: names of files of `target` copied into the temporary directory before the save.
 
     Yields:
@@ -153,22 +167,62 @@ def staged_files(target: str, seed: tuple[str, ...] = ("README.md",)) -> Iterato
     target = os.path.abspath(target)
     parent, name = os.path.split(target)
     os.makedirs(target, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}{_TMP}", dir=parent)
+    finish_staged_save(target)  # one a kill interrupted after its commit point goes in first, whole
+    tmp = tempfile.mkdtemp(prefix=f".{name}{_STAGED}", dir=parent)
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         for seeded in seed:
             if os.path.isfile(os.path.join(target, seeded)):
                 shutil.copy2(os.path.join(target, seeded), os.path.join(tmp, seeded))
         yield tmp
-        for folder, _, files in os.walk(tmp):
-            destination = os.path.join(target, os.path.relpath(folder, tmp))
-            os.makedirs(destination, exist_ok=True)
-            for file in files:
-                _fsync(os.path.join(folder, file))
+        _fsync_tree(tmp)
+        _commit(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # not committed: the previous save stays
+        raise
+    _move_in(tmp, target)  # if this fails half way the save is committed: the next one finishes it
+
+
+def finish_staged_save(target: str) -> bool:
+    """Finish a final save into `target` that a kill interrupted after its commit point; drop uncommitted ones.
+
+    See Note: [The final save into output_dir].
+
+    Args:
+        target: the output directory the save was going into.
+
+    Returns:
+        True if a committed save was found and moved in (the directory now holds it whole).
+    """
+    finished = False
+    for staged in sorted(_siblings(target, _STAGED)):
+        if os.path.isfile(os.path.join(staged, COMPLETE_MARKER)):
+            os.makedirs(target, exist_ok=True)
+            _move_in(staged, target)
+            finished = True
+        else:
+            shutil.rmtree(staged, ignore_errors=True)
+    return finished
+
+
+def _commit(staged: str) -> None:
+    """The commit point of a staged save: its marker, on disk, after every file it marks."""
+    with open(os.path.join(staged, COMPLETE_MARKER), "w") as f:
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync(staged)
+
+
+def _move_in(staged: str, target: str) -> None:
+    """Move every file of a committed staged save into `target` (each replaces its namesake), then remove it."""
+    for folder, _, files in os.walk(staged):
+        destination = os.path.join(target, os.path.relpath(folder, staged))
+        os.makedirs(destination, exist_ok=True)
+        for file in files:
+            if folder != staged or file != COMPLETE_MARKER:
                 os.replace(os.path.join(folder, file), os.path.join(destination, file))
-        _fsync(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _fsync(destination)
+    shutil.rmtree(staged)  # the marker last of all: until it is gone a kill is finished by the next call
 
 
 def _umask() -> int:

@@ -366,8 +366,8 @@ def _save_model(call, trainer, output_dir=None, _internal_call=False):
         state.merged_at = mark
     # The Trainer pickles its arguments into every save: written with tokens masked (token_safety), and the push
     # that a user's save_model does afterwards runs with the token restored, as the Trainer's own would. The final
-    # save is staged beside the output directory and moved in file by file (atomic), so a kill leaves each file old
-    # or new; checkpoints are written in place (resume skips incomplete ones).
+    # save is staged beside the output directory and committed into it as one set (see Note: [The final save into
+    # output_dir] in atomic.py); checkpoints are written in place (resume skips incomplete ones).
     staged = atomic.staged_files(target) if final and trainer.args.should_save else contextlib.nullcontext(output_dir)
     with token_safety.tokens_masked(trainer.args), staged as save_dir:
         result = call(save_dir, True)
@@ -381,6 +381,8 @@ def _save_model(call, trainer, output_dir=None, _internal_call=False):
 
 
 def _train(call, trainer, resume_from_checkpoint=None, *args, **kwargs):
+    if trainer.args.should_save:
+        atomic.finish_staged_save(trainer.args.output_dir)  # a final save a kill interrupted after its commit point
     if resume_from_checkpoint is True and state_of(trainer).plugin is not None:
         # the newest complete checkpoint, not a half-written newer one (see `resume`)
         resume_from_checkpoint = resolve_resume_checkpoint(trainer.args.output_dir)
