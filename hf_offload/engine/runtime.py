@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import OffloadConfig
 from . import compat, hostmem
+from .activations import ActivationOffload
 from .anatomy import check_streamable
 from .chunked_loss import ChunkedLoss
 from .device import BOUNCE_BUFFERS, DeviceOps, resolve_device
@@ -118,6 +119,9 @@ class LayerStreamingRuntime:
         self.streamer = Streamer(self.store, self.ops, self.prefetch, routed=routed)
         self.routed_experts = RoutedExperts(groups if routed else [], self.streamer)
         self.routed_experts.install(self._host_views)
+        self.activations = ActivationOffload(self.ops, self.streamer) if config.offload_activations else None
+        if self.activations is not None:
+            self.streamer.backward_prefetch = self.activations.prefetch
 
     # --- used by layer_fn ----------------------------------------------------------------------------------------
     def run_layer(self, index: int, direction: int, fn: Callable[[], Any]) -> Any:
@@ -144,6 +148,8 @@ class LayerStreamingRuntime:
         return [t.view_in(pack.host) for t in pack.experts[group.region].tensors]
 
     def activations_to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` copied to host memory in compute-stream order (layer-major evaluation parks hidden states with
+        it; training's saved activations go through `self.activations`, on their own streams)."""
         tensor = tensor.detach()
         if self.ops.is_cpu:
             host = tensor.clone()
@@ -277,6 +283,8 @@ class LayerStreamingRuntime:
             self.trainable.remove()
             self.trainable = None
         self.streamer.close()
+        if self.activations is not None:
+            self.activations.close()
         self.overrides.restore()
         self.store.unpack(self.ops.unpin)
         for tensor, device in self._moved:
