@@ -211,6 +211,9 @@ class LayerStreamingRuntime:
             loss_chunk_tokens=self.config.loss_chunk_tokens,
             mlp_tile_tokens=self.config.mlp_tile_tokens,
             tiled_mlp_layers=len(self.tiled_mlps.mlps),
+            offload_activations=self.activations is not None,
+            activation_host_bytes=0 if self.activations is None else self.activations.buffer_bytes,
+            activation_unpinned_buffers=0 if self.activations is None else self.activations.unpinned_buffers,
         )
 
     # --- installation and removal ------------------------------------------------------------------------------------

@@ -96,6 +96,9 @@ def test_host_buffers_are_exact_page_aligned_pinned_and_reused(simulate, monkeyp
     assert all(buffer.numel() == size for buffer in pinned), "exact size, not a power of two"
     assert all(buffer.data_ptr() % mmap.PAGESIZE == 0 for buffer in pinned)
     assert activations.buffer_bytes == LAYERS * size
+    summary = hf_offload.summary(offloaded)
+    assert summary["offload_activations"] and summary["activation_host_bytes"] == LAYERS * size
+    assert summary["activation_unpinned_buffers"] == 0
     assert sorted(b.data_ptr() for b, _ in activations._free) == sorted(b.data_ptr() for b in pinned)
     for _ in range(2):
         train_step(offloaded, batch)
