@@ -126,3 +126,20 @@ def test_device_to_host_copies_run_beside_the_compute_stream():
         if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "") and e.get("args", {}).get("bytes") == boundary
     ]
     assert len(back) == 6 and all("Pinned" in e["name"] for e in back)
+
+
+def test_bench_sweep_over_sequence_lengths_on_cuda(capsys):
+    """The long-context rows on a small model: peak GPU memory and tokens/s at each length, for every method."""
+    from hf_offload.commands import cli
+
+    methods = "resident-checkpointed,hf_offload,hf_offload-activations"
+    argv = ["bench", "--device", "cuda", "--preset", "small", "--seq_lens", "2k,8k", "--steps", "1", "--warmup", "1"]
+    assert cli.main([*argv, "--methods", methods, "--no_profile", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    rows = {(row["seq"], row["method"]): row for row in doc["rows"]}
+    assert set(rows) == {(seq, m) for seq in (2048, 8192) for m in methods.split(",")}
+    for key, row in rows.items():
+        assert row["status"] == "ok", (key, row)
+        assert row["peak_gpu_bytes"] > 0 and row["tokens_per_s"] > 0, key
+    assert rows[8192, "hf_offload-activations"]["extra"]["stats"]["bytes_to_host"] > 0
+    assert rows[8192, "hf_offload-activations"]["peak_gpu_bytes"] <= rows[8192, "hf_offload"]["peak_gpu_bytes"]
