@@ -123,7 +123,8 @@ class ActivationOffload:
             call.alive += 1
             hosts.append(host)
             self._streamer.stats.bytes_to_host += region.nbytes
-        self._calls.setdefault(layer, []).append(call)
+        if call.saved:  # released when its host tensors are; a call with none has nothing to bring back
+            self._calls.setdefault(layer, []).append(call)
         return hosts, call
 
     # --- backward --------------------------------------------------------------------------------------------------
@@ -169,7 +170,7 @@ class ActivationOffload:
             return self._free.pop(min(fitting, key=lambda k: self._free[k][0].numel()))
         self._drop_free_buffers()  # all smaller than needed now: the sequences grew
         buffer = page_aligned_empty(nbytes)
-        if not self.ops.pin(buffer) and self.ops.stages_unpinned_copies:
+        if not self.ops.pin(buffer) and self.ops.stages_unpinned_copies and nbytes:
             self.unpinned_buffers += 1
             self._warn_unpinned()
         self.buffer_bytes += nbytes

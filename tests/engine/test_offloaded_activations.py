@@ -211,6 +211,32 @@ def test_offload_without_simulation_on_the_plain_cpu(monkeypatch):
     assert_bitwise_equal(train_step(offloaded, batch), train_step(plain, batch))
 
 
+def test_full_finetune_with_offloaded_activations_trains_like_ordinary(simulate):
+    """Full fine-tuning under the simulated device: three optimizer steps with gradient accumulation."""
+    from test_full_finetune import assert_trains_like_ordinary
+
+    _, streamed = assert_trains_like_ordinary(build("llama"), offload_activations=True)
+    assert hf_offload.stats(streamed)["bytes_to_host"] > 0
+
+
+def test_routed_moe_with_offloaded_activations(simulate):
+    from moe_families import VOCAB as MOE_VOCAB
+    from moe_families import build as build_moe
+    from moe_families import with_expert_lora
+
+    base = build_moe("qwen3_moe")
+    batch = {k: v[:2, -5:] for k, v in left_padded_batch(MOE_VOCAB).items()}
+    reference = with_expert_lora(copy.deepcopy(base))
+    reference_step = train_step(reference, batch)
+    streamed = with_expert_lora(copy.deepcopy(base))
+    streamed.load_state_dict(reference.state_dict())
+    config = OffloadConfig(device="cpu", expert_fetch="routed", offload_activations=True)
+    hf_offload.enable_layer_streaming(streamed, config)
+    for _ in range(2):
+        assert_step_matches(reference_step, streamed, batch)
+    assert hf_offload.stats(streamed)["bytes_from_host_activations"] > 0
+
+
 # --- the simulator's second copy stream -----------------------------------------------------------------------------
 def test_a_copy_stream_waiting_for_the_offload_stream_reads_what_it_wrote():
     sim = SimulatedAsync(seed=SEED, delay_range=(0.3, 0.3))
