@@ -64,21 +64,19 @@ def hidden_bytes(batch) -> int:
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
 def test_offloaded_step_equals_the_ordinary_and_the_resident_streamed_step(simulate, family, prefetch):
-    """fp32, two steps (the second reuses the host buffers): bitwise equal to the same streamed step without
-    offloading, and equal to the ordinary step within the parity suite's tolerance (the recompute's rounding)."""
+    """fp32 on the simulated device, dropout on, two steps (the second reuses the host buffers): bit for bit the
+    ordinary step and the same streamed step without offloading."""
     reference, offloaded, plain = streamed_pair(family, prefetch=prefetch)
     assert get_runtime(offloaded).ops.simulation is not None
     batch = left_padded_batch(VOCAB)
-    reference_step = train_step(reference, batch)
     for seed in (0, 1):
         hf_offload.reset_stats(offloaded)
         step = train_step(offloaded, batch, seed)
+        assert_bitwise_equal(step, train_step(reference, batch, seed))
         assert_bitwise_equal(step, train_step(plain, batch, seed))
-        assert_step_matches(train_step(reference, batch, seed) if seed else reference_step, offloaded, batch, seed)
         stats = hf_offload.stats(offloaded)
-        # train_step ran twice per seed on `offloaded` (assert_step_matches runs it again)
-        assert stats["bytes_to_host"] == 2 * LAYERS * hidden_bytes(batch)
-        assert stats["bytes_from_host_activations"] == 2 * LAYERS * hidden_bytes(batch)
+        assert stats["bytes_to_host"] == LAYERS * hidden_bytes(batch)
+        assert stats["bytes_from_host_activations"] == LAYERS * hidden_bytes(batch)
     assert get_runtime(offloaded).ops.simulation.copies > 0
 
 
