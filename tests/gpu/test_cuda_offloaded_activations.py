@@ -142,4 +142,5 @@ def test_bench_sweep_over_sequence_lengths_on_cuda(capsys):
         assert row["status"] == "ok", (key, row)
         assert row["peak_gpu_bytes"] > 0 and row["tokens_per_s"] > 0, key
     assert rows[8192, "hf_offload-activations"]["extra"]["stats"]["bytes_to_host"] > 0
+    assert any("(page-locked)" in note for note in rows[8192, "hf_offload-activations"]["notes"])
     assert rows[8192, "hf_offload-activations"]["peak_gpu_bytes"] <= rows[8192, "hf_offload"]["peak_gpu_bytes"]

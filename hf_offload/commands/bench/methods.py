@@ -173,7 +173,12 @@ class HfOffload(Method):
                 outcome.notes.append(
                     f"{stats['bytes_to_host'] / timed / GB:.3g} GB of saved activations to the host and "
                     f"{stats['bytes_from_host_activations'] / timed / GB:.3g} GB back per step, in "
-                    f"{summary['activation_host_bytes'] / GB:.3g} GB of page-locked host buffers"
+                    f"{summary['activation_host_bytes'] / GB:.3g} GB of host buffers"
+                    + (
+                        " (page-locked)"
+                        if setup.device.type == "cuda" and not summary["activation_unpinned_buffers"]
+                        else ""
+                    )
                 )
 
         clock.on_first_timed_step.append(lambda: api.reset_stats(model))
