@@ -10,13 +10,15 @@ backward, on copy streams, so the compute stream never waits for the link:
   the input; the offload stream waits for it and copies the input into a host buffer; its event `stored` marks the
   copy done. The device tensor stays referenced here until `stored` has completed (polled with `query`, no host
   sync): freed earlier, the caching allocator could hand its memory to a kernel while the copy still reads it.
-  The copy overlaps the layer's own compute.
+  The copy overlaps the layer's own compute. (On CUDA the tensor is also marked used by the offload stream,
+  `record_stream`, so that the caching allocator does not reuse it early even if the model frees it.)
 - host buffers: page-aligned host memory of the exact size (`store.page_aligned_empty`), page-locked with
   `DeviceOps.pin` like the host store's buffers, not the caching host allocator's power-of-two blocks, and reused
   across steps: a buffer returns to the free list when autograd frees the tensor saved for backward (after the
-  layer's backward, or when the graph is dropped), with the event of the last copy that read it; the next copy into
-  it waits for that event on the offload stream. A request takes the smallest free buffer large enough; when none
-  is, the free ones (smaller: the sequences grew) are released and a new buffer of the exact size is made.
+  layer's backward, or when the graph is dropped), with the events of the last copies into and out of it; the
+  next copy into it waits for them on the offload stream. A request takes the smallest free buffer large enough;
+  when none is, the free ones (smaller: the sequences grew) are released, after a host wait for those events, and a
+  new buffer of the exact size is made.
 - backward: the streamer's prefetch of layer i-1 (in backward, at the acquisition of layer i) also calls
   `prefetch(i-1)`, which starts that layer's copies back on the copy stream, behind its weights: device memory is
   allocated on the compute stream (the copy stream waits for an event recorded after the allocation, since the
@@ -80,7 +82,9 @@ class ActivationOffload:
     def __init__(self, ops: DeviceOps, streamer):
         self.ops = ops
         self._streamer = streamer  # its `stats` (replaced by reset_stats) count bytes_to_host and back
-        self._free: list[tuple[torch.Tensor, object]] = []  # (buffer, event of the last copy that read it)
+        # (buffer, events of the last copies into and out of it): a buffer is free once autograd lets go of its
+        # tensor, which can be before those copies have run (a graph dropped right after its forward)
+        self._free: list[tuple[torch.Tensor, tuple]] = []
         self._in_flight: list[_Saved] = []  # device->host copies whose device tensor is still referenced
         self._calls: dict[int, list[OffloadedCall]] = {}  # per layer, in forward order: calls whose tensors live
         self.buffer_bytes = 0  # host bytes of all buffers made and not released (in use or free)
@@ -109,13 +113,15 @@ class ActivationOffload:
             if not source.is_contiguous():
                 source = source.contiguous()
             region = Region(offset=0, dtype=source.dtype, shape=tuple(source.shape))
-            buffer, last_read = self._take(region.nbytes)
+            buffer, pending = self._take(region.nbytes)
             host = region.view_in(buffer)
             with self.ops.on_stream(stream):
                 self.ops.wait_event(produced, stream)
-                self.ops.wait_event(last_read, stream)  # the last copy back from this buffer has read it
+                for event in pending:  # the last copies into and out of this buffer are done with it
+                    self.ops.wait_event(event, stream)
                 self.ops.copy_(host, source, non_blocking=True)
                 stored = self.ops.record_event(stream)
+            self.ops.keep_for_stream(source, stream)  # also if the model frees it: see the Note
             saved = _Saved(region=region, buffer=buffer, stored=stored, source=source)
             self._in_flight.append(saved)
             call.saved.append(saved)
@@ -156,6 +162,8 @@ class ActivationOffload:
             for saved, tensor in zip(call.saved, tensors):
                 self.ops.wait_event(saved.stored, stream)
                 self.ops.copy_(tensor, saved.host(), non_blocking=True)
+                # a prefetched copy dropped unused (its graph died) must not free memory the copy still writes
+                self.ops.keep_for_stream(tensor, stream)
                 self._streamer.stats.bytes_from_host_activations += saved.nbytes
             call.ready = self.ops.record_event(stream)
         for saved in call.saved:
@@ -163,7 +171,7 @@ class ActivationOffload:
         call.on_device = tensors
 
     # --- buffers ---------------------------------------------------------------------------------------------------
-    def _take(self, nbytes: int) -> tuple[torch.Tensor, object]:
+    def _take(self, nbytes: int) -> tuple[torch.Tensor, tuple]:
         """A free host buffer of at least `nbytes` (the smallest), or a new one of exactly `nbytes`."""
         fitting = [k for k, (buffer, _) in enumerate(self._free) if buffer.numel() >= nbytes]
         if fitting:
@@ -174,12 +182,12 @@ class ActivationOffload:
             self.unpinned_buffers += 1
             self._warn_unpinned()
         self.buffer_bytes += nbytes
-        return buffer, None
+        return buffer, ()
 
     def _release(self, call: OffloadedCall, saved: _Saved) -> None:
         """Autograd freed a saved host tensor: its buffer is free again (a weakref finalizer)."""
-        saved.source = None
-        self._free.append((saved.buffer, saved.last_read))
+        # The device tensor stays with `_in_flight` until its copy has landed (dropping it here could be too early).
+        self._free.append((saved.buffer, (saved.stored, saved.last_read)))
         call.alive -= 1
         if call.alive == 0 and not call.released:
             call.released = True
@@ -201,8 +209,9 @@ class ActivationOffload:
         self._in_flight = pending
 
     def _drop_free_buffers(self) -> None:
-        for buffer, last_read in self._free:
-            self.ops.host_wait(last_read)  # a copy may still read it: unlocking its pages under it is undefined
+        for buffer, events in self._free:
+            for event in events:  # a copy may still use it: unlocking and unmapping its pages under it is undefined
+                self.ops.host_wait(event)
             self.ops.unpin(buffer)
             self.buffer_bytes -= buffer.numel()
         self._free = []

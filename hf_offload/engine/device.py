@@ -150,6 +150,13 @@ class DeviceOps:
             tensor.view(-1).view(torch.uint8).fill_(255)  # all-ones bits: NaN in every floating dtype
         return tensor
 
+    def keep_for_stream(self, tensor: torch.Tensor, stream) -> None:
+        """Tell the caching allocator that `stream` uses `tensor`, allocated on another stream: when it is freed,
+        its memory is not reused before the work `stream` has enqueued by then has completed (CUDA's
+        `record_stream`; nothing to do on the CPU and the simulated device, whose memory is not reused early)."""
+        if not self.is_cpu and stream is not None and tensor.device.type == self.device.type:
+            tensor.record_stream(stream)
+
     def query(self, event) -> bool:
         """Whether `event` has completed, without waiting (True for the CPU's None events)."""
         return event is None or bool(event.query())
