@@ -162,8 +162,6 @@ class ActivationOffload:
             for saved, tensor in zip(call.saved, tensors):
                 self.ops.wait_event(saved.stored, stream)
                 self.ops.copy_(tensor, saved.host(), non_blocking=True)
-                # a prefetched copy dropped unused (its graph died) must not free memory the copy still writes
-                self.ops.keep_for_stream(tensor, stream)
                 self._streamer.stats.bytes_from_host_activations += saved.nbytes
             call.ready = self.ops.record_event(stream)
         for saved in call.saved:
@@ -191,7 +189,9 @@ class ActivationOffload:
         call.alive -= 1
         if call.alive == 0 and not call.released:
             call.released = True
-            call.on_device = None  # prefetched for a backward that will not come
+            for tensor in call.on_device or ():  # prefetched for a backward that will not come: freed now, its
+                self.ops.keep_for_stream(tensor, self.ops.copy_stream)  # memory waits for the copy still writing it
+            call.on_device = None
             calls = self._calls.get(call.layer, [])
             if call in calls:
                 calls.remove(call)
