@@ -80,6 +80,23 @@ def test_offloaded_step_equals_the_ordinary_and_the_resident_streamed_step(simul
     assert get_runtime(offloaded).ops.simulation.copies > 0
 
 
+def test_staged_layers_prefetch_their_activations_at_release(simulate, monkeypatch):
+    """pin_memory=False: the layers' copies are staged and prefetches start at release; the activations come along."""
+    reference, offloaded, _ = streamed_pair(pin_memory=False)
+    assert get_runtime(offloaded).unpinned_layers() == list(range(LAYERS))
+    arrived = []
+    to_device = ActivationOffload.to_device
+    monkeypatch.setattr(
+        ActivationOffload,
+        "to_device",
+        lambda self, call: arrived.append(call.on_device is not None) or to_device(self, call),
+    )
+    batch = left_padded_batch(VOCAB)
+    assert_bitwise_equal(train_step(offloaded, batch), train_step(reference, batch))
+    assert arrived == [False, True, True, True]  # all but the backward's first layer were prefetched
+    assert hf_offload.stats(offloaded)["bytes_from_host_activations"] == LAYERS * hidden_bytes(batch)
+
+
 def test_host_buffers_are_exact_page_aligned_pinned_and_reused(simulate, monkeypatch):
     pinned = []
     pin = DeviceOps.pin
