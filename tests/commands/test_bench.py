@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from hf_offload.commands import cli
-from hf_offload.commands.bench.command import parse_lengths
+from hf_offload.commands.bench.command import _does_not_fit, offloaded_activation_bytes, parse_lengths
 from hf_offload.commands.bench.measure import intersect, overlap_from_trace, union
-from hf_offload.commands.bench.methods import DEFAULT_METHODS, METHODS
+from hf_offload.commands.bench.methods import DEFAULT_METHODS, METHODS, Setup
 from hf_offload.commands.bench.models import PRESETS, build_model, load_config
 from hf_offload.commands.bench.report import Row, table
 from hf_offload.commands.model_sizes import measure
@@ -285,3 +285,21 @@ def test_sequence_lengths_are_parsed_and_checked():
         parse_lengths("1k,1024")
     with pytest.raises(SystemExit, match="--seq and --seq_lens"):
         cli.main(["bench", "--device", "cpu", "--seq", "8", "--seq_lens", "16"])
+
+
+def test_a_sweep_skips_offloaded_activations_that_would_not_fit_in_host_memory():
+    config = load_config("tiny", None)
+    facts = measure(config, torch.float32)
+
+    def setup(seq: int, offload: bool = False) -> Setup:
+        return Setup(config, facts, torch.float32, torch.device("cpu"), 1, seq, 8, 1, offload)
+
+    huge = 2**40 // (4 * 64 * 4)  # 4 layers x hidden 64 x fp32: 1 TiB of saved hidden states
+    assert offloaded_activation_bytes("hf_offload-activations", setup(huge)) == 2**40
+    assert offloaded_activation_bytes("hf_offload", setup(huge)) == 0
+    assert offloaded_activation_bytes("hf_offload", setup(huge, offload=True)) == 2**40
+    assert offloaded_activation_bytes("resident-checkpointed", setup(huge, offload=True)) == 0
+    reason = _does_not_fit("hf_offload-activations", setup(huge), model_bytes=1)
+    assert reason.startswith("the model and its offloaded activations need") and "page-locked" in reason
+    assert _does_not_fit("hf_offload", setup(huge), model_bytes=1) is None
+    assert _does_not_fit("hf_offload-activations", setup(64), model_bytes=1) is None

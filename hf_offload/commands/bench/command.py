@@ -446,11 +446,29 @@ def _does_not_fit(name: str, setup: Setup, model_bytes: int) -> str | None:
             f"the model needs {model_bytes / 1e9:.1f} GB of host memory, {available / 1e9:.1f} GB available "
             "(use --layers to build a shallower model)"
         )
+    activations = offloaded_activation_bytes(name, setup)
+    if activations and available is not None and model_bytes + activations > 0.95 * available:
+        return (
+            f"the model and its offloaded activations need {(model_bytes + activations) / 1e9:.1f} GB of host memory "
+            f"({activations / 1e9:.1f} GB of page-locked buffers for the hidden states saved at seq {setup.seq:,}), "
+            f"{available / 1e9:.1f} GB available"
+        )
     if setup.device.type == "cuda" and name.startswith("resident"):
         free, _ = torch.cuda.mem_get_info(setup.device)
         if model_bytes > free:
             return f"the model ({model_bytes / 1e9:.1f} GB) does not fit in device memory ({free / 1e9:.1f} GB free)"
     return None
+
+
+def offloaded_activation_bytes(name: str, setup: Setup) -> int:
+    """Host bytes the method's offloaded activations take (every layer's saved hidden state), 0 if it keeps them."""
+    method = METHODS[name]
+    offloads = getattr(method, "offload_activations", False) or (
+        setup.offload_activations and name.startswith("hf_offload")
+    )
+    if not offloads:
+        return 0
+    return len(setup.facts.layer_bytes) * setup.tokens * setup.facts.hidden * setup.dtype.itemsize
 
 
 def performance_model(setup: Setup, rows: list[Row], h2d_peak_gbps: float | None) -> dict:
