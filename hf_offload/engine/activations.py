@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..units import format_bytes
+from . import hostmem
 from .device import DeviceOps
 from .store import Region, page_aligned_empty
 
@@ -79,9 +81,10 @@ class OffloadedCall:
 class ActivationOffload:
     """Host buffers, copies and the backward prefetch of offloaded activations. See Note: [Offloaded activations]."""
 
-    def __init__(self, ops: DeviceOps, streamer):
+    def __init__(self, ops: DeviceOps, streamer, check_host_memory: bool = True):
         self.ops = ops
         self._streamer = streamer  # its `stats` (replaced by reset_stats) count bytes_to_host and back
+        self.check_host_memory = check_host_memory  # see `_check_host_memory`
         # (buffer, events of the last copies into and out of it): a buffer is free once autograd lets go of its
         # tensor, which can be before those copies have run (a graph dropped right after its forward)
         self._free: list[tuple[torch.Tensor, tuple]] = []
@@ -175,12 +178,35 @@ class ActivationOffload:
         if fitting:
             return self._free.pop(min(fitting, key=lambda k: self._free[k][0].numel()))
         self._drop_free_buffers()  # all smaller than needed now: the sequences grew
+        if self.check_host_memory:
+            self._check_host_memory(nbytes)
         buffer = page_aligned_empty(nbytes)
         if not self.ops.pin(buffer) and self.ops.stages_unpinned_copies and nbytes:
             self.unpinned_buffers += 1
             self._warn_unpinned()
         self.buffer_bytes += nbytes
         return buffer, ()
+
+    def _check_host_memory(self, nbytes: int) -> None:
+        """Raise `HostMemoryError` when a new buffer of `nbytes` would not fit in available host memory.
+
+        The allocation itself would succeed (the kernel overcommits) and the process be OOM-killed while the copy
+        fills it, losing the run; a clear error in the first step loses only that step.
+        """
+        available = hostmem.available_bytes()
+        if available is None or nbytes <= available:
+            return
+        held = self.buffer_bytes
+        raise hostmem.HostMemoryError(
+            f"hf_offload: offload_activations needs {format_bytes(nbytes)} more host memory for a hidden state saved "
+            f"for backward ({format_bytes(held)} of such buffers exist already), but only {format_bytes(available)} "
+            "is available (MemAvailable, or the cgroup limit). A step holds every layer's saved hidden state in host "
+            "memory: use shorter sequences or smaller batches, turn offload_activations off, or pass "
+            "check_host_memory=False to skip this check. `hf-offload plan --offload_activations` shows the host "
+            "memory a sequence length needs.",
+            nbytes,
+            available,
+        )
 
     def _release(self, call: OffloadedCall, saved: _Saved) -> None:
         """Autograd freed a saved host tensor: its buffer is free again (a weakref finalizer)."""

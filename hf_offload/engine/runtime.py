@@ -119,7 +119,9 @@ class LayerStreamingRuntime:
         self.streamer = Streamer(self.store, self.ops, self.prefetch, routed=routed)
         self.routed_experts = RoutedExperts(groups if routed else [], self.streamer)
         self.routed_experts.install(self._host_views)
-        self.activations = ActivationOffload(self.ops, self.streamer) if config.offload_activations else None
+        self.activations = (
+            ActivationOffload(self.ops, self.streamer, config.check_host_memory) if config.offload_activations else None
+        )
         if self.activations is not None:
             self.streamer.backward_prefetch = self.activations.prefetch
 

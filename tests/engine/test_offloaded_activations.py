@@ -331,3 +331,24 @@ def test_removing_a_wait_of_the_activation_copies_breaks_the_step(simulate, monk
         with pytest.raises(AssertionError, match="are not close|relative gradient error"):
             assert_step_matches(train_step(reference, batch), offloaded, batch)
     ops.synchronize()
+
+
+def test_a_buffer_that_would_not_fit_in_host_memory_stops_with_a_clear_error(simulate, monkeypatch):
+    from hf_offload.engine import hostmem
+
+    _, offloaded, _ = streamed_pair()
+    batch = left_padded_batch(VOCAB)
+    monkeypatch.setattr(hostmem, "available_bytes", lambda: hidden_bytes(batch) - 1)
+    offloaded.train()
+    with pytest.raises(hostmem.HostMemoryError, match="offload_activations needs .* more host memory"):
+        offloaded(**batch).loss.backward()
+    get_runtime(offloaded).ops.synchronize()
+
+
+def test_check_host_memory_false_skips_that_check(simulate, monkeypatch):
+    from hf_offload.engine import hostmem
+
+    reference, offloaded, _ = streamed_pair(check_host_memory=False)
+    monkeypatch.setattr(hostmem, "available_bytes", lambda: 0)
+    batch = left_padded_batch(VOCAB)
+    assert_bitwise_equal(train_step(offloaded, batch), train_step(reference, batch))
