@@ -108,13 +108,11 @@ class ActivationOffload:
         """
         self._retire_copies()
         call = OffloadedCall(layer=layer, saved=[])
-        produced = self.ops.record_event()  # after the compute-stream work that wrote `tensors`
+        sources = [tensor.detach().contiguous() for tensor in tensors]  # a strided one is copied on the compute stream
+        produced = self.ops.record_event()  # after the compute-stream work that wrote `sources`
         stream = self.ops.offload_stream
         hosts = []
-        for tensor in tensors:
-            source = tensor.detach()
-            if not source.is_contiguous():
-                source = source.contiguous()
+        for source in sources:
             region = Region(offset=0, dtype=source.dtype, shape=tuple(source.shape))
             buffer, pending = self._take(region.nbytes)
             host = region.view_in(buffer)

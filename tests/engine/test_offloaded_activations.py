@@ -352,3 +352,14 @@ def test_check_host_memory_false_skips_that_check(simulate, monkeypatch):
     monkeypatch.setattr(hostmem, "available_bytes", lambda: 0)
     batch = left_padded_batch(VOCAB)
     assert_bitwise_equal(train_step(offloaded, batch), train_step(reference, batch))
+
+
+def test_a_strided_saved_input_round_trips(simulate):
+    """A saved input that is not contiguous is made contiguous before the compute-stream event the copy waits for."""
+    ops = DeviceOps(torch.device("cpu"))
+    stats = type("S", (), {"stats": type("C", (), {"bytes_to_host": 0, "bytes_from_host_activations": 0})()})()
+    activations = ActivationOffload(ops, stats)
+    source = torch.arange(24.0).view(4, 6).t()  # strided
+    (host,), call = activations.to_host([source], layer=0)
+    (back,) = activations.to_device(call)
+    assert torch.equal(back, source) and back.is_contiguous()
