@@ -123,7 +123,9 @@ def summary(model: nn.Module) -> StreamingSummary:
     step, base_weight_dtype and how many linear weights it quantized, and for Mixture-of-Experts models
     expert_fetch, moe_layers (layers whose experts can be fetched by routing) and expert_bytes; unpinned_layers
     (layers not in page-locked memory, whose copies are staged through bounce buffers); on the CPU,
-    simulated_async_seed (the seed of the simulated asynchronous device, None when it is off).
+    simulated_async_seed (the seed of the simulated asynchronous device, None when it is off); with
+    offload_activations, activation_host_bytes (the page-locked host buffers of saved activations) and
+    activation_unpinned_buffers (those page-locking failed for).
 
     Returns:
         A frozen `StreamingSummary`; `.as_dict()` for a plain dict.

@@ -110,7 +110,8 @@ class OffloadConfig:
     check_host_memory: bool = option(
         True,
         "Before building the host store, compare the host memory it needs with what is available and stop with a "
-        "clear message (and the base_weight_dtype that would fit) instead of being OOM-killed.",
+        "clear message (and the base_weight_dtype that would fit) instead of being OOM-killed; with "
+        "offload_activations, the same before each new host buffer for saved activations.",
         faces=TRAINING_FACES,
         check=boolean,
     )

@@ -102,20 +102,23 @@ def token_terms(
     tokens: int,
     *,
     offload_activations: bool = False,
+    prefetch: int = 1,
     chunked_loss: bool = True,
     loss_chunk_tokens: int | None = None,
     mlp_tile_tokens: int | None = 8192,
 ) -> dict[str, int]:
     """The device bytes that depend on the tokens of a micro-batch (batch x seq).
 
-    Boundary activations grow with the tokens (unless offloaded). A layer's recompute keeps its activations, but
-    with the MLP in tiles its intermediates only for one tile. The loss keeps one chunk of logits (plus the hidden
-    states of the tokens it scores) when chunked, else the whole logits.
+    Boundary activations (the hidden state each layer saves for its backward) grow with the tokens: every layer's
+    stays on the device until its backward, or, offloaded, only those of the layer being recomputed and of the
+    `prefetch` layers whose copies back have started (see `boundary_states_on_device`). A layer's recompute keeps
+    its activations, but with the MLP in tiles its intermediates only for one tile. The loss keeps one chunk of
+    logits (plus the hidden states of the tokens it scores) when chunked, else the whole logits.
 
     Args:
         sizes: the model's sizes (`measure`).
         tokens: tokens per micro-batch (batch x seq).
-        offload_activations, chunked_loss, loss_chunk_tokens, mlp_tile_tokens: the OffloadConfig options.
+        offload_activations, prefetch, chunked_loss, loss_chunk_tokens, mlp_tile_tokens: the OffloadConfig options.
 
     Returns:
         {"boundary_activations", "layer_activations", "logits"}: bytes on the device.
@@ -129,10 +132,23 @@ def token_terms(
     else:
         logits = tokens * sizes.vocab * (act + LOGIT_EXTRA_BYTES)
     return {
-        "boundary_activations": 0 if offload_activations else len(sizes.kind_of) * tokens * sizes.hidden * act,
+        "boundary_activations": boundary_states_on_device(len(sizes.kind_of), offload_activations, prefetch)
+        * tokens
+        * sizes.hidden
+        * act,
         "layer_activations": (tokens * per_hidden * sizes.hidden + mlp_tokens * per_inter * sizes.intermediate) * act,
         "logits": logits,
     }
+
+
+def boundary_states_on_device(layers: int, offload_activations: bool, prefetch: int) -> int:
+    """How many layers' saved boundary states the device holds at most during a training step.
+
+    Kept: all of them when the backward starts. Offloaded (engine/activations.py): in the backward, the recomputing
+    layer's and the `prefetch` ones already on their way back (a forward holds fewer: the computing layer's input and
+    the one whose copy out may still run).
+    """
+    return min(layers, prefetch + 1) if offload_activations else layers
 
 
 def longest_micro_batch(sizes: ModelSizes, fixed_bytes: int, budget: float, **options) -> int:
@@ -205,7 +221,7 @@ def estimate(
         "adapters_and_optimizer": 0
         if full_finetune
         else sum(count * (8 * n + adamw8bit_state_bytes(n)) for n, count in lora.items()),
-        **token_terms(sizes, tokens, offload_activations=offload_activations, **long_context),
+        **token_terms(sizes, tokens, offload_activations=offload_activations, prefetch=prefetch, **long_context),
     }
     host_terms = {"compute_copy": sum(store)}
     grad_bytes_to_host = 0
@@ -219,7 +235,7 @@ def estimate(
         gpu_terms["layer_gradients"] = max(store)  # one layer's weight gradients, until they reach the host
         grad_bytes_to_host = sum(store)  # each layer's weight gradients, in the compute dtype
     if offload_activations:
-        host_terms["offloaded_activations"] = boundary
+        host_terms["offloaded_activations"] = boundary  # exact-size page-locked buffers, one per layer
     host_bytes = sum(host_terms.values())
     bytes_per_step = bytes_per_train_step(store, prefetch)
     bandwidth, flops_per_s = pcie_gbps * GB, gpu_tflops * 1e12
@@ -292,7 +308,7 @@ def make_plan(
     max_tokens = None
     if gpu_budget is not None:
         fixed = plan.gpu_bytes - sum(plan.gpu_terms[t] for t in TOKEN_TERMS)
-        names = ("offload_activations", "chunked_loss", "loss_chunk_tokens", "mlp_tile_tokens")
+        names = ("offload_activations", "prefetch", "chunked_loss", "loss_chunk_tokens", "mlp_tile_tokens")
         max_tokens = longest_micro_batch(sizes, fixed, gpu_budget, **{k: v for k, v in options.items() if k in names})
     fits_host = host_available is None or plan["host_bytes"] <= host_available
     return Plan(
@@ -308,7 +324,7 @@ def make_plan(
         fits_host=fits_host,
         fits=fits_gpu and fits_host,
         max_tokens_per_micro_batch=max_tokens,
-        advice=_advice(plan, others, gpu_budget, host_available, options, max_tokens),
+        advice=_advice(plan, others, gpu_budget, host_available, options, max_tokens, len(sizes.layers)),
         evaluation=_evaluation(plan.eval_batch, eval_batches, gpu_budget),
     )
 
@@ -335,7 +351,13 @@ def _evaluation(batch: dict, eval_batches: int, gpu_budget: float | None) -> dic
 
 
 def _advice(
-    plan: Estimate, others: dict[str | None, Estimate], gpu_budget, host_available, options: dict, max_tokens
+    plan: Estimate,
+    others: dict[str | None, Estimate],
+    gpu_budget,
+    host_available,
+    options: dict,
+    max_tokens,
+    layers: int,
 ) -> list[str]:
     advice = []
     chosen = options.get("base_weight_dtype")
@@ -358,7 +380,9 @@ def _advice(
         else:
             line += "even one token does not fit"
         if not options.get("offload_activations") and terms["boundary_activations"]:
-            line += f"; --offload_activations moves {terms['boundary_activations'] / GB:.1f} GB to host memory"
+            kept = boundary_states_on_device(layers, True, options.get("prefetch", 1))
+            moved = terms["boundary_activations"] * (1 - kept / layers)
+            line += f"; --offload_activations moves {moved / GB:.1f} GB to host memory"
         if chosen != "nf4" and others["nf4"]["gpu_bytes"] < plan["gpu_bytes"]:
             line += f"; --base_weight_dtype nf4 needs {others['nf4']['gpu_bytes'] / GB:.1f} GB"
         advice.append(line)

@@ -3,8 +3,12 @@
 torch's CPU build raises on streams, events and page-locked memory, so the engine never calls them directly: it
 asks a `DeviceOps`. On the CPU the same packing, slot and binding code runs; only the asynchrony is absent
 (copies complete immediately, events are no-ops), unless the simulated asynchronous device is on
-(`HF_OFFLOAD_SIMULATE_ASYNC`, see simulated.py): then the copy stream is a worker thread whose copies land late,
+(`HF_OFFLOAD_SIMULATE_ASYNC`, see simulated.py): then each copy stream is a worker thread whose copies land late,
 and events are real synchronisation points.
+
+Streams: the compute stream (the caller's current one), the copy stream (host->device: layer weights, and
+offloaded activations coming back for backward) and the offload stream (device->host: activations saved for
+backward, see activations.py), so that copies in both directions overlap each other and the compute.
 """
 
 from __future__ import annotations
@@ -91,6 +95,8 @@ class DeviceOps:
             self.copy_stream = self.simulation.copy_stream
         else:
             self.copy_stream = None if self.is_cpu else self._module.Stream(device=device)
+        # offload stream: device->host copies of activations (created on first use: most runs never offload)
+        self._offload_stream = None
         # data_ptr -> finalizer that unregisters it; see `pin`.
         self._registered: dict[int, weakref.finalize] = {}
         self.readbacks = 0  # device-to-host reads the schedule waited for (see `read_to_host`)
@@ -114,6 +120,50 @@ class DeviceOps:
         if self.is_cpu:
             return contextlib.nullcontext()
         return self._module.stream(self.copy_stream)
+
+    @property
+    def offload_stream(self):
+        """The stream device->host copies of activations run on (None on the CPU)."""
+        if self.simulation is not None:
+            return self.simulation.offload_stream
+        if self._offload_stream is None and not self.is_cpu:
+            self._offload_stream = self._module.Stream(device=self.device)
+        return self._offload_stream
+
+    def on_stream(self, stream):
+        """Context in which work is enqueued on `stream`, one of this device's streams (a no-op on the CPU)."""
+        if self.simulation is not None:
+            return self.simulation.stream(stream)
+        if self.is_cpu or stream is None:
+            return contextlib.nullcontext()
+        return self._module.stream(stream)
+
+    def empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """A new tensor on this device, allocated on the current stream, its values undefined.
+
+        On the simulated device its values are NaN (integers: all bits set), as stale as uninitialised device
+        memory can be: a read before the copy into it has landed cannot give the right numbers by chance.
+        """
+        with torch.inference_mode(False):
+            tensor = torch.empty(shape, dtype=dtype, device=self.device)
+        if self.simulation is not None and tensor.numel():
+            tensor.view(-1).view(torch.uint8).fill_(255)  # all-ones bits: NaN in every floating dtype
+        return tensor
+
+    def keep_for_stream(self, tensor: torch.Tensor, stream) -> None:
+        """Tell the caching allocator that `stream` uses `tensor`, allocated on another stream: when it is freed,
+        its memory is not reused before the work `stream` has enqueued by then has completed (CUDA's
+        `record_stream`; nothing to do on the CPU and the simulated device, whose memory is not reused early)."""
+        if not self.is_cpu and stream is not None and tensor.device.type == self.device.type:
+            tensor.record_stream(stream)
+
+    def query(self, event) -> bool:
+        """Whether `event` has completed, without waiting (True for the CPU's None events)."""
+        return event is None or bool(event.query())
+
+    def host_wait(self, event) -> None:
+        """Block the calling thread until `event` has completed (a host synchronisation; None: nothing to wait)."""
+        self._host_wait(event)
 
     def copy_(self, target: torch.Tensor, source: torch.Tensor, non_blocking: bool) -> None:
         """`target.copy_(source)` enqueued on the current stream.

@@ -52,6 +52,10 @@ class StreamingSummary(Record):
     mlp_tile_tokens: int | None  # MLPs of longer inputs compute in tiles of about this many tokens (None: never)
     tiled_mlp_layers: int  # layers whose MLP can be tiled (dense MLPs)
     layers_loaded_into_store: int = 0  # layers whose buffer was filled straight from the checkpoint (HostStoreConfig)
+    offload_activations: bool = False  # inputs saved for backward wait in page-locked host memory
+    # host buffers made for them so far (exact sizes, page-locked, reused across steps; 0 without offloading)
+    activation_host_bytes: int = 0
+    activation_unpinned_buffers: int = 0  # of those, buffers whose page-locking failed (their copies are synchronous)
 
     def describe(self) -> str:
         """One paragraph for the log: what streams, where it lives, what a step moves."""

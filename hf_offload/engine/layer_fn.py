@@ -181,6 +181,16 @@ class StreamedLayerFunction(torch.autograd.Function):
             call.rng_state = runtime.ops.get_rng_state()
         call.autocast_state = _autocast_state(runtime.ops.device.type)
         args, kwargs = call.arguments(saved_inputs)
+        # Saved through ctx either way (host copies too), so autograd frees them after backward, or keeps them for
+        # another backward under retain_graph=True, exactly as it does for its own saved tensors. Offloaded inputs
+        # start their copy to the host before the layer computes, so that it overlaps the layer's compute (see
+        # Note: [Offloaded activations] in activations.py).
+        ctx.offloaded = runtime.activations is not None
+        if ctx.offloaded:
+            hosts, ctx.activations = runtime.activations.to_host(list(saved_inputs), call.index)
+            ctx.save_for_backward(*hosts)
+        else:
+            ctx.save_for_backward(*saved_inputs)
         output, recorded = runtime.run_layer(call.index, +1, lambda: call.run(args, kwargs))
 
         out_leaves, call.out_spec = tree_flatten((output, recorded))
@@ -194,14 +204,6 @@ class StreamedLayerFunction(torch.autograd.Function):
         call.out_leaves = [None if k in call.out_tensor_positions else x for k, x in enumerate(out_leaves)]
         ctx.mark_non_differentiable(*[t for t in tensors if not (t.is_floating_point() or t.is_complex())])
         ctx.set_materialize_grads(False)
-
-        # Saved through ctx either way (host copies too), so autograd frees them after backward, or keeps them for
-        # another backward under retain_graph=True, exactly as it does for its own saved tensors.
-        ctx.offloaded = runtime.config.offload_activations
-        if ctx.offloaded:
-            ctx.save_for_backward(*[runtime.activations_to_host(t) for t in saved_inputs])
-        else:
-            ctx.save_for_backward(*saved_inputs)
         ctx.call = call
         return tensors
 
@@ -217,7 +219,7 @@ class StreamedLayerFunction(torch.autograd.Function):
         runtime = call.runtime
         saved = ctx.saved_tensors  # raises autograd's own error on a second backward without retain_graph
         if ctx.offloaded:
-            saved = [runtime.activations_to_device(t) for t in saved]
+            saved = runtime.activations.to_device(ctx.activations)
         detached = [t.detach().requires_grad_(k in call.grad_positions) for k, t in zip(call.saved_positions, saved)]
         call.check_param_versions()
         args, kwargs = call.arguments(detached, recompute=True)

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import OffloadConfig
 from . import compat, hostmem, store_cache
+from .activations import ActivationOffload
 from .anatomy import check_streamable
 from .chunked_loss import ChunkedLoss
 from .device import BOUNCE_BUFFERS, DeviceOps, resolve_device
@@ -127,6 +128,11 @@ class LayerStreamingRuntime:
         self.streamer = Streamer(self.store, self.ops, self.prefetch, routed=routed)
         self.routed_experts = RoutedExperts(groups if routed else [], self.streamer)
         self.routed_experts.install()
+        self.activations = (
+            ActivationOffload(self.ops, self.streamer, config.check_host_memory) if config.offload_activations else None
+        )
+        if self.activations is not None:
+            self.streamer.backward_prefetch = self.activations.prefetch
 
     # --- used by layer_fn ----------------------------------------------------------------------------------------
     def run_layer(self, index: int, direction: int, fn: Callable[[], Any]) -> Any:
@@ -149,6 +155,8 @@ class LayerStreamingRuntime:
             self.trainable.flush()  # the last layer of the backward: .grad is complete when backward returns
 
     def activations_to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` copied to host memory in compute-stream order (layer-major evaluation parks hidden states with
+        it; training's saved activations go through `self.activations`, on their own streams)."""
         tensor = tensor.detach()
         if self.ops.is_cpu:
             host = tensor.clone()
@@ -211,6 +219,9 @@ class LayerStreamingRuntime:
             mlp_tile_tokens=self.config.mlp_tile_tokens,
             tiled_mlp_layers=len(self.tiled_mlps.mlps),
             layers_loaded_into_store=sum(p.adopted for p in packs),
+            offload_activations=self.activations is not None,
+            activation_host_bytes=0 if self.activations is None else self.activations.buffer_bytes,
+            activation_unpinned_buffers=0 if self.activations is None else self.activations.unpinned_buffers,
         )
 
     # --- installation and removal ------------------------------------------------------------------------------------
@@ -283,6 +294,8 @@ class LayerStreamingRuntime:
             self.trainable.remove()
             self.trainable = None
         self.streamer.close()
+        if self.activations is not None:
+            self.activations.close()
         self.overrides.restore()
         self.store.unpack(self.ops.unpin)
         for tensor, device in self._moved:

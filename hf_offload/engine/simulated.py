@@ -1,12 +1,16 @@
-"""A simulated asynchronous device for the CPU: the CUDA schedule's copy stream on a worker thread, copies late.
+"""A simulated asynchronous device for the CPU: the CUDA schedule's copy streams on worker threads, copies late.
 
 With `HF_OFFLOAD_SIMULATE_ASYNC` set (see `simulation_seed`), `DeviceOps` on the CPU runs everything the CUDA path
-enqueues on the copy stream on a worker thread, each copy after a random delay, and its events are real
+enqueues on a copy stream (the host->device `copy_stream`, the device->host `offload_stream` of offloaded
+activations) on that stream's own worker thread, each copy after a random delay, and its events are real
 synchronisation points. The compute stream stays the calling thread, so what it enqueues has completed when the
 call returns. What a missing or misplaced wait does on a GPU then happens here too:
 
 - a read of a slot before waiting for the event of the copy into it sees the slot's previous bytes (wrong numbers,
-  which the parity tests catch): copies are held back by their delay unless someone waits for them;
+  which the parity tests catch): copies are held back by their delay unless someone waits for them; the same holds
+  between the two copy streams (a host->device copy of an offloaded activation that did not wait for the event of
+  its device->host copy reads a host buffer not yet written), and fresh device memory (`DeviceOps.empty`) is
+  filled with NaN, so a read before the copy into it lands cannot pass by chance;
 - a copy into a slot that was not ordered after the last read of its previous contents (the copy stream did not
   wait for the compute stream's `freed` event) raises `SimulatedHazard` when it is enqueued;
 - an error in the worker is raised in the calling thread at its next wait or synchronisation.
@@ -18,7 +22,9 @@ wait on a copy event marks the bytes that event's copies wrote as read from the 
 compute stream records its next event at the earliest. A later copy overwriting those bytes must have waited for
 a compute event recorded after that read started; if not, on a GPU it could overwrite them while kernels still
 read them. The copies an event covers are those enqueued on the copy stream since its previous event, which is how
-the streamer uses the copy stream (one event after each layer's or expert set's copies).
+the streamer uses the copy stream (one event after each layer's or expert set's copies). Each copy stream keeps
+its own queue, worker, batch and compute clock; a copy stream waiting for another copy stream's event runs, in its
+own order, a task that blocks until that event completes.
 """
 
 from __future__ import annotations
@@ -84,23 +90,38 @@ class SimulatedStream:
         return f"SimulatedStream({self.name})"
 
 
+class _CopyQueue:
+    """One copy stream of the simulated device: its worker, its enqueue count, its open batch, its compute clock."""
+
+    def __init__(self, rng: random.Random, delay_range: tuple[float, float]):
+        self.worker = _Worker(rng, delay_range)
+        self.enqueued = 0  # tasks enqueued
+        self.batch: list[tuple[int, int]] = []  # byte ranges copied since the stream's last event
+        self.copy_seen = 0  # the highest compute event this stream has waited for (in enqueue order)
+        self.used = False  # whether any copy was enqueued on it
+
+
 class SimulatedAsync:
-    """The compute stream (the calling thread) and the copy stream (a worker thread) of the simulated device."""
+    """The compute stream (the calling thread) and the copy streams (one worker thread each) of the simulated
+    device."""
 
     def __init__(self, seed: int, delay_range: tuple[float, float] | None = None):
         self.seed = seed
         self.delay_range = delay_range if delay_range is not None else DELAY_RANGE
         self.compute_stream = SimulatedStream("compute")
         self.copy_stream = SimulatedStream("copy")
+        self.offload_stream = SimulatedStream("offload")
         self._current = threading.local()
         self._clock = 0  # compute events recorded so far
-        self._copy_seen = 0  # the highest compute event the copy stream has waited for (in enqueue order)
-        self._enqueued = 0  # copy-stream tasks enqueued
-        self._batch: list[tuple[int, int]] = []  # byte ranges copied since the copy stream's last event
+        self._queues = {
+            self.copy_stream: _CopyQueue(random.Random(seed), self.delay_range),
+            self.offload_stream: _CopyQueue(random.Random(seed + 1), self.delay_range),
+        }
+        self._worker = self._queues[self.copy_stream].worker
         self._reads: list[tuple[int, int, int]] = []  # (start, end, compute clock at which a read began)
-        self.copies = 0  # copies run on the worker
-        self._worker = _Worker(random.Random(seed), self.delay_range)
-        weakref.finalize(self, self._worker.stop)
+        self.copies = 0  # copies run on the workers
+        for copy_queue in self._queues.values():
+            weakref.finalize(self, copy_queue.worker.stop)
 
     # --- streams -----------------------------------------------------------------------------------------------
     def current_stream(self) -> SimulatedStream:
@@ -125,69 +146,93 @@ class SimulatedAsync:
             event = SimulatedEvent(stream, self._clock)
             event.done.set()  # the compute stream is the calling thread: its work so far is done
             return event
-        self._enqueued += 1
-        event = SimulatedEvent(stream, self._enqueued, writes=self._batch if claims_copies else [])
+        copy_queue = self._queues[stream]
+        copy_queue.enqueued += 1
+        event = SimulatedEvent(stream, copy_queue.enqueued, writes=copy_queue.batch if claims_copies else [])
         if claims_copies:
-            self._batch = []
-        self._worker.put(self._enqueued, event.done.set, delayed=False)
+            copy_queue.batch = []
+        copy_queue.worker.put(copy_queue.enqueued, event.done.set, delayed=False)
         return event
 
     def wait_event(self, event: SimulatedEvent, stream: SimulatedStream | None = None) -> None:
         stream = stream if stream is not None else self.current_stream()
         if event.stream is stream:
             return  # in stream order already
-        if stream is self.copy_stream:  # a compute event: complete when recorded
-            self._copy_seen = max(self._copy_seen, event.number)
+        if stream is not self.compute_stream:
+            copy_queue = self._queues[stream]
+            if event.stream is self.compute_stream:  # a compute event: complete when recorded
+                copy_queue.copy_seen = max(copy_queue.copy_seen, event.number)
+                return
+            # another copy stream's event: this stream goes on once it has completed
+            source = self._queues[event.stream].worker
+
+            def wait_for_other_stream():
+                source.demand(event.number)
+                event.done.wait()
+
+            copy_queue.enqueued += 1
+            copy_queue.worker.put(copy_queue.enqueued, wait_for_other_stream, delayed=False)
             return
-        self._worker.demand(event.number)
-        event.done.wait()
-        self._worker.raise_pending()
+        self.host_wait(event)
         self._reads.extend((start, end, self._clock) for start, end in event.writes)
 
     def host_wait(self, event: SimulatedEvent) -> None:
         """Block the calling thread until `event` has completed (`torch.cuda.Event.synchronize`)."""
-        self._worker.demand(event.number)
+        if event.stream is self.compute_stream:
+            return
+        worker = self._queues[event.stream].worker
+        worker.demand(event.number)
         event.done.wait()
-        self._worker.raise_pending()
+        worker.raise_pending()
 
     def synchronize(self) -> None:
-        self._worker.demand(self._enqueued)
-        done = threading.Event()
-        self._enqueued += 1
-        self._worker.put(self._enqueued, done.set, delayed=False)
-        done.wait()
-        self._worker.raise_pending()
+        for copy_queue in self._queues.values():
+            copy_queue.worker.demand(copy_queue.enqueued)
+        for copy_queue in self._queues.values():
+            done = threading.Event()
+            copy_queue.enqueued += 1
+            copy_queue.worker.demand(copy_queue.enqueued)
+            copy_queue.worker.put(copy_queue.enqueued, done.set, delayed=False)
+            done.wait()
+            copy_queue.worker.raise_pending()
         self._reads = []  # a device-wide synchronisation orders every later copy after every read so far
 
     # --- copies --------------------------------------------------------------------------------------------------
     def copy_(self, target: torch.Tensor, source: torch.Tensor) -> None:
-        """`target.copy_(source)` in the current stream's order: later, on the worker, for the copy stream."""
-        if self.current_stream() is self.compute_stream:
+        """`target.copy_(source)` in the current stream's order: later, on its worker, for a copy stream."""
+        stream = self.current_stream()
+        if stream is self.compute_stream:
             target.copy_(source)
             return
+        copy_queue = self._queues[stream]
         start = target.data_ptr()
         end = start + target.numel() * target.element_size()
-        self._check_ordered_after_reads(start, end)
-        self._batch.append((start, end))
-        self._enqueued += 1
+        self._check_ordered_after_reads(copy_queue, start, end)
+        copy_queue.batch.append((start, end))
+        copy_queue.used = True
+        copy_queue.enqueued += 1
+        # A CUDA copy_ bumps the target's version counter when it is enqueued, not when it lands: autograd's check
+        # of saved tensors (saved right after the copy is enqueued) must see the same here.
+        torch.autograd.graph.increment_version(target)
 
         def run():
-            target.copy_(source)
+            target.data.copy_(source)  # `.data`: the version was bumped at enqueue
             self.copies += 1
 
-        self._worker.put(self._enqueued, run, delayed=True)
+        copy_queue.worker.put(copy_queue.enqueued, run, delayed=True)
 
-    def _check_ordered_after_reads(self, start: int, end: int) -> None:
+    def _check_ordered_after_reads(self, copy_queue: _CopyQueue, start: int, end: int) -> None:
         # Note: [Simulated stream order]. A read that began at clock c ends at compute event c + 1 at the earliest.
         for read_start, read_end, clock in self._reads:
-            if read_start < end and start < read_end and self._copy_seen <= clock:
+            if read_start < end and start < read_end and copy_queue.copy_seen <= clock:
                 raise SimulatedHazard(
                     "hf_offload simulated device: a copy on the copy stream overwrites device bytes that the compute "
                     f"stream read after its event {clock}, but the copy stream only waited for compute events up to "
-                    f"{self._copy_seen}: on a GPU it could overwrite them while kernels still read them."
+                    f"{copy_queue.copy_seen}: on a GPU it could overwrite them while kernels still read them."
                 )
-        # reads this copy is ordered after are over; forget them
-        self._reads = [r for r in self._reads if r[2] >= self._copy_seen]
+        # reads every copy stream that copies is ordered after are over; forget them
+        seen = min(q.copy_seen for q in (*self._queues.values(), copy_queue) if q.used or q is copy_queue)
+        self._reads = [r for r in self._reads if r[2] >= seen]
 
 
 class _Worker:

@@ -51,6 +51,7 @@ later training step could write into. So they are always made with inference mod
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -119,6 +120,9 @@ class Streamer:
         self._scratch: torch.Tensor | None = None  # dense form of the computing layer's encoded weights
         self._scratch_layer: int | None = None  # whose decoded weights the scratch holds
         self._scratch_experts: dict[int, int] = {}  # routed: per expert region, positions decoded in the scratch
+        # Called with each layer the backward prefetches, after its weights are enqueued: the runtime starts that
+        # layer's offloaded activations on the copy stream (Note: [Offloaded activations] in activations.py).
+        self.backward_prefetch: Callable[[int], None] | None = None
 
     # --- public ------------------------------------------------------------------------------------------------
     def acquire(self, index: int, direction: int) -> None:
@@ -377,9 +381,13 @@ class Streamer:
         window = [index + direction * k for k in range(1, self.prefetch + 1)]
         window = [j for j in window if 0 <= j < len(self.store.packs)]
         protected = {index, *window}
+        loading = True
         for j in window:
-            if self._slot_holding(j) is None:
+            if loading and self._slot_holding(j) is None:
                 slot = self._free_slot(protected)
                 if slot is None:
-                    return
-                self._load(j, slot, self._expert_plans.get(j) if direction < 0 else None)
+                    loading = False  # no slot for the rest of the window; their activations still come
+                else:
+                    self._load(j, slot, self._expert_plans.get(j) if direction < 0 else None)
+            if direction < 0 and self.backward_prefetch is not None:
+                self.backward_prefetch(j)  # offloaded activations, behind the layer's weights

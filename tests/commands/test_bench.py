@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from hf_offload.commands import cli
+from hf_offload.commands.bench.command import _does_not_fit, offloaded_activation_bytes, parse_lengths
 from hf_offload.commands.bench.measure import intersect, overlap_from_trace, union
-from hf_offload.commands.bench.methods import METHODS
+from hf_offload.commands.bench.methods import DEFAULT_METHODS, METHODS, Setup
 from hf_offload.commands.bench.models import PRESETS, build_model, load_config
+from hf_offload.commands.bench.report import Row, table
 from hf_offload.commands.model_sizes import measure
 
 ROW_FIELDS = {
@@ -46,7 +48,8 @@ def run_bench(capsys, *options: str) -> dict:
 def test_cpu_smoke_run_reports_every_method(capsys):
     doc = run_bench(capsys)
     rows = {row["method"]: row for row in doc["rows"]}
-    assert list(rows) == list(METHODS)
+    assert list(rows) == DEFAULT_METHODS
+    assert "hf_offload-activations" in METHODS and "hf_offload-activations" not in DEFAULT_METHODS
     for row in rows.values():
         assert row.keys() >= ROW_FIELDS, row["method"]
     for name in ("resident", "resident-checkpointed", "hf_offload", "accelerate-cpu-offload"):
@@ -209,3 +212,94 @@ def test_full_finetune_rows_streamed_and_resident(capsys):
     extra = rows["hf_offload-full"]["extra"]
     assert extra["stats"]["layer_loads"] > 0 and extra["grad_bytes_to_host_per_step"] > 0
     assert any("gradients to the host" in note for note in rows["hf_offload-full"]["notes"])
+
+
+# --- sweeps over sequence lengths (--seq_lens, --long_context) ---------------------------------------------------
+LONG_ROWS = "resident-checkpointed,hf_offload,hf_offload-activations"
+
+
+def test_a_sweep_reports_a_row_per_length_and_method(capsys):
+    doc = run_bench(capsys, "--seq_lens", "16,32", "--methods", LONG_ROWS)
+    assert doc["settings"]["seq_lens"] == [16, 32] and doc["settings"]["batch"] == 1
+    rows = [(row["seq"], row["method"]) for row in doc["rows"]]
+    assert rows == [(seq, m) for seq in (16, 32) for m in LONG_ROWS.split(",")]
+    hidden, layers = doc["model"]["hidden_size"], doc["model"]["layers"]
+    for seq in (16, 32):
+        at = {row["method"]: row for row in doc["rows"] if row["seq"] == seq}
+        assert all(row["status"] == "ok" and row["tokens_per_s"] > 0 for row in at.values())
+        losses = {name: row["losses"][0] for name, row in at.items()}
+        assert max(losses.values()) - min(losses.values()) < 1e-4, losses  # same model, same batch
+        stats = at["hf_offload-activations"]["extra"]["stats"]
+        assert stats["bytes_to_host"] == stats["bytes_from_host_activations"] == layers * seq * hidden * 4
+        assert at["hf_offload"]["extra"]["stats"]["bytes_to_host"] == 0
+        notes = at["hf_offload-activations"]["notes"]
+        assert any("GB of host buffers" in note and "page-locked" not in note for note in notes), notes
+        assert f"hf_offload/resident-checkpointed step time at seq {seq}" in doc["ratios"]
+    assert set(doc["performance_model_by_seq"]) == {"16", "32"}  # JSON keys
+
+
+def test_the_table_of_a_sweep_names_the_length_of_every_row():
+    rows = [
+        Row(method="resident-checkpointed", status="ok", seq=32768, step_times_s=[2.0], losses=[1.0]),
+        Row(method="resident-checkpointed", status="oom", seq=65536, reason="out of device memory (...)"),
+        Row(method="resident-checkpointed", status="skipped", seq=131072, reason="out of device memory at seq 65,536"),
+    ]
+    rows[0].finish(tokens=32768, flops_parameters=10, h2d_bytes=None, h2d_peak_gbps=None)
+    text = table(rows).splitlines()
+    assert text[0].split()[:3] == ["method", "seq", "step"]
+    assert text[2].split()[:3] == ["resident-checkpointed", "32,768", "2.000"]
+    assert text[3].split()[:3] == ["resident-checkpointed", "65,536", "oom:"]
+    assert text[4].split()[:3] == ["resident-checkpointed", "131,072", "skipped:"]
+
+
+def test_a_method_out_of_memory_is_skipped_at_the_longer_lengths(capsys, monkeypatch):
+    method = METHODS["resident-checkpointed"]
+    prepare = type(method).prepare
+
+    def runs_out_from_32_tokens(self, setup, clock):
+        if setup.seq >= 32:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return prepare(self, setup, clock)
+
+    monkeypatch.setattr(type(method), "prepare", runs_out_from_32_tokens)
+    doc = run_bench(capsys, "--seq_lens", "16,32,64", "--methods", "resident-checkpointed,hf_offload")
+    status = {(row["seq"], row["method"]): (row["status"], row["reason"]) for row in doc["rows"]}
+    assert status[16, "resident-checkpointed"][0] == "ok"
+    assert status[32, "resident-checkpointed"][0] == "oom"
+    assert status[64, "resident-checkpointed"] == ("skipped", "out of device memory at seq 32 already")
+    assert all(status[seq, "hf_offload"][0] == "ok" for seq in (16, 32, 64))
+
+
+def test_the_long_context_sweep_is_refused_on_the_cpu():
+    with pytest.raises(SystemExit, match="--long_context measures training steps of 32k to 512k tokens"):
+        cli.main(["bench", "--device", "cpu", "--long_context"])
+
+
+def test_sequence_lengths_are_parsed_and_checked():
+    assert parse_lengths("32k,64k,128k,256k,512k") == [32768, 65536, 131072, 262144, 524288]
+    assert parse_lengths(" 512, 1K") == [512, 1024]
+    for bad in ("", "0", "x", "1.5k", "-4"):
+        with pytest.raises(ValueError, match="should be positive sequence lengths"):
+            parse_lengths(bad)
+    with pytest.raises(ValueError, match="each length once"):
+        parse_lengths("1k,1024")
+    with pytest.raises(SystemExit, match="--seq and --seq_lens"):
+        cli.main(["bench", "--device", "cpu", "--seq", "8", "--seq_lens", "16"])
+
+
+def test_a_sweep_skips_offloaded_activations_that_would_not_fit_in_host_memory():
+    config = load_config("tiny", None)
+    facts = measure(config, torch.float32)
+
+    def setup(seq: int, offload: bool = False) -> Setup:
+        return Setup(config, facts, torch.float32, torch.device("cpu"), 1, seq, 8, 1, offload)
+
+    huge = 2**40 // (4 * 64 * 4)  # 4 layers x hidden 64 x fp32: 1 TiB of saved hidden states
+    assert offloaded_activation_bytes("hf_offload-activations", setup(huge)) == 2**40
+    assert offloaded_activation_bytes("hf_offload", setup(huge)) == 0
+    assert offloaded_activation_bytes("hf_offload", setup(huge, offload=True)) == 2**40
+    assert offloaded_activation_bytes("resident-checkpointed", setup(huge, offload=True)) == 0
+    reason = _does_not_fit("hf_offload-activations", setup(huge), model_bytes=1)
+    assert reason.startswith("the model and its offloaded activations need") and "page-locked" in reason
+    assert _does_not_fit("hf_offload", setup(huge), model_bytes=1) is None
+    assert _does_not_fit("hf_offload-activations", setup(64), model_bytes=1) is None

@@ -144,3 +144,23 @@ def test_chunked_loss_and_tiled_mlp_let_longer_sequences_fit(llama_70b):
         extra = dict(offload_activations=offload, **({} if chunked else whole))
         at = {t: make_plan(config, **{**options, "seq": t}, **extra)["fits_gpu"] for t in (longest, longest + 1)}
         assert at == {longest: True, longest + 1: False}
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+def test_offloaded_activations_leave_the_device_for_page_locked_host_memory(llama_70b, prefetch):
+    """What the engine does with offload_activations: every layer's saved boundary state in a host buffer of its
+    exact size; on the device only the recomputing layer's and the `prefetch` ones on their way back."""
+    config = load_config(str(llama_70b))
+    options = dict(gpu_mem_gb=80, host_mem_gb=1000, base_weight_dtype="nf4", seq=65536, prefetch=prefetch)
+    kept, offloaded = (make_plan(config, **options, offload_activations=o) for o in (False, True))
+    per_layer = 65536 * LLAMA_70B["hidden_size"] * 2  # bf16 hidden states of one layer boundary
+    layers = LLAMA_70B["num_hidden_layers"]
+    assert kept["gpu_terms"]["boundary_activations"] == layers * per_layer
+    assert offloaded["gpu_terms"]["boundary_activations"] == (prefetch + 1) * per_layer
+    assert "offloaded_activations" not in kept["host_terms"]
+    assert offloaded["host_terms"]["offloaded_activations"] == layers * per_layer
+    assert offloaded["host_bytes"] - kept["host_bytes"] == layers * per_layer
+    assert kept["gpu_bytes"] - offloaded["gpu_bytes"] == (layers - prefetch - 1) * per_layer
+    assert offloaded["max_tokens_per_micro_batch"] > 5 * kept["max_tokens_per_micro_batch"]
+    moved = (layers - prefetch - 1) * per_layer
+    assert any(f"--offload_activations moves {moved / 1e9:.1f} GB" in line for line in kept["advice"]), kept["advice"]

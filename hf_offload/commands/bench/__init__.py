@@ -6,6 +6,7 @@ host->device bandwidth against a plain pinned copy, copy/compute overlap and pea
 
     hf-offload bench --device cpu --preset tiny          # anywhere, in seconds (CI smoke test)
     hf-offload bench --preset 8b --batch 4 --seq 4096    # on a GPU
+    hf-offload bench --long_context                      # on a GPU: 32k to 512k tokens, a row per length and method
 """
 
 from .command import main, register

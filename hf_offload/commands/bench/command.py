@@ -19,11 +19,17 @@ from ...units import parse_dtype
 from ..cli import SUBCOMMANDS
 from ..model_sizes import measure
 from .measure import StepClock, current_peak_rss, memory_peaks, overlap_from_trace, pinned_copy_peak
-from .methods import METHODS, Setup
+from .methods import DEFAULT_METHODS, METHODS, Setup
 from .models import PRESETS, load_config
 from .report import Row, ratios, row_dict, table
 
 MiB = 1 << 20
+
+# The long-context sweep (--long_context): sequence lengths at batch 1, the rows that answer "how long a sequence
+# trains, how fast": resident with gradient checkpointing (where it fits), streamed, streamed with the saved
+# boundary states in host memory.
+LONG_CONTEXT_SEQ_LENS = "32k,64k,128k,256k,512k"
+LONG_CONTEXT_METHODS = "resident-checkpointed,hf_offload,hf_offload-activations"
 
 
 def register(subparsers) -> None:
@@ -41,11 +47,29 @@ def register(subparsers) -> None:
     add_flag(model, "config", help="a transformers config.json instead of a preset")
     add_flag(parser, "layers", type=int, help="override the number of decoder layers (fit a model in memory)")
     add_flag(
-        parser, "methods", default=",".join(METHODS), help=f"comma-separated, from (default: all): {', '.join(METHODS)}"
+        parser,
+        "methods",
+        help=f"comma-separated, from: {', '.join(METHODS)} (default: all but "
+        f"{', '.join(m for m in METHODS if m not in DEFAULT_METHODS)}; with --long_context: {LONG_CONTEXT_METHODS})",
     )
     add_flag(parser, "dtype", help="model dtype: bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
     add_flag(parser, "batch", type=int, default=None, help="sequences per step (default: 2 on cpu, 4 on cuda)")
     add_flag(parser, "seq", type=int, default=None, help="tokens per sequence (default: 64 on cpu, 4096 on cuda)")
+    add_flag(
+        parser,
+        "seq_lens",
+        help="a sweep: comma-separated sequence lengths (k = 1024: 512,1k or 32k,64k), every method at each, one "
+        "table with a row per length and method (batch 1 unless --batch; a method out of device memory at one "
+        "length is skipped at the longer ones)",
+    )
+    add_flag(
+        parser,
+        "long_context",
+        action="store_true",
+        help=f"GPU only: the long-context sweep, --seq_lens {LONG_CONTEXT_SEQ_LENS} at batch 1 with methods "
+        f"{LONG_CONTEXT_METHODS} (default model: the 8b preset), without the profiled step. Refused on the CPU: "
+        "pass --seq_lens with short lengths there for a scaled-down sweep",
+    )
     add_arguments(parser, all_options(), "bench")
     add_flag(
         parser,
@@ -85,12 +109,16 @@ def _main(args: argparse.Namespace) -> int:
             raise SystemExit("hf-offload bench: --device cuda, but torch sees no CUDA device.")
         device = torch.device("cuda", torch.cuda.current_device())
     on_cpu = device.type == "cpu"
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    seq_lens = _sweep_lengths(args, on_cpu)
+    if args.long_context:
+        args.no_profile = True  # a profiled step of 512k tokens: a trace of minutes, for columns the sweep omits
+    chosen = args.methods if args.methods is not None else LONG_CONTEXT_METHODS if args.long_context else None
+    methods = DEFAULT_METHODS if chosen is None else [m.strip() for m in chosen.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise SystemExit(f"hf-offload bench: unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
     if len(set(methods)) != len(methods):
-        raise SystemExit(f"hf-offload bench: --methods names a method twice ({args.methods}); name each once.")
+        raise SystemExit(f"hf-offload bench: --methods names a method twice ({chosen}); name each once.")
     for name in ("batch", "seq", "steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -114,18 +142,25 @@ def _main(args: argparse.Namespace) -> int:
         facts = measure(config, dtype)
     except ValueError as err:  # ConfigError, UnsupportedModelError
         raise SystemExit(f"hf-offload bench: {err}") from err
-    setup = Setup(
-        config=config,
-        facts=facts,
-        dtype=dtype,
-        device=device,
-        batch=args.batch or (2 if on_cpu else 4),
-        seq=args.seq or (64 if on_cpu else 4096),
-        lora_r=args.lora_r,
-        prefetch=args.prefetch,
-        offload_activations=args.offload_activations,
-        deepspeed_optimizer=args.deepspeed_optimizer,
-    )
+    lengths = seq_lens or [args.seq or (64 if on_cpu else 4096)]
+    if seq_lens:  # rotary tables and position checks cover the longest sequence
+        config.max_position_embeddings = max(getattr(config, "max_position_embeddings", 0) or 0, max(seq_lens))
+    setups = [
+        Setup(
+            config=config,
+            facts=facts,
+            dtype=dtype,
+            device=device,
+            batch=args.batch or (1 if seq_lens else 2 if on_cpu else 4),
+            seq=length,
+            lora_r=args.lora_r,
+            prefetch=args.prefetch,
+            offload_activations=args.offload_activations,
+            deepspeed_optimizer=args.deepspeed_optimizer,
+        )
+        for length in lengths
+    ]
+    setup = setups[0]
     model_bytes = sum(facts.layer_bytes) + facts.resident_bytes
     document = {
         "command": "hf-offload bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
@@ -147,6 +182,7 @@ def _main(args: argparse.Namespace) -> int:
             "batch": setup.batch,
             "seq": setup.seq,
             "tokens_per_step": setup.tokens,
+            "seq_lens": seq_lens,
             "lora_r": setup.lora_r,
             "prefetch": setup.prefetch,
             "offload_activations": setup.offload_activations,
@@ -170,22 +206,26 @@ def _main(args: argparse.Namespace) -> int:
 
     order = document["settings"]["order"]
     peak = document["h2d_peak_gbps"]
-    together = [m for m in methods if METHODS[m].interleavable] if order == "interleaved" else []
-    rows = {}
-    if together:
-        print(f"[bench] interleaved: {', '.join(together)} ...", file=sys.stderr, flush=True)
-        rows.update((r.method, r) for r in run_interleaved(together, setup, args, model_bytes, peak))
+    rows: list[Row] = []
+    out_of_memory: dict[str, int] = {}  # method -> the length at which it ran out of device memory
+    document["ratios"], by_seq = {}, {}
+    for step_setup in setups:
+        length_rows = run_methods(methods, step_setup, args, model_bytes, peak, order, out_of_memory)
+        if seq_lens:
+            for row in length_rows:
+                row.seq = step_setup.seq
+                if row.status == "oom":
+                    out_of_memory.setdefault(row.method, step_setup.seq)
+        suffix = f" at seq {step_setup.seq}" if seq_lens else ""
+        document["ratios"].update((key + suffix, value) for key, value in ratios(length_rows).items())
+        by_seq[step_setup.seq] = performance_model(step_setup, length_rows, document["h2d_peak_gbps"])
+        rows += length_rows
+    if order == "interleaved" and any(METHODS[m].interleavable for m in methods):
         document["process_peak_host_rss_bytes"] = current_peak_rss()
-    for name in methods:
-        if name not in rows:
-            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-            rows[name] = run_sequential(name, setup, args, model_bytes, peak)
-    rows = [rows[m] for m in methods]
-    for row in rows:
-        print(f"[bench] {row.method}: {row.status}" + (f" ({row.reason})" if row.reason else ""), file=sys.stderr)
     document["rows"] = [row_dict(r) for r in rows]
-    document["ratios"] = ratios(rows)
-    document["performance_model"] = performance_model(setup, rows, document["h2d_peak_gbps"])
+    document["performance_model"] = by_seq[setups[-1].seq]
+    if seq_lens:
+        document["performance_model_by_seq"] = by_seq
 
     if args.json:
         print(json.dumps(document, indent=2))
@@ -195,6 +235,87 @@ def _main(args: argparse.Namespace) -> int:
         print()
         print(footer(document, rows))
     return 1 if any(r.status == "error" for r in rows) else 0
+
+
+def run_methods(
+    methods: list[str],
+    setup: Setup,
+    args,
+    model_bytes: int,
+    h2d_peak: float | None,
+    order: str,
+    out_of_memory: dict[str, int],
+) -> list[Row]:
+    """Every method at `setup`'s batch and length, in `methods` order; a method in `out_of_memory` (it ran out of
+    device memory at a shorter length of the sweep) is skipped."""
+    rows: dict[str, Row] = {}
+    for name, length in out_of_memory.items():
+        if name in methods:
+            reason = f"out of device memory at seq {length:,} already"
+            rows[name] = Row(method=name, status="skipped", reason=reason)
+    where = f" at seq {setup.seq:,}" if args.seq_lens or args.long_context else ""
+    together = [m for m in methods if METHODS[m].interleavable and m not in rows] if order == "interleaved" else []
+    if together:
+        print(f"[bench] interleaved{where}: {', '.join(together)} ...", file=sys.stderr, flush=True)
+        rows.update((r.method, r) for r in run_interleaved(together, setup, args, model_bytes, h2d_peak))
+    for name in methods:
+        if name not in rows:
+            print(f"[bench] {name}{where} ...", file=sys.stderr, flush=True)
+            rows[name] = run_sequential(name, setup, args, model_bytes, h2d_peak)
+    for name in methods:
+        row = rows[name]
+        print(f"[bench] {name}{where}: {row.status}" + (f" ({row.reason})" if row.reason else ""), file=sys.stderr)
+    return [rows[m] for m in methods]
+
+
+def _sweep_lengths(args, on_cpu: bool) -> list[int] | None:
+    """The sequence lengths of a sweep (--seq_lens, --long_context), or None for one run at --seq."""
+    if args.long_context:
+        if on_cpu:
+            raise SystemExit(
+                "hf-offload bench: --long_context measures training steps of 32k to 512k tokens on a model of real "
+                "width (Llama-3.1-8B by default), which needs a GPU: on a CPU one such step takes hours and far more "
+                "memory than the model. For a scaled-down sweep on the CPU pass --seq_lens with short lengths, e.g. "
+                "--preset small --seq_lens 512,1k,2k --methods resident-checkpointed,hf_offload,hf_offload-activations"
+            )
+        if args.seq is not None or args.seq_lens is not None:
+            raise SystemExit(
+                "hf-offload bench: --long_context sets the sequence lengths itself; drop --seq/--seq_lens, or pass "
+                "--seq_lens alone for other lengths."
+            )
+        return parse_lengths(LONG_CONTEXT_SEQ_LENS)
+    if args.seq_lens is None:
+        return None
+    if args.seq is not None:
+        raise SystemExit("hf-offload bench: --seq and --seq_lens both give the sequence length; pass one of them.")
+    try:
+        return parse_lengths(args.seq_lens)
+    except ValueError as err:
+        raise SystemExit(f"hf-offload bench: {err}") from None
+
+
+def parse_lengths(text: str) -> list[int]:
+    """`"512,1k,32k"` -> [512, 1024, 32768] (k = 1024).
+
+    Raises:
+        ValueError: an empty list, a length that is not a positive integer, or the same length twice.
+    """
+    lengths = []
+    for item in (part.strip().lower() for part in text.split(",")):
+        scale = 1024 if item.endswith("k") else 1
+        try:
+            length = int(item.removesuffix("k")) * scale
+        except ValueError:
+            length = 0
+        if length < 1:
+            raise ValueError(
+                f"--seq_lens should be positive sequence lengths separated by commas (512,1k,32k), but the value "
+                f"passed is {text!r}"
+            )
+        lengths.append(length)
+    if len(set(lengths)) != len(lengths):
+        raise ValueError(f"--seq_lens should name each length once, but the value passed is {text!r}")
+    return lengths
 
 
 def run_sequential(name: str, setup: Setup, args, model_bytes: int, h2d_peak: float | None) -> Row:
@@ -325,11 +446,29 @@ def _does_not_fit(name: str, setup: Setup, model_bytes: int) -> str | None:
             f"the model needs {model_bytes / 1e9:.1f} GB of host memory, {available / 1e9:.1f} GB available "
             "(use --layers to build a shallower model)"
         )
+    activations = offloaded_activation_bytes(name, setup)
+    if activations and available is not None and model_bytes + activations > 0.95 * available:
+        return (
+            f"the model and its offloaded activations need {(model_bytes + activations) / 1e9:.1f} GB of host memory "
+            f"({activations / 1e9:.1f} GB of page-locked buffers for the hidden states saved at seq {setup.seq:,}), "
+            f"{available / 1e9:.1f} GB available"
+        )
     if setup.device.type == "cuda" and name.startswith("resident"):
         free, _ = torch.cuda.mem_get_info(setup.device)
         if model_bytes > free:
             return f"the model ({model_bytes / 1e9:.1f} GB) does not fit in device memory ({free / 1e9:.1f} GB free)"
     return None
+
+
+def offloaded_activation_bytes(name: str, setup: Setup) -> int:
+    """Host bytes the method's offloaded activations take (every layer's saved hidden state), 0 if it keeps them."""
+    method = METHODS[name]
+    offloads = getattr(method, "offload_activations", False) or (
+        setup.offload_activations and name.startswith("hf_offload")
+    )
+    if not offloads:
+        return 0
+    return len(setup.facts.layer_bytes) * setup.tokens * setup.facts.hidden * setup.dtype.itemsize
 
 
 def performance_model(setup: Setup, rows: list[Row], h2d_peak_gbps: float | None) -> dict:
@@ -390,8 +529,13 @@ def header(doc: dict) -> str:
     return (
         f"hf-offload bench: {name} ({m['model_type']}, {m['layers']} layers, {m['parameters'] / 1e9:.3g}B parameters, "
         f"{m['bytes'] / 1e9:.3g} GB; largest layer {m['max_layer_bytes'] / 1e6:.1f} MB)\n"
-        f"device {s['device']} [{where}], {s['dtype']}, batch {s['batch']} x seq {s['seq']} = "
-        f"{s['tokens_per_step']} tokens/step, LoRA r={s['lora_r']} on all linear layers, prefetch {s['prefetch']}, "
+        f"device {s['device']} [{where}], {s['dtype']}, "
+        + (
+            f"batch {s['batch']} x seq {', '.join(f'{n:,}' for n in s['seq_lens'])} (a sweep)"
+            if s["seq_lens"]
+            else f"batch {s['batch']} x seq {s['seq']} = {s['tokens_per_step']} tokens/step"
+        )
+        + f", LoRA r={s['lora_r']} on all linear layers, prefetch {s['prefetch']}, "
         f"{s['warmup']} warm-up + {s['steps']} timed steps per method (median reported), methods {s['order']}\n"
         f"{doc['flops_formula']} = {doc['flops_parameters']:,}"
     )
@@ -408,20 +552,22 @@ def footer(doc: dict, rows: list[Row]) -> str:
             "when the run started; with several torch threads, spinning threads then slow every method "
             "erratically. Interleaving keeps the ratios fair; --threads 1 keeps them stable."
         )
-    model = doc["performance_model"]
-    line = f"performance model: {model['bytes_per_step'] / 1e9:.3g} GB of layer weights per step"
-    if "transfer_s" in model:
-        line += f" = {model['transfer_s']:.3f} s at the pinned peak"
-    if "compute_s" in model:
-        line += (
-            f"; the same recompute with the model resident takes {model['compute_s']:.3f} s, so hf_offload's best "
-            f"step is {model['best_step_s']:.3f} s; compute hides the transfer from ~{model['break_even_tokens']:,} "
-            "tokens/step"
-        )
-    lines.append(line)
+    models = doc.get("performance_model_by_seq") or {None: doc["performance_model"]}
+    for seq, model in models.items():
+        line = "performance model" + (f" at seq {seq:,}" if seq is not None else "")
+        line += f": {model['bytes_per_step'] / 1e9:.3g} GB of layer weights per step"
+        if "transfer_s" in model:
+            line += f" = {model['transfer_s']:.3f} s at the pinned peak"
+        if "compute_s" in model:
+            line += (
+                f"; the same recompute with the model resident takes {model['compute_s']:.3f} s, so hf_offload's "
+                f"best step is {model['best_step_s']:.3f} s; compute hides the transfer from "
+                f"~{model['break_even_tokens']:,} tokens/step"
+            )
+        lines.append(line)
     for row in rows:
         for note in row.notes:
-            lines.append(f"{row.method}: {note}")
+            lines.append(f"{row.method}" + (f" at seq {row.seq:,}" if row.seq is not None else "") + f": {note}")
     if doc.get("process_peak_host_rss_bytes"):
         lines.append(
             f"peak host RSS of the process (methods interleaved, so not per method): "

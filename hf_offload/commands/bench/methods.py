@@ -18,6 +18,7 @@ import torch
 
 from ... import api
 from ...config import OffloadConfig
+from ...units import GB
 from ..model_sizes import ModelSizes
 from .measure import StepClock
 from .models import build_model, random_batch
@@ -82,6 +83,7 @@ class Method:
     name = ""
     description = ""
     interleavable = True  # steps can alternate with other methods' steps (False: it drives its own loop)
+    default = True  # runs when --methods is not given
 
     def unavailable(self, setup: Setup) -> str | None:
         """Why this method cannot run with `setup` (the row says so), or None."""
@@ -144,13 +146,14 @@ class ResidentCheckpointed(Resident):
 class HfOffload(Method):
     name = "hf_offload"
     description = "layer streaming from host memory (this library)"
+    offload_activations = False  # on anyway with --offload_activations
 
     def prepare(self, setup, clock):
         model = lora_model(setup, "cpu")  # host memory holds the model; streaming moves only what computes
         config = OffloadConfig(
             device=setup.device,
             prefetch=setup.prefetch,
-            offload_activations=setup.offload_activations,
+            offload_activations=setup.offload_activations or self.offload_activations,
             show_progress=False,
         )
         api.enable_layer_streaming(model, config)
@@ -165,12 +168,31 @@ class HfOffload(Method):
                 f"{stats['layer_loads'] / timed:.0f} layer loads and {stats['layer_reuses'] / timed:.0f} reuses per "
                 f"step, at most {stats['peak_resident_layers']} layers on the device (prefetch={setup.prefetch})"
             )
+            summary = api.summary(model)
+            if summary["offload_activations"]:
+                outcome.notes.append(
+                    f"{stats['bytes_to_host'] / timed / GB:.3g} GB of saved activations to the host and "
+                    f"{stats['bytes_from_host_activations'] / timed / GB:.3g} GB back per step, in "
+                    f"{summary['activation_host_bytes'] / GB:.3g} GB of host buffers"
+                    + (
+                        " (page-locked)"
+                        if setup.device.type == "cuda" and not summary["activation_unpinned_buffers"]
+                        else ""
+                    )
+                )
 
         clock.on_first_timed_step.append(lambda: api.reset_stats(model))
         clock.after_timed_steps.append(read_stats)
         # Disabling unregisters the page-locked host store now rather than when the process exits.
         cleanup = lambda: api.disable_layer_streaming(model)
         return Session(model, _batch(setup, setup.device), _adamw(model, setup.lr), outcome, cleanup)
+
+
+class HfOffloadActivations(HfOffload):
+    name = "hf_offload-activations"
+    description = "layer streaming with offload_activations: saved boundary states wait in page-locked host memory"
+    offload_activations = True
+    default = False  # a long-context row (--seq_lens, --long_context)
 
 
 class ResidentFull(Method):
@@ -420,9 +442,11 @@ METHODS: dict[str, Method] = {
         Resident(),
         ResidentCheckpointed(),
         HfOffload(),
+        HfOffloadActivations(),
         AccelerateCpuOffload(),
         DeepSpeedZero3Offload(),
         ResidentFull(),
         HfOffloadFull(),
     )
 }
+DEFAULT_METHODS = [name for name, method in METHODS.items() if method.default]

@@ -100,7 +100,7 @@ def load_config(preset: str | None, config_path: str | None, layers: int | None 
 
 def build_model(config: PretrainedConfig, dtype: torch.dtype, device: torch.device | str, seed: int = 0):
     """The model with deterministic random weights, allocated once on `device` (never twice in host memory)."""
-    model = empty_model(config, dtype)
+    model = empty_model(config, dtype).requires_grad_(True)  # trainable, as from_config makes it
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     model.to_empty(device=device)  # one allocation per tensor; buffers come back uninitialised: restore them
     for name, value in buffers.items():

@@ -13,6 +13,7 @@ from ...units import GB
 class Row:
     method: str
     status: str  # "ok", "skipped", "oom" or "error"
+    seq: int | None = None  # tokens per sequence, in a sweep over sequence lengths (--seq_lens, --long_context)
     reason: str | None = None
     step_times_s: list[float] = field(default_factory=list)
     step_time_s: float | None = None  # median of the timed steps
@@ -62,6 +63,7 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
 
 COLUMNS = [
     ("method", lambda r: r.method),
+    ("seq", lambda r: "-" if r.seq is None else f"{r.seq:,}"),
     ("step s", lambda r: _fmt(r.step_time_s, ".3f")),
     ("tokens/s", lambda r: _fmt(r.tokens_per_s, ",.0f")),
     ("TFLOP/s", lambda r: _fmt(r.model_tflops, ".3g")),
@@ -77,23 +79,35 @@ COLUMNS = [
 
 
 def table(rows: list[Row]) -> str:
-    """Aligned text table; columns no row has a value for (the CUDA ones on a CPU run) are left out."""
+    """Aligned text table; columns no row has a value for (the CUDA ones on a CPU run, `seq` outside a sweep) are
+    left out. A row that did not run shows its method (and length) and why."""
     ok = [row for row in rows if row.status == "ok"]
-    columns = [(n, get) for i, (n, get) in enumerate(COLUMNS) if i == 0 or any(get(r) != "-" for r in ok)]
+    named = [row.seq is not None for row in rows]  # the seq column names rows in a sweep, whether they ran or not
+    columns = [
+        (n, get)
+        for i, (n, get) in enumerate(COLUMNS)
+        if i == 0 or (n == "seq" and any(named)) or any(get(r) != "-" for r in ok)
+    ]
+    keys = 2 if any(named) else 1  # leading columns that name a row
     cells = [[name for name, _ in columns]]
     for row in rows:
         if row.status == "ok":
             cells.append([get(row) for _, get in columns])
         else:
-            cells.append([row.method, f"{row.status}: {row.reason}"])
+            cells.append([get(row) for _, get in columns[:keys]] + [f"{row.status}: {row.reason}"])
     full = [c for c in cells if len(c) == len(columns)]
-    widths = [max(len(c[i]) for c in full) if i else max(len(c[0]) for c in cells) for i in range(len(columns))]
+    widths = [
+        max(len(c[i]) for c in (cells if i < keys else full)) if i else max(len(c[0]) for c in cells)
+        for i in range(len(columns))
+    ]
     lines = []
     for k, c in enumerate(cells):
+        justified = [x.ljust(widths[0]) if i == 0 else x.rjust(widths[i]) for i, x in enumerate(c[:keys])]
         if len(c) == len(columns):
-            lines.append("  ".join(c[0].ljust(widths[0]) if i == 0 else x.rjust(widths[i]) for i, x in enumerate(c)))
+            justified += [x.rjust(widths[i]) for i, x in enumerate(c) if i >= keys]
+            lines.append("  ".join(justified))
         else:
-            lines.append(f"{c[0].ljust(widths[0])}  {c[1]}")
+            lines.append("  ".join([*justified, c[keys]]))
         if k == 0:
             lines.append("-" * len(lines[0]))
     return "\n".join(lines)
