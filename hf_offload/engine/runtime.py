@@ -18,6 +18,7 @@ from . import compat, hostmem
 from .anatomy import check_streamable
 from .chunked_loss import ChunkedLoss
 from .device import BOUNCE_BUFFERS, DeviceOps, resolve_device
+from .distributed import current_ranks, refuse_full_finetune
 from .facts import StreamingSummary, bytes_per_train_step
 from .layer_fn import call_streamed_layer
 from .moe import RoutedExperts, find_expert_groups, has_unroutable_experts
@@ -48,6 +49,7 @@ class LayerStreamingRuntime:
         # weights] in trainable.py), then given masters and gradients.
         trainable = trainable_decoder_weights(self.anatomy.layers, self.anatomy.shared_outside)
         if config.full_finetune:
+            refuse_full_finetune(current_ranks())
             check_full_finetune(model, trainable)
             if config.check_host_memory:
                 warn_if_host_memory_short(trainable)
@@ -64,6 +66,7 @@ class LayerStreamingRuntime:
         self._handles: list[Any] = []
         self._install_quantized_guards()
         self._install_cast_guards(model)
+        self._exclude_streamed_from_ddp(model)
         if any(pack.encoded for pack in self.store.packs):
             self._install_full_save_guard(model)
         # Slots stay valid across steps while the host bytes do not change (Note: [Slot validity] in streamer.py);
@@ -250,6 +253,12 @@ class LayerStreamingRuntime:
         owner = compat.peft_base_model(model)
         if callable(getattr(owner, "save_pretrained", None)):
             self.overrides.replace(owner, "save_pretrained", _refuse_full_save)
+
+    def _exclude_streamed_from_ddp(self, model: nn.Module) -> None:
+        """See Note: [Streamed layers under DistributedDataParallel] in distributed.py."""
+        streamed = {id(t.param) for pack in self.store.packs for t in (*pack.tensors, *pack.encoded)}
+        for module in {id(m): m for m in (model, compat.peft_base_model(model))}.values():
+            self.overrides.replace(module, compat.DDP_IGNORE_ATTRIBUTE, compat.ddp_ignored_names(module, streamed))
 
     def __deepcopy__(self, memo):
         raise_deepcopy_refusal()
