@@ -184,3 +184,29 @@ def test_offload_accelerator_under_accelerate_launch_matches_accelerator(model_d
     got, want = torch.tensor(records["streamed"]["losses"]), torch.tensor(records["plain"]["losses"])
     assert torch.allclose(got, want, rtol=TOLERANCE, atol=0)
     assert_same_adapter(runs["streamed"], runs["plain"])
+
+
+GUARD_RANK = """
+import json, sys
+import torch.distributed as dist
+from hf_offload.integrations.bad_steps import BadStepGuard, BadStepOptions
+
+dist.init_process_group("gloo")
+guard = BadStepGuard(BadStepOptions(skip_bad_steps=True, spike_min_steps=3, spike_window=8))
+decisions = []
+for step, loss in enumerate([1.0, 1.1, 0.9, 1.0, 30.0 if dist.get_rank() == 0 else 1.0, 1.0]):
+    guard.add_loss(loss)
+    decisions.append(guard.judge(grad_norm=1.0) is None)
+print(json.dumps(decisions))
+dist.destroy_process_group()
+"""
+
+
+def test_the_bad_step_guard_takes_one_decision_for_all_ranks(tmp_path):
+    """A loss spike on one rank only: every rank skips that step (a step skipped on one rank only would leave the
+    adapters different across ranks)."""
+    script = tmp_path / "guard_rank.py"
+    script.write_text(GUARD_RANK)
+    done = _run([*_torchrun(), "--tee", "3", str(script)], cwd=tmp_path, timeout=120)
+    decisions = {json.dumps(json.loads(line.split("]:", 1)[1])) for line in done.stdout.splitlines() if "]:[" in line}
+    assert decisions == {json.dumps([True, True, True, True, False, True])}, done.stdout
