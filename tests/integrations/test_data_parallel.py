@@ -108,7 +108,6 @@ def test_launcher_over_torchrun_matches_plain_ddp(model_dir, plain_run, tmp_path
     done = _run([*_launch(), *_torchrun(), TRAINER_SCRIPT, *_trainer_argv(model_dir, out)], cwd=tmp_path)
     assert "hf_offload: the Trainer keeps" in done.stderr  # the ranks really streamed
     assert_same_run(out, plain_run)
-    assert sorted(os.listdir(out)).count("adapter_model.safetensors") == 1
 
 
 def test_layer_streaming_flag_under_torchrun_matches_plain_ddp(model_dir, plain_run, tmp_path):
