@@ -181,6 +181,16 @@ class OffloadConfig:
         check=zero_is_none(optional_positive_int),
     )
 
+    shared_host_store: bool | None = option(
+        None,
+        "Data parallel (torchrun, accelerate launch): one host store per node instead of one per rank. Local rank 0 "
+        "writes the packed layers to files under /dev/shm, every rank of the node maps them read-only and frees "
+        "its own copy. None (the default): on when several ranks of a job run on one node. The tmpfs must hold the "
+        "store (checked before anything is written; the files are removed once every rank has mapped them).",
+        faces=TRAINING_FACES | {"plan"},
+        check=optional_boolean,
+    )
+
     def __post_init__(self) -> None:
         validate(self, "config")
         check_engine_combinations(vars(self), "config")
@@ -208,4 +218,10 @@ def check_engine_combinations(values: dict, face: str) -> None:
             f"{spelled('full_finetune', face)} trains the decoder weights, so they cannot be kept quantized, but "
             f"{spelled('base_weight_dtype', face)} is {values['base_weight_dtype']!r}. Leave the base weights as "
             "loaded with full fine-tuning, or train adapters over a quantized store."
+        )
+    if values.get("full_finetune") and values.get("shared_host_store"):
+        raise ValueError(
+            f"{spelled('full_finetune', face)} writes the decoder weights, so they cannot be kept in a store shared "
+            f"read-only by several ranks, but {spelled('shared_host_store', face)} is on. Leave it unset with full "
+            "fine-tuning (one process, its own store)."
         )

@@ -44,6 +44,7 @@ BAD = {
     "spike_window": 1,
     "spike_min_steps": 1,
     "max_consecutive_skips": 0,
+    "shared_host_store": "yes",
 }
 
 

@@ -29,9 +29,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 from .. import options
+from ..engine.shared_store import JOB_ENV, remove_job
 from ..integrations.recipe import REPORT_ENV_VAR, launch_report
 from .cli import SUBCOMMANDS
 
@@ -85,9 +87,13 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 127
+    job = env[JOB_ENV] = f"launch{os.getpid()}-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="hf-offload-launch-") as report:
         env[REPORT_ENV_VAR] = report
-        code = _run(command, env)
+        try:
+            code = _run(command, env)
+        finally:  # however the command ended (a rank killed, Ctrl-C): its node's shared host stores go
+            remove_job(job)
         message = launch_report(report)
     if message is not None:
         print(message, file=sys.stderr)

@@ -72,6 +72,11 @@ class Estimate(Record):
     # what one evaluation batch costs (see `_evaluation`): every layer's bytes, a forward's FLOPs, and what it holds
     # on the device while its group runs layer-major (its hidden state, masks at as much, its logits)
     eval_batch: dict[str, float]
+    # data parallel: ranks per node (host bytes are per node, GPU bytes per rank), the node's shared store in the
+    # tmpfs (0 when each rank keeps its own), and the host-memory read rate of the node's ranks while they copy
+    nproc_per_node: int = 1
+    shm_bytes: int = 0
+    host_read_gbps: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -195,6 +200,8 @@ def estimate(
     loss_chunk_tokens: int | None = None,
     mlp_tile_tokens: int | None = 8192,
     full_finetune: bool = False,
+    nproc_per_node: int = 1,
+    shared_host_store: bool | None = None,
 ) -> Estimate:
     """Host bytes, device bytes (with their terms), bytes per step and break-even tokens for one configuration.
 
@@ -202,7 +209,9 @@ def estimate(
     them the logits and the MLP intermediates stop growing with the sequence (see `token_terms`). With
     `full_finetune`, host memory also holds the layers' fp32 masters (bf16/fp16 models), fp32 gradients and AdamW
     state (`host_terms`), the device trains the resident modules with AdamW instead of adapters, and each step sends
-    every layer's gradients back to the host (`grad_bytes_to_host`).
+    every layer's gradients back to the host (`grad_bytes_to_host`). With `nproc_per_node` data-parallel ranks,
+    host bytes are the node's: one store shared by the ranks (`shared_host_store`, on by default with several ranks)
+    or one per rank; GPU bytes are each rank's.
     """
     layouts = sizes.kind_layouts(base_weight_dtype)  # one per layer kind; `counts` says how many layers each
     counts = sizes.kind_counts()
@@ -223,7 +232,9 @@ def estimate(
         else sum(count * (8 * n + adamw8bit_state_bytes(n)) for n, count in lora.items()),
         **token_terms(sizes, tokens, offload_activations=offload_activations, prefetch=prefetch, **long_context),
     }
-    host_terms = {"compute_copy": sum(store)}
+    shared = nproc_per_node > 1 if shared_host_store is None else shared_host_store
+    copies = 1 if shared else nproc_per_node
+    host_terms = {"compute_copy": copies * sum(store)}
     grad_bytes_to_host = 0
     if full_finetune:
         # the engine's own accounting (fp32 masters, gradients, AdamW moments), on the meta model's parameters
@@ -242,6 +253,7 @@ def estimate(
     flops = 6 * sizes.compute_params * tokens  # forward, recompute, input gradients
     transfer_s, compute_s = bytes_per_step / bandwidth, flops / flops_per_s
     break_even = math.ceil(bytes_per_step * flops_per_s / (6 * sizes.compute_params * bandwidth))
+    step_s = max(transfer_s, compute_s)
     return Estimate(
         base_weight_dtype=base_weight_dtype,
         tokens_per_step=tokens,
@@ -270,6 +282,9 @@ def estimate(
             "fixed_gpu_bytes": gpu_terms["layer_slots"] + gpu_terms["dequant_scratch"] + gpu_terms["resident_modules"],
             "bandwidth": bandwidth,
         },
+        nproc_per_node=nproc_per_node,
+        shm_bytes=sum(store) if shared else 0,
+        host_read_gbps=nproc_per_node * bytes_per_step / step_s / GB if step_s else 0.0,
     )
 
 
@@ -278,18 +293,25 @@ def make_plan(
     *,
     gpu_mem_gb: float | None = None,
     host_mem_gb: float | None = None,
+    host_mem_gbps: float | None = None,
     dtype: torch.dtype | None = None,
     **options,
 ) -> Plan:
     """The plan `hf-offload plan` prints: `estimate` for the chosen options, a verdict and what to change.
 
     `options` are those of `estimate`. Host memory: `host_mem_gb`, else what this machine has available now.
+    `host_mem_gbps`: the node's host memory bandwidth, against which the data-parallel ranks' reads are advised.
     """
     base_weight_dtype = options.get("base_weight_dtype")
     if options.get("full_finetune") and base_weight_dtype is not None:
         raise PlanError(
             f"--full_finetune trains the decoder weights, so they cannot be stored quantized (--base_weight_dtype "
             f"{base_weight_dtype}); drop one of the two."
+        )
+    if options.get("full_finetune") and options.get("nproc_per_node", 1) > 1:
+        raise PlanError(
+            f"--full_finetune runs as one process (the layers' gradients go to host masters that data parallel would "
+            f"not average), but --nproc_per_node is {options['nproc_per_node']}; plan one process, or adapters."
         )
     if base_weight_dtype is not None and base_weight_dtype not in BASE_WEIGHT_DTYPES:
         raise PlanError(
@@ -324,7 +346,10 @@ def make_plan(
         fits_host=fits_host,
         fits=fits_gpu and fits_host,
         max_tokens_per_micro_batch=max_tokens,
-        advice=_advice(plan, others, gpu_budget, host_available, options, max_tokens, len(sizes.layers)),
+        advice=[
+            *_advice(plan, others, gpu_budget, host_available, options, max_tokens, len(sizes.layers)),
+            *_data_parallel_advice(plan, others, host_mem_gbps, options),
+        ],
         evaluation=_evaluation(plan.eval_batch, eval_batches, gpu_budget),
     )
 
@@ -403,6 +428,36 @@ def _advice(
     return advice
 
 
+def _data_parallel_advice(plan: Estimate, others: dict, host_mem_gbps: float | None, options: dict) -> list[str]:
+    """What several ranks per node change: the tmpfs that holds the shared store, and host memory bandwidth."""
+    n = plan["nproc_per_node"]
+    if n == 1:
+        return []
+    advice = []
+    if plan["shm_bytes"]:
+        advice.append(
+            f"data parallel: the node's {n} ranks share one host store of {plan['shm_bytes'] / GB:.1f} GB in /dev/shm "
+            "(check `df -h /dev/shm`; Docker: --shm-size); each rank also holds its own process memory"
+        )
+    else:
+        advice.append(
+            f"data parallel: each of the {n} ranks keeps its own host store ({n} x "
+            f"{plan['host_bytes'] / n / GB:.1f} GB); leave --shared_host_store unset to share one per node"
+        )
+    line = f"host memory bandwidth: the {n} ranks read {plan['host_read_gbps']:.0f} GB/s from host memory while copying"
+    if host_mem_gbps is not None and plan["host_read_gbps"] > host_mem_gbps / 2:
+        line += (
+            f", more than half of the node's {host_mem_gbps:.0f} GB/s: the copies will slow down. Pin each rank to the "
+            "NUMA node of its GPU (docs/multi-gpu.md)"
+        )
+        if options.get("base_weight_dtype") != "nf4" and not options.get("full_finetune"):
+            line += f", or use --base_weight_dtype nf4 ({others['nf4']['host_read_gbps']:.0f} GB/s)"
+    elif host_mem_gbps is not None:
+        line += f", within the node's {host_mem_gbps:.0f} GB/s"
+    advice.append(line)
+    return advice
+
+
 def format_plan(plan: Plan) -> str:
     gb = lambda n: f"{n / GB:,.1f} GB"
     verdict = "fits" if plan["fits"] else "does NOT fit"
@@ -411,6 +466,7 @@ def format_plan(plan: Plan) -> str:
         f"{plan['model_type']}: {plan['parameters'] / 1e9:.2f}B parameters, {plan['layers']} decoder layers, "
         f"{plan['dtype']} weights, base_weight_dtype={plan['base_weight_dtype']}",
         f"  host memory        {gb(plan['host_bytes'])}"
+        + (f" per node ({plan['nproc_per_node']} ranks)" if plan["nproc_per_node"] > 1 else "")
         + (
             f"   (available: {gb(plan['host_available_bytes'])}, {plan['host_available_source']})"
             if plan["host_available_bytes"] is not None
@@ -421,6 +477,7 @@ def format_plan(plan: Plan) -> str:
         lines += [f"    {name:<24}{gb(value)}" for name, value in plan["host_terms"].items()]
     lines += [
         f"  GPU memory         {gb(plan['gpu_bytes'])} at {plan['tokens_per_step']} tokens per micro-batch"
+        + (" per rank" if plan["nproc_per_node"] > 1 else "")
         + (f"   (budget: {gb(plan['gpu_budget_bytes'])})" if plan["gpu_budget_bytes"] else ""),
     ]
     lines += [f"    {name:<24}{gb(value)}" for name, value in plan["gpu_terms"].items()]
@@ -459,6 +516,22 @@ def register(subparsers) -> None:
     add_flag(parser, "gpu_tflops", type=float, default=DEFAULT_GPU_TFLOPS, help="TFLOP/s a step achieves")
     add_flag(
         parser,
+        "nproc_per_node",
+        type=int,
+        default=1,
+        help="data-parallel ranks (GPUs) per node, as torchrun's --nproc_per_node: host memory is per node, GPU "
+        "memory per rank (default: 1)",
+    )
+    add_flag(
+        parser,
+        "host_mem_gbps",
+        type=float,
+        default=None,
+        metavar="GB/s",
+        help="the node's host memory bandwidth, to compare with what the ranks read while copying",
+    )
+    add_flag(
+        parser,
         "eval_batches",
         type=int,
         default=DEFAULT_EVAL_BATCHES,
@@ -478,10 +551,10 @@ def _dtype(name: str | None):
 
 def run(args: argparse.Namespace) -> int:
     try:
-        for name in ("seq", "batch", "eval_batches"):
+        for name in ("seq", "batch", "eval_batches", "nproc_per_node"):
             if getattr(args, name) < 1:
                 raise PlanError(f"--{name} should be at least 1, but the value passed is {getattr(args, name)}")
-        for name in ("gpu_mem", "host_mem", "pcie_gbps", "gpu_tflops"):
+        for name in ("gpu_mem", "host_mem", "pcie_gbps", "gpu_tflops", "host_mem_gbps"):
             value = getattr(args, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise PlanError(f"--{name} should be a positive number, but the value passed is {value}")
@@ -491,6 +564,8 @@ def run(args: argparse.Namespace) -> int:
             config,
             gpu_mem_gb=args.gpu_mem,
             host_mem_gb=args.host_mem,
+            host_mem_gbps=args.host_mem_gbps,
+            nproc_per_node=args.nproc_per_node,
             dtype=_dtype(args.dtype),
             seq=args.seq,
             batch=args.batch,

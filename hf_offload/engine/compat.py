@@ -440,3 +440,18 @@ def single_threaded_pool(workers: int, name: str):
     ready.wait()
     torch.set_num_threads(before)
     return pool
+
+
+# Checked against torch 2.13 (and 2.4+, which read the same attribute): `DistributedDataParallel.__init__` reads
+# `module._ddp_params_and_buffers_to_ignore` (fully qualified names) and leaves those parameters out of everything:
+# the start-up broadcast of rank 0's weights, the one-device-type check and the reducer. The setter is
+# `DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`, which also marks each parameter
+# (`_ddp_ignored`); setting the attribute alone is what that setter does for the names.
+DDP_IGNORE_ATTRIBUTE = "_ddp_params_and_buffers_to_ignore"
+
+
+def ddp_ignored_names(module: nn.Module, streamed: set[int]) -> list[str]:
+    """The names, as DDP spells them for `module`, of the parameters whose ids are in `streamed`, plus any that
+    `module` already asked DDP to ignore."""
+    names = [name for name, param in module.named_parameters(remove_duplicate=False) if id(param) in streamed]
+    return sorted({*getattr(module, DDP_IGNORE_ATTRIBUTE, ()), *names})

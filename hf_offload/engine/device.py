@@ -78,6 +78,9 @@ def _check_available(device: torch.device) -> None:
         )
 
 
+CUDA_HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly: the device only reads the memory
+
+
 class DeviceOps:
     """Streams, events, page-locking and RNG state for one compute device."""
 
@@ -308,6 +311,9 @@ class DeviceOps:
         if ptr % PAGE_SIZE == 0:
             size = min(-(-size // PAGE_SIZE) * PAGE_SIZE, storage_end - ptr)
         err = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 0))
+        if err != 0:  # a read-only mapping (the node's shared host store) registers only as read-only
+            _clear_pending_cuda_error(self.device)
+            err = int(torch.cuda.cudart().cudaHostRegister(ptr, size, CUDA_HOST_REGISTER_READ_ONLY))
         if err != 0:
             _clear_pending_cuda_error(self.device)
             # the runtime warns once, for all layers, and lists them in summary()

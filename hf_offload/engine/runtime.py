@@ -7,6 +7,7 @@ and each layer's `forward` is replaced (on the instance, reversibly) by the stre
 from __future__ import annotations
 
 import logging
+import mmap
 from collections.abc import Callable
 from typing import Any
 
@@ -14,11 +15,12 @@ import torch
 from torch import nn
 
 from ..config import OffloadConfig
-from . import compat, hostmem, store_cache
+from . import compat, hostmem, shared_store, store_cache
 from .activations import ActivationOffload
 from .anatomy import check_streamable
 from .chunked_loss import ChunkedLoss
 from .device import BOUNCE_BUFFERS, DeviceOps, resolve_device
+from .distributed import current_ranks, refuse_full_finetune
 from .facts import StreamingSummary, bytes_per_train_step
 from .layer_fn import call_streamed_layer
 from .moe import RoutedExperts, find_expert_groups, has_unroutable_experts
@@ -50,6 +52,7 @@ class LayerStreamingRuntime:
         # weights] in trainable.py), then given masters and gradients.
         trainable = trainable_decoder_weights(self.anatomy.layers, self.anatomy.shared_outside)
         if config.full_finetune:
+            refuse_full_finetune(current_ranks())
             check_full_finetune(model, trainable)
             if config.check_host_memory:
                 warn_if_host_memory_short(trainable)
@@ -66,6 +69,9 @@ class LayerStreamingRuntime:
         self._handles: list[Any] = []
         self._install_quantized_guards()
         self._install_cast_guards(model)
+        self._exclude_streamed_from_ddp(model)
+        if self.shared_store is not None:
+            self._install_shared_store_guards()
         if any(pack.encoded for pack in self.store.packs):
             self._install_full_save_guard(model)
         # Slots stay valid across steps while the host bytes do not change (Note: [Slot validity] in streamer.py);
@@ -97,6 +103,9 @@ class LayerStreamingRuntime:
         codec = make_codec(config.base_weight_dtype)
         # Layers a checkpoint load already built in the store (HostStoreConfig) are adopted as they are.
         prebuilt = take_prebuilt_store(model, self.anatomy.layers, config.base_weight_dtype)
+        self._ranks = current_ranks()
+        if _wants_shared_store(config, self._ranks) and self._ranks.local_rank == 0:  # before a byte is packed
+            shared_store.check_space(None, _store_bytes(self.anatomy, codec))
         # Experts modules are found before packing: their stacked tensors are packed as expert regions.
         groups, reasons = find_expert_groups(self.anatomy.layers)
         expert_groups = [[g.params for g in layer_groups] for layer_groups in groups]
@@ -124,6 +133,7 @@ class LayerStreamingRuntime:
             cache=_store_cache(model, config.store_cache) if prebuilt is None else None,
             prebuilt=prebuilt,
         )
+        self.shared_store = self._share_store(config, pin)
         self._warn_unpinned(pin)
         self.streamer = Streamer(self.store, self.ops, self.prefetch, routed=routed)
         self.routed_experts = RoutedExperts(groups if routed else [], self.streamer)
@@ -133,6 +143,13 @@ class LayerStreamingRuntime:
         )
         if self.activations is not None:
             self.streamer.backward_prefetch = self.activations.prefetch
+
+    def _share_store(self, config: OffloadConfig, pin: bool) -> shared_store.SharedStore | None:
+        """One store per node for data-parallel ranks (see Note: [Shared store lifecycle] in shared_store.py)."""
+        if not _wants_shared_store(config, self._ranks):
+            return None
+        pin_fn = self.ops.pin if pin else _no_pin
+        return shared_store.share(self.store.packs, self._ranks, pin=pin_fn, unpin=self.ops.unpin)
 
     # --- used by layer_fn ----------------------------------------------------------------------------------------
     def run_layer(self, index: int, direction: int, fn: Callable[[], Any]) -> Any:
@@ -268,6 +285,23 @@ class LayerStreamingRuntime:
         if callable(getattr(owner, "save_pretrained", None)):
             self.overrides.replace(owner, "save_pretrained", _refuse_full_save)
 
+    def _install_shared_store_guards(self) -> None:
+        """The writes into frozen weights that a shared, read-only store refuses with a message rather than a
+        segmentation fault: merging adapters and loading a state dict into streamed weights."""
+        for pack, layer in zip(self.store.packs, self.anatomy.layers):
+            streamed = {id(t.param) for t in pack.tensors}
+            named = [(n, p) for n, p in layer.named_parameters(remove_duplicate=False) if id(p) in streamed]
+            self._handles.append(layer.register_load_state_dict_pre_hook(_refuse_loading_shared(named)))
+            for module in layer.modules():
+                if compat.is_peft_tuner_layer(module) and callable(getattr(module, "merge", None)):
+                    self.overrides.replace(module, "merge", _refuse_merge_shared)
+
+    def _exclude_streamed_from_ddp(self, model: nn.Module) -> None:
+        """See Note: [Streamed layers under DistributedDataParallel] in distributed.py."""
+        streamed = {id(t.param) for pack in self.store.packs for t in (*pack.tensors, *pack.encoded)}
+        for module in {id(m): m for m in (model, compat.peft_base_model(model))}.values():
+            self.overrides.replace(module, compat.DDP_IGNORE_ATTRIBUTE, compat.ddp_ignored_names(module, streamed))
+
     def __deepcopy__(self, memo):
         raise_deepcopy_refusal()
 
@@ -297,10 +331,23 @@ class LayerStreamingRuntime:
         if self.activations is not None:
             self.activations.close()
         self.overrides.restore()
+        if self.shared_store is not None:
+            self._unshare_store()
         self.store.unpack(self.ops.unpin)
         for tensor, device in self._moved:
             tensor.data = tensor.data.to(device)
         self._moved = []
+
+    def _unshare_store(self) -> None:
+        """Give each layer a private copy of its shared buffer, so the weights `unpack` hands back are writable and
+        the mapping can go."""
+        for pack in self.store.packs:
+            if pack.pinned:
+                self.ops.unpin(pack.host)
+            pack.host, pack.pinned = pack.host.clone(), False
+            pack.bind_host()
+        self.shared_store.close()
+        self.shared_store = None
 
 
 class _StreamedForward:
@@ -505,6 +552,43 @@ def _refuse_merge(*args, **kwargs):
         "hf_offload: cannot merge adapters into base weights that are stored quantized in host memory "
         "(base_weight_dtype='nf4'/'int8', or a model loaded in 4/8 bits) while layers stream. Call "
         "hf_offload.disable_layer_streaming(model) first, then merge_adapter() / merge_and_unload()."
+    )
+
+
+def _wants_shared_store(config: OffloadConfig, ranks) -> bool:
+    if config.shared_host_store is not None:
+        return config.shared_host_store
+    return ranks.local_world_size > 1 and not config.full_finetune
+
+
+def _store_bytes(anatomy, codec) -> int:
+    """The shared segment's size, from the layers' layouts (nothing packed yet)."""
+    page = mmap.PAGESIZE
+    sizes = [layout_layer(layer, codec, keep_resident=anatomy.shared_outside).nbytes for layer in anatomy.layers]
+    return sum(-(-n // page) * page for n in sizes)
+
+
+def _refuse_loading_shared(streamed: list[tuple[str, nn.Parameter]]):
+    def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        loaded = [prefix + name for name, _ in streamed if prefix + name in state_dict]
+        if loaded:
+            raise RuntimeError(
+                f"hf_offload: load_state_dict would write {loaded[0]}"
+                f"{f' (and {len(loaded) - 1} more)' if len(loaded) > 1 else ''} into the node's shared host store, "
+                "which every data-parallel rank of this node reads (it is mapped read-only). Load frozen weights "
+                "before streaming (from_pretrained), or load adapters only (peft's set_peft_model_state_dict, "
+                "strict=False without the base weights)."
+            )
+
+    return hook
+
+
+def _refuse_merge_shared(*args, **kwargs):
+    raise RuntimeError(
+        "hf_offload: cannot merge adapters into base weights kept in the node's shared host store: every "
+        "data-parallel rank of this node reads them (they are mapped read-only). Save the adapter and merge it "
+        "after training (hf_offload's save_merged writes a merged copy without changing the store), or turn "
+        "sharing off (shared_host_store=False)."
     )
 
 

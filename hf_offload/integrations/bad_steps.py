@@ -4,7 +4,8 @@ Note: [Bad steps]
 Long fine-tunes meet the odd batch whose loss or gradient explodes (a corrupt sample, an overflow in half precision).
 One such step can wreck the adapters and the optimizer's moments for the rest of the run. The guard looks at each
 optimizer step before it happens:
-- the step's loss (the sum of its micro-batches' losses, as `training_step` returns them) and its gradient norm
+- the step's loss (the sum of its micro-batches' losses, as `training_step` returns them, averaged over
+  data-parallel ranks so that every rank takes the same decision) and its gradient norm
   (before clipping: what `accelerator.clip_grad_norm_` returns, else computed from the gradients);
 - a step is bad when either is NaN or infinite, or, once `spike_min_steps` good steps are known, above
   mean + `spike_sigmas` x standard deviation of the last `spike_window` good steps' values;
@@ -138,7 +139,7 @@ class BadStepGuard:
         Raises:
             TooManyBadStepsError: this is the `max_consecutive_skips`-th bad step in a row.
         """
-        loss, self.step_loss = self.step_loss, 0.0
+        loss, self.step_loss = _mean_over_ranks(self.step_loss), 0.0
         if self.recorded_grad_norm is not None:
             grad_norm, self.recorded_grad_norm = self.recorded_grad_norm, None
         reason = self._reason(loss, grad_norm)
@@ -172,6 +173,18 @@ class BadStepGuard:
 
     def metrics(self) -> dict[str, int]:
         return {"offload/skipped_steps": self.skipped}
+
+
+def _mean_over_ranks(loss: float) -> float:
+    """The step's loss averaged over data-parallel ranks: every rank must take the same decision (a step skipped on
+    one rank only would leave the adapters different across ranks). The gradients, and so their norm, are already
+    the same on every rank after DDP's all-reduce."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return loss
+    losses = [None] * dist.get_world_size()
+    dist.all_gather_object(losses, loss)
+    return sum(losses) / len(losses)
 
 
 def gradient_norm(params) -> float:

@@ -439,11 +439,6 @@ def _refuse_unsupported_arguments(args: TrainingArguments) -> None:
             "they cast the whole model with .to(dtype); load the model in that dtype instead",
         ),
         (
-            args.world_size > 1,
-            f"{args.world_size} data-parallel processes",
-            "run one process; data-parallel ranks sharing one host copy of the layers are not supported yet",
-        ),
-        (
             args.n_gpu > 1,
             f"{args.n_gpu} GPUs in one process (nn.DataParallel)",
             "make one GPU visible per process (CUDA_VISIBLE_DEVICES) or launch one process per GPU",

@@ -164,3 +164,25 @@ def test_offloaded_activations_leave_the_device_for_page_locked_host_memory(llam
     assert offloaded["max_tokens_per_micro_batch"] > 5 * kept["max_tokens_per_micro_batch"]
     moved = (layers - prefetch - 1) * per_layer
     assert any(f"--offload_activations moves {moved / 1e9:.1f} GB" in line for line in kept["advice"]), kept["advice"]
+
+
+def test_data_parallel_plans_host_memory_per_node_and_gpu_memory_per_rank(llama_70b, plans_70b):
+    config = load_config(str(llama_70b))
+    one = plans_70b[None]
+    shared = make_plan(config, gpu_mem_gb=80, host_mem_gb=1000, host_mem_gbps=300, nproc_per_node=8)
+    private = make_plan(config, gpu_mem_gb=80, host_mem_gb=1000, nproc_per_node=8, shared_host_store=False)
+    assert shared["host_bytes"] == one["host_bytes"] == shared["shm_bytes"]  # one store for the node's 8 ranks
+    assert private["host_bytes"] == 8 * one["host_bytes"] and private["shm_bytes"] == 0 and not private["fits_host"]
+    assert shared["gpu_bytes"] == private["gpu_bytes"] == one["gpu_bytes"]  # each rank has its own GPU
+    assert shared["host_read_gbps"] == pytest.approx(8 * one["host_read_gbps"])
+    assert one["host_read_gbps"] == pytest.approx(one["bytes_per_step"] / max(one["transfer_seconds"], 1e-9) / 1e9)
+    advice = "\n".join(shared["advice"])
+    assert "share one host store" in advice and "more than half of the node's 300 GB/s" in advice
+    assert "separately" not in advice and "each of the 8 ranks keeps its own" in "\n".join(private["advice"])
+
+
+def test_data_parallel_plan_refusals(llama_70b, capsys):
+    assert main(["plan", str(llama_70b), "--nproc_per_node", "0"]) == 2
+    assert "--nproc_per_node should be at least 1" in capsys.readouterr().err
+    assert main(["plan", str(llama_70b), "--nproc_per_node", "2", "--full_finetune"]) == 2
+    assert "--full_finetune runs as one process" in capsys.readouterr().err

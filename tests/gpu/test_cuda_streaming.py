@@ -355,3 +355,27 @@ def test_bench_runs_on_cuda(capsys):
     ours = rows["hf_offload"]
     assert ours["h2d_gbps"] > 0 and ours["copy_overlap_share"] is not None
     assert "hf_offload/resident step time" in doc["ratios"]
+
+
+@pytest.mark.gpu
+def test_shared_read_only_store_is_page_locked_and_streams_exactly(tmp_path, monkeypatch):
+    """The node's shared store is a read-only file mapping: it is registered read-only and copies stay asynchronous."""
+    import copy
+
+    from families import build
+    from peft import LoraConfig, get_peft_model
+
+    import hf_offload
+    from hf_offload import OffloadConfig
+    from hf_offload.engine import shared_store
+
+    monkeypatch.setattr(shared_store, "ROOT", str(tmp_path))
+    torch.manual_seed(0)
+    reference = get_peft_model(build("llama"), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model = copy.deepcopy(reference)
+    hf_offload.enable_layer_streaming(model, OffloadConfig(device="cuda", shared_host_store=True))
+    assert hf_offload.summary(model).pinned and hf_offload.summary(model).unpinned_layers == []
+    reference.to("cuda")
+    ids = torch.randint(3, 90, (2, 8), device="cuda")
+    model.eval(), reference.eval()
+    torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

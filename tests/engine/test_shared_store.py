@@ -1,0 +1,189 @@
+"""One host store per node: sharing in one process, two ranks mapping the same files, and the segment's lifecycle
+(space check before packing, stale segments swept, a dead creator reported, the launcher's clean-up)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from families import build
+from peft import LoraConfig, get_peft_model
+
+import hf_offload
+from hf_offload import OffloadConfig
+from hf_offload.engine import shared_store
+from hf_offload.engine.shared_store import PREFIX, SharedStoreError
+
+REPO = Path(__file__).resolve().parents[2]
+RANK_SCRIPT = str(REPO / "tests" / "dp_scripts" / "shared_rank.py")
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    folder = tmp_path / "shm"
+    folder.mkdir()
+    monkeypatch.setattr(shared_store, "ROOT", str(folder))
+    monkeypatch.setenv(shared_store.JOB_ENV, "testjob")
+    return folder
+
+
+def _lora_model():
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(build("llama"), config)
+
+
+def test_one_process_streams_from_the_shared_store_exactly_and_refuses_writes(root):
+    reference = _lora_model()
+    model = hf_offload.enable_layer_streaming(copy.deepcopy(reference), OffloadConfig(shared_host_store=True))
+    runtime = hf_offload.api.get_runtime(model)
+    assert runtime.shared_store is not None and list(root.iterdir()) == []  # every local rank mapped: names gone
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        assert sum(str(runtime.shared_store.path) in line for line in f) == len(runtime.store.packs)
+    ids = torch.randint(3, 90, (2, 8), generator=torch.Generator().manual_seed(1))
+    for m in (model, reference):
+        torch.manual_seed(2)
+        m(input_ids=ids, labels=ids).loss.backward()
+    for (name, got), want in zip(model.named_parameters(), reference.parameters()):
+        if want.requires_grad:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-7, msg=name)
+    with pytest.raises(RuntimeError, match="cannot merge adapters into base weights kept in the node's shared"):
+        model.merge_adapter()
+    with pytest.raises(RuntimeError, match="load_state_dict would write .* into the node's shared host store"):
+        model.load_state_dict(reference.state_dict())
+    hf_offload.disable_layer_streaming(model)
+    weight = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj.base_layer").weight
+    weight.data.add_(0)  # private and writable again
+    torch.testing.assert_close(
+        weight, reference.get_submodule("base_model.model.model.layers.0.self_attn.q_proj.base_layer").weight
+    )
+
+
+def test_too_small_tmpfs_is_refused_before_anything_is_packed(root, monkeypatch):
+    real = os.statvfs
+
+    def tiny(path):
+        stat = real(path)
+        return os.statvfs_result((stat.f_bsize, stat.f_frsize, stat.f_blocks, 1, 1, *stat[5:]))
+
+    monkeypatch.setattr(os, "statvfs", tiny)
+    model = _lora_model()
+    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    with pytest.raises(SharedStoreError, match=r"needs .* in .*shm, but it has .* free.*shared_host_store=False"):
+        hf_offload.enable_layer_streaming(model, OffloadConfig(shared_host_store=True))
+    assert not hf_offload.is_streaming(model) and before == {n: p.data_ptr() for n, p in model.named_parameters()}
+    assert list(root.iterdir()) == []
+
+
+def _hold_lock(path: Path) -> subprocess.Popen:
+    """A process holding a shared lock on `path` until killed (a living rank)."""
+    code = (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_SH)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_sweep_removes_segments_nobody_holds(root):
+    dead, alive, young = (root / f"{PREFIX}{name}-0" for name in ("dead", "alive", "young"))
+    for folder in (dead, alive, young):
+        folder.mkdir()
+    (dead / "lock").touch()
+    holder = _hold_lock(alive / "lock")
+    try:
+        assert shared_store.sweep() == [str(dead)]
+        assert not dead.exists() and alive.exists() and young.exists()  # young: its creator may lock it next
+        holder.kill()
+        holder.wait()
+        assert shared_store.sweep() == [str(alive)]
+    finally:
+        holder.kill()
+    os.utime(young, (time.time() - 3600, time.time() - 3600))
+    assert shared_store.sweep() == [str(young)]
+
+
+def test_a_waiting_rank_reports_a_creator_that_died(root):
+    path = root / f"{PREFIX}testjob-abc"
+    building = path.with_name(path.name + shared_store.CREATING)
+    building.mkdir()
+    holder = _hold_lock(building / "lock")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with pytest.raises(SharedStoreError, match="local rank 0 stopped while building"):
+        shared_store._wait(path, timeout_s=5)
+    with pytest.raises(SharedStoreError, match="did not start"):
+        shared_store._wait(root / f"{PREFIX}testjob-never", timeout_s=0.1)
+
+
+def _rank(root: Path, local_rank: int, world: int, *extra: str) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "LOCAL_RANK": str(local_rank),
+        "LOCAL_WORLD_SIZE": str(world),
+        shared_store.JOB_ENV: "twojob",
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [sys.executable, RANK_SCRIPT, str(root), *extra]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_ranks_map_the_same_files_and_leave_nothing_behind(root):
+    ranks = [_rank(root, k, 2) for k in (0, 1)]
+    outputs = [rank.communicate(timeout=180) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert reports[0]["inodes"] == reports[1]["inodes"] and len(reports[0]["inodes"]) == 4  # one file per layer
+    assert reports[0]["loss"] == reports[1]["loss"]
+    assert list(root.iterdir()) == []
+
+
+def test_a_segment_left_by_a_killed_rank_is_swept_at_the_next_start(root):
+    """Rank 0 of 2 maps the store, then is SIGKILLed before rank 1 came: the next start on the node removes it."""
+    rank = _rank(root, 0, 2, "hold")
+    report = json.loads(rank.stdout.readline())
+    assert report["segment_exists"]  # rank 1 has not mapped it yet
+    rank.send_signal(signal.SIGKILL)
+    rank.wait()
+    assert shared_store.sweep() == [report["segment"]] and list(root.iterdir()) == []
+
+
+def test_the_launcher_removes_its_jobs_segments_when_the_command_ends(tmp_path):
+    code = (
+        "import os, sys\n"
+        f"os.mkdir(os.path.join({shared_store.ROOT!r}, {PREFIX!r} + os.environ[{shared_store.JOB_ENV!r}] + '-x'))\n"
+        "print(os.environ[" + repr(shared_store.JOB_ENV) + "])\n"
+        "sys.exit(3)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "hf_offload", "launch", "--", sys.executable, "-c", code],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    job = done.stdout.strip()
+    assert job.startswith("launch") and not (Path(shared_store.ROOT) / f"{PREFIX}{job}-x").exists()
+
+
+def test_fingerprint_tells_models_and_order_apart():
+    stores = []
+    for seed in (0, 1):
+        model = build("llama", seed=seed)
+        model.requires_grad_(False)
+        stores.append(hf_offload.api.get_runtime(hf_offload.enable_layer_streaming(model)).store.packs)
+    assert shared_store.fingerprint(stores[0], 0) != shared_store.fingerprint(stores[1], 0)
+    assert shared_store.fingerprint(stores[0], 0) != shared_store.fingerprint(stores[0], 1)
+    assert shared_store.fingerprint(stores[0], 0) == shared_store.fingerprint(stores[0], 0)
