@@ -236,6 +236,8 @@ class StreamedLayerFunction(torch.autograd.Function):
             outs, grads = zip(*pairs)
             return torch.autograd.grad(outs, wrt, grads, allow_unused=True)
 
+        if call.streamed_params:
+            runtime.trainable.discard_rows(call.index)
         rng = runtime.ops.replay_rng(call.rng_state) if call.rng_state is not None else contextlib.nullcontext()
         with rng, torch.enable_grad():
             grads = runtime.run_layer(call.index, -1, recompute_and_backprop)

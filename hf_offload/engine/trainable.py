@@ -19,8 +19,9 @@ layer's window. What changes:
   first layer and before any optimizer step).
 - A zero-element `anchor` tensor that requires grad is an input of every such layer's Function, so its backward runs
   even when nothing else entering the layer needs a gradient (frozen embeddings).
-- Mixture-of-Experts: experts move with their layer (expert_fetch='routed' would bind a parameter to a view of the
-  routed experts only, and its gradient would not have the parameter's shape).
+- Mixture-of-Experts with expert_fetch='routed': an experts call computes on [k, ...] views of the loaded experts,
+  so their gradients come back as rows (`stash_rows`, see Note: [Routed experts under full fine-tuning] in moe.py)
+  and are added into those rows of the master's `.grad`, the other rows being zero as in an ordinary step.
 """
 
 from __future__ import annotations
@@ -172,7 +173,8 @@ class TrainableLayers:
         self._versions = [self._version(index) for index in range(len(self.layers))]
         self.anchor = torch.empty(0, requires_grad=True)  # see the Note
         self.grad_bytes_to_host = 0  # weight gradients returned by the layers since streaming began (compute dtype)
-        self._pending: list[tuple[object, list[tuple[TrainableTensor, torch.Tensor, torch.Tensor]], int]] = []
+        self._pending: list[tuple[object, list[tuple[TrainableTensor, torch.Tensor, torch.Tensor, object]], int]] = []
+        self._rows: dict[int, list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]] = {}  # routed experts' gradients
         self._grad_stream = None if ops.is_cpu else torch.get_device_module(ops.device.type).Stream(device=ops.device)
         for index in range(len(self.layers)):
             self.bind_masters(index)
@@ -205,15 +207,27 @@ class TrainableLayers:
                 tensor.param.data = tensor.master
 
     # --- gradients -------------------------------------------------------------------------------------------------
+    def stash_rows(self, index: int, entries: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]) -> None:
+        """Gradients of some rows of layer `index`'s expert weights: (parameter, row ids on the host, [k, ...]
+        gradient on the device), from a routed experts call's backward; `accumulate` adds them into `.grad`."""
+        self._rows.setdefault(index, []).extend(entries)
+
+    def discard_rows(self, index: int) -> None:
+        """Before layer `index`'s recompute: row gradients of an earlier, failed backward must not be added."""
+        self._rows.pop(index, None)
+
     def accumulate(self, index: int, grads: list[torch.Tensor | None]) -> None:
-        """Add layer `index`'s gradients (device, compute dtype; None for unused weights) into the masters' `.grad`."""
-        pairs = [(t, g) for t, g in zip(self.layers[index], grads, strict=True) if g is not None]
-        if not pairs:
+        """Add layer `index`'s gradients (device, compute dtype; None for unused weights) into the masters' `.grad`,
+        and the row gradients its routed experts calls stashed (see `stash_rows`)."""
+        by_param = {id(t.param): t for t in self.layers[index]}
+        items = [(t, g, None) for t, g in zip(self.layers[index], grads, strict=True) if g is not None]
+        items += [(by_param[id(p)], g, rows) for p, rows, g in self._rows.pop(index, [])]
+        if not items:
             return
-        self.grad_bytes_to_host += sum(g.numel() * g.element_size() for _, g in pairs)
+        self.grad_bytes_to_host += sum(g.numel() * g.element_size() for _, g, _ in items)
         if self.ops.is_cpu:
-            for tensor, grad in pairs:
-                _add_grad(tensor.param, grad.to(tensor.master.dtype))
+            for tensor, grad, rows in items:
+                _add_grad(tensor.param, grad, rows)
             self._arrived(index)
             return
         # Complete the previous layer's copies (they ran while this layer computed), then start this layer's.
@@ -222,10 +236,10 @@ class TrainableLayers:
         copies = []
         with torch.get_device_module(self.ops.device.type).stream(self._grad_stream):
             self.ops.wait_event(computed, self._grad_stream)
-            for tensor, grad in pairs:
+            for tensor, grad, rows in items:
                 host = torch.empty(grad.shape, dtype=grad.dtype, pin_memory=True)
                 host.copy_(grad, non_blocking=True)
-                copies.append((tensor, host, grad))  # `grad` is kept alive until its copy has completed
+                copies.append((tensor, host, grad, rows))  # `grad` is kept alive until its copy has completed
             done = self.ops.record_event(self._grad_stream)
         self._pending.append((done, copies, index))
 
@@ -234,8 +248,8 @@ class TrainableLayers:
         pending, self._pending = self._pending, []
         for done, copies, index in pending:
             done.synchronize()
-            for tensor, host, _ in copies:
-                _add_grad(tensor.param, host.to(tensor.master.dtype))
+            for tensor, host, _, rows in copies:
+                _add_grad(tensor.param, host, rows)
             self._arrived(index)
 
     def _arrived(self, index: int) -> None:
@@ -275,6 +289,15 @@ class TrainableLayers:
             self._versions[index] = self._version(index)
         if layers:
             self.streamer.forget(layers)
+
+    def version(self, index: int) -> int:
+        """The sum of the version counters of layer `index`'s trainable weights (before a window opens)."""
+        return self._version(index)
+
+    def window_closed(self, index: int, version_before: int) -> None:
+        """Layer `index`'s window closed: counter bumps inside it are not weight changes (the routed experts call
+        parametrizes the expert weights for the call, which bumps them without writing)."""
+        self._versions[index] += self._version(index) - version_before
 
     def _version(self, index: int) -> int:
         # Every in-place write through a parameter (optimizer steps, load_state_dict, copy_) bumps its own counter.
@@ -328,9 +351,19 @@ def _masters(pack, packed: list) -> list[TrainableTensor]:
     return [TrainableTensor(t.param, master, view) for t, master, view in zip(packed, masters, views)]
 
 
-def _add_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
-    """What autograd's gradient accumulation does: the first gradient becomes `.grad`, later ones add in place."""
+def _add_grad(param: nn.Parameter, grad: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """What autograd's gradient accumulation does: the first gradient becomes `.grad`, later ones add in place.
+
+    `grad` is on the host or the device, in the compute dtype; `.grad` is in the master's dtype. With `rows`,
+    `grad` holds only those rows of the gradient (routed experts), the others being zero."""
+    if rows is None:
+        grad = grad.to(device=param.device, dtype=param.dtype)
+        if param.grad is None:
+            param.grad = grad
+        else:
+            param.grad.add_(grad)
+        return
+    grad = grad.to(device=param.device, dtype=param.dtype)
     if param.grad is None:
-        param.grad = grad
-    else:
-        param.grad.add_(grad)
+        param.grad = torch.zeros_like(param)
+    param.grad.index_add_(0, rows, grad)
