@@ -31,6 +31,7 @@ BAD = {
     "loss_chunk_tokens": -1,
     "mlp_tile_tokens": -5,
     "full_finetune": "yes",
+    "early_layer_steps": "yes",
     "lora_r": 0,
     "lora_alpha": -2.0,
     "lora_dropout": 1.5,

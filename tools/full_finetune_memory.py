@@ -7,7 +7,7 @@ each phase. On the CPU the "device" is host memory too, so the plan's figure to 
 their gradients and AdamW state, the layer slots and one layer's gradients (`expected`). Activations are freed by
 the end of a step; the peak (VmHWM) includes them.
 
-Usage:
+Usage (`--trim` calls glibc's malloc_trim after each step, to tell memory glibc keeps from memory in use):
     python tools/full_finetune_memory.py --hidden 1024 --layers 16 --dtype bfloat16
     python tools/full_finetune_memory.py --hidden 1024 --layers 16 --dtype float32 --host-adamw
 """
@@ -17,6 +17,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's hf_offload, not an installed one
 
 
 def _status_mib(field: str) -> float:
@@ -62,7 +66,11 @@ def main(argv: list[str] | None = None) -> dict:
         num_key_value_heads=8,
         tie_word_embeddings=False,
     )
-    plan = make_plan(config, dtype=dtype, full_finetune=True, seq=args.tokens, prefetch=1)
+    plan = make_plan(
+        config, dtype=dtype, full_finetune=True, early_layer_steps=args.host_adamw, seq=args.tokens, prefetch=1
+    )
+    if args.host_adamw:
+        assert "early_step_backups" in plan["host_terms"]
     rows: dict[str, float] = {"baseline": _anon()}
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -179,6 +179,7 @@ def estimate(
     loss_chunk_tokens: int | None = None,
     mlp_tile_tokens: int | None = 8192,
     full_finetune: bool = False,
+    early_layer_steps: bool = True,
 ) -> Estimate:
     """Host bytes, device bytes (with their terms), bytes per step and break-even tokens for one configuration.
 
@@ -186,7 +187,9 @@ def estimate(
     them the logits and the MLP intermediates stop growing with the sequence (see `token_terms`). With
     `full_finetune`, host memory also holds the layers' fp32 masters (bf16/fp16 models), fp32 gradients and AdamW
     state (`host_terms`), the device trains the resident modules with AdamW instead of adapters, and each step sends
-    every layer's gradients back to the host (`grad_bytes_to_host`).
+    every layer's gradients back to the host (`grad_bytes_to_host`). With `early_layer_steps` (the Trainer's
+    HostAdamW stepping layers during backward) host memory also holds its copies of the layers' weights and moments
+    (`early_step_backups`).
     """
     layouts = sizes.store_layouts(base_weight_dtype)
     store = [layout.nbytes for layout in layouts]
@@ -208,7 +211,10 @@ def estimate(
     grad_bytes_to_host = 0
     if full_finetune:
         # the engine's own accounting (fp32 masters, gradients, AdamW moments), on the meta model's parameters
-        host_terms.update(training_host_bytes([p for layer in sizes.layers for p in layer.parameters()]))
+        training = training_host_bytes([p for layer in sizes.layers for p in layer.parameters()])
+        host_terms.update(training)
+        if early_layer_steps:  # HostAdamW's copies of each layer's weights and moments (master dtype)
+            host_terms["early_step_backups"] = training["gradients"] + training["optimizer_state"]
         # the resident modules train on the device with torch AdamW: gradient and two moments in their dtype
         gpu_terms["resident_grads_adamw"] = 3 * sizes.resident_bytes
         gpu_terms["layer_gradients"] = max(store)  # one layer's weight gradients, until they reach the host

@@ -271,3 +271,70 @@ def test_bf16_gradients_accumulate_in_fp32_across_backwards():
     model(**batch).loss.backward()
     assert weight.grad.dtype == torch.float32 and first.abs().max() > 0
     torch.testing.assert_close(weight.grad, 2 * first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("family", "offload_activations"), [("llama", False), ("llama", True), ("qwen3_moe", False)])
+def test_a_second_backward_through_a_retained_graph_matches_vanilla(family, offload_activations):
+    """retain_graph=True, then a second backward: every gradient accumulates twice, as without streaming (dropout
+    on; qwen3_moe with routed expert fetch); a third backward gets autograd's own error."""
+    build = moe_families.build if family in MOE else families.build
+    vocab = moe_families.VOCAB if family in MOE else families.VOCAB
+    base = build(family)
+    batch = left_padded_batch(vocab, batch=1, length=3) if family in MOE else left_padded_batch(vocab)
+    streamed = hf_offload.enable_layer_streaming(
+        copy.deepcopy(base), full_config(offload_activations=offload_activations)
+    )
+    grads = []
+    for model in (copy.deepcopy(base), streamed):
+        model.train()
+        torch.manual_seed(0)
+        loss = model(**batch).loss
+        loss.backward(retain_graph=True)
+        once = _grads(model)
+        loss.backward()
+        grads.append((once, _grads(model)))
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            loss.backward()
+    (ref_once, ref_twice), (once, twice) = grads
+    _assert_close(once, ref_once, GRAD_RTOL, "gradient")
+    _assert_close(twice, ref_twice, GRAD_RTOL, "gradient")
+    assert any(g is not None and not torch.equal(g, ref_once[n]) for n, g in ref_twice.items())
+    if family in MOE:
+        assert hf_offload.stats(streamed)["experts_skipped"] > 0
+
+
+def test_a_step_between_forward_and_backward_is_refused_as_autograd_does():
+    """Vanilla autograd refuses a backward through weights changed in place since the forward; so does streaming
+    (the recompute would silently use the new weights)."""
+    base = families.build("llama")
+    batch = left_padded_batch(families.VOCAB)
+    for model, message in (
+        (copy.deepcopy(base), "modified by an inplace operation"),
+        (hf_offload.enable_layer_streaming(copy.deepcopy(base), full_config()), "modified by an inplace operation"),
+    ):
+        optimizer = torch.optim.SGD(model.model.layers.parameters(), lr=0.1)  # only streamed weights change
+        loss = model(**batch).loss
+        loss.backward(retain_graph=True)
+        optimizer.step()
+        with pytest.raises(RuntimeError, match=message):
+            loss.backward()
+
+
+def test_gradients_reuse_their_host_buffer_unless_the_caller_kept_them():
+    """After zero_grad(set_to_none=True) the next gradient is copied into the tensor `.grad` was (no new host memory
+    per step); a gradient the caller still holds keeps its values, as in ordinary training."""
+    model = hf_offload.enable_layer_streaming(copy.deepcopy(families.build("llama")), full_config()).eval()
+    batch = left_padded_batch(families.VOCAB)
+    weight = model.model.layers[1].mlp.up_proj.weight
+    model(**batch).loss.backward()
+    first_pointer, first = weight.grad.data_ptr(), weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    assert weight.grad.data_ptr() == first_pointer and torch.equal(weight.grad, first)
+    kept = weight.grad
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        weight.mul_(2.0)  # a different gradient next time
+    model(**batch).loss.backward()
+    assert weight.grad.data_ptr() != first_pointer and not torch.equal(weight.grad, first)
+    assert torch.equal(kept, first)
