@@ -170,9 +170,13 @@ class HostAdamW(torch.optim.AdamW):
 
     def _backup_buffers(self, param, state) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The host tensors that hold `param`'s weight and moments while its early step is a speculation: made once
-        and reused every step (fresh copies every step would fragment the host heap of the worker threads)."""
+        and reused every step (fresh copies every step would fragment the host heap).
+
+        They and the optimizer state are made on the main thread before a layer's step is submitted: glibc gives
+        each thread its own heap (arena), and long-lived tensors made by the workers would sit between their
+        temporaries, keeping freed memory of the workers' heaps from being reused or returned."""
         buffers = self._backups_of.get(param)
-        if buffers is None:  # distinct parameters per worker: no two threads make the same entry
+        if buffers is None:
             buffers = tuple(torch.empty_like(t) for t in (param, state["exp_avg"], state["exp_avg_sq"]))
             self._backups_of[param] = buffers
         return buffers
@@ -190,6 +194,8 @@ class HostAdamW(torch.optim.AdamW):
         if (k, index) in self._speculated:  # more gradient for a layer already stepped (a layer called twice)
             self._stale.add((k, index))
             return
+        for _, param in members:  # persistent host tensors are made here, on the main thread (see `_backup_buffers`)
+            self._backup_buffers(param, self._state(param))
         self._speculated[(k, index)] = self._pool.submit(self._step_layer, (k, index), members, True)
         self.layers_stepped_during_backward += 1
 
@@ -231,6 +237,8 @@ class HostAdamW(torch.optim.AdamW):
                     continue
                 self._roll_back(unit, members)
                 self.layers_rolled_back += 1
+            for _, param in members:
+                self._state(param)  # made on the main thread, as above
             futures.append(self._pool.submit(self._step_layer, unit, members, False))
         if rest:
             self._apply(rest, foreach=None)  # resident parameters: torch's default kernels for their device
