@@ -51,7 +51,6 @@ class LayerStreamingRuntime:
             check_full_finetune(model, trainable)
             if config.check_host_memory:
                 warn_if_host_memory_short(trainable)
-            hostmem.fix_mmap_threshold()  # before packing; see Note: [Host heap during full fine-tuning] in hostmem.py
         with packed_as_frozen(trainable if config.full_finetune else []):
             require_frozen_weights(self.anatomy.layers, self.anatomy.shared_outside)
             self._build_store(model, config)

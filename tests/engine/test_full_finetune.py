@@ -338,27 +338,3 @@ def test_gradients_reuse_their_host_buffer_unless_the_caller_kept_them():
     model(**batch).loss.backward()
     assert weight.grad.data_ptr() != first_pointer and not torch.equal(weight.grad, first)
     assert torch.equal(kept, first)
-
-
-def test_the_mmap_threshold_is_fixed_once_unless_the_environment_sets_it(monkeypatch):
-    """glibc's mmap threshold (Note: [Host heap during full fine-tuning]): set once per process; a value the user put
-    in MALLOC_MMAP_THRESHOLD_ stands."""
-    import ctypes
-
-    from hf_offload.engine import hostmem
-
-    calls = []
-
-    class FakeLibc:
-        def mallopt(self, parameter, value):
-            calls.append((parameter, value))
-            return 1
-
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
-    monkeypatch.setattr(hostmem, "_fixed_mmap_threshold", [])
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")
-    assert hostmem.fix_mmap_threshold() is False and calls == []
-    monkeypatch.setattr(hostmem, "_fixed_mmap_threshold", [])
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    assert hostmem.fix_mmap_threshold() is True and hostmem.fix_mmap_threshold() is True
-    assert calls == [(-3, hostmem.MMAP_THRESHOLD)]
