@@ -128,8 +128,9 @@ class OffloadConfig:
         False,
         "Train every weight of the decoder layers, not adapters: master weights (fp32 for bf16/fp16 models), their "
         "gradients and the optimizer state stay in host memory, each layer streams in the compute dtype and sends "
-        "its gradients back to the host in backward. No LoRA is added. Mixture-of-Experts layers move all their "
-        "experts (expert_fetch='routed' applies to adapter training only).",
+        "its gradients back to the host in backward. No LoRA is added. Mixture-of-Experts layers with "
+        "expert_fetch='routed' move only the routed experts, whose gradients come back as rows of the experts' "
+        "gradient.",
         faces=TRAINING_FACES | {"plan"},
         check=boolean,
     )

@@ -32,6 +32,7 @@ BAD = {
     "mlp_tile_tokens": -5,
     "full_finetune": "yes",
     "store_cache": " ",
+    "early_layer_steps": "yes",
     "lora_r": 0,
     "lora_alpha": -2.0,
     "lora_dropout": 1.5,

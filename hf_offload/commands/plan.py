@@ -202,6 +202,7 @@ def estimate(
     full_finetune: bool = False,
     nproc_per_node: int = 1,
     shared_host_store: bool | None = None,
+    early_layer_steps: bool = True,
 ) -> Estimate:
     """Host bytes, device bytes (with their terms), bytes per step and break-even tokens for one configuration.
 
@@ -211,7 +212,8 @@ def estimate(
     state (`host_terms`), the device trains the resident modules with AdamW instead of adapters, and each step sends
     every layer's gradients back to the host (`grad_bytes_to_host`). With `nproc_per_node` data-parallel ranks,
     host bytes are the node's: one store shared by the ranks (`shared_host_store`, on by default with several ranks)
-    or one per rank; GPU bytes are each rank's.
+    or one per rank; GPU bytes are each rank's. With `early_layer_steps` (the Trainer's HostAdamW stepping layers
+    during backward) host memory also holds its copies of the layers' weights and moments (`early_step_backups`).
     """
     layouts = sizes.kind_layouts(base_weight_dtype)  # one per layer kind; `counts` says how many layers each
     counts = sizes.kind_counts()
@@ -238,9 +240,13 @@ def estimate(
     grad_bytes_to_host = 0
     if full_finetune:
         # the engine's own accounting (fp32 masters, gradients, AdamW moments), on the meta model's parameters
+        training: dict[str, int] = {}
         for layer, count in zip(sizes.kinds, counts):
             for name, nbytes in training_host_bytes(list(layer.parameters())).items():
-                host_terms[name] = host_terms.get(name, 0) + count * nbytes
+                training[name] = training.get(name, 0) + count * nbytes
+        host_terms.update(training)
+        if early_layer_steps:  # HostAdamW's copies of each layer's weights and moments (master dtype)
+            host_terms["early_step_backups"] = training["gradients"] + training["optimizer_state"]
         # the resident modules train on the device with torch AdamW: gradient and two moments in their dtype
         gpu_terms["resident_grads_adamw"] = 3 * sizes.resident_bytes
         gpu_terms["layer_gradients"] = max(store)  # one layer's weight gradients, until they reach the host

@@ -16,8 +16,9 @@ state, same `state_dict`, same arithmetic: it calls torch's functional `adam` on
   `clip_grad_norm_` exactly. Only `HostAdamW.clip_grad_norm_` (which the Trainer integration calls) knows whether
   the coefficient was 1.0; after a plain `torch.nn.utils.clip_grad_norm_` the version check redoes every
   speculated layer, which is exact but gives the overlap back.
-The speculation costs host memory: a copy of the weights and both moments of the layers stepped early, held until
-`step()`.
+The speculation costs host memory: a copy of the weights and both moments of the layers stepped early (12 bytes per
+parameter for fp32 masters). Those copies are made into tensors allocated on the first early step and reused by
+every later one, so the cost is constant and `hf-offload plan --full_finetune` counts it (`early_step_backups`).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class HostAdamW(torch.optim.AdamW):
         self._speculated: dict[tuple[int, int], Future] = {}
         self._backups: dict[tuple[int, int], list] = {}
         self._stale: set[tuple[int, int]] = set()  # speculated layers whose gradients grew afterwards: always redone
+        self._backups_of: dict = {}  # parameter -> its backup tensors (weight, exp_avg, exp_avg_sq), kept
         self._coefficient_was_one: bool | None = None
         # Counters: layer steps made during backward, and those of them redone in step() because clipping scaled.
         self.layers_stepped_during_backward = 0
@@ -155,13 +157,29 @@ class HostAdamW(torch.optim.AdamW):
                 saved = []
                 for _, param in members:
                     state = self._state(param)
-                    moments = (state[k].clone() for k in ("step", "exp_avg", "exp_avg_sq"))
+                    weight, exp_avg, exp_avg_sq = self._backup_buffers(param, state)
+                    weight.copy_(param)
+                    exp_avg.copy_(state["exp_avg"])
+                    exp_avg_sq.copy_(state["exp_avg_sq"])
                     # the step reads the gradient and never writes it: a later change of its version is clipping
-                    saved.append((param.detach().clone(), *moments, param.grad._version))
+                    saved.append((weight, state["step"].clone(), exp_avg, exp_avg_sq, param.grad._version))
                 with self._lock:
                     self._backups[unit] = saved
             self._apply(members, foreach=False)
             self._layers[unit[0]].refresh_copy(unit[1])
+
+    def _backup_buffers(self, param, state) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The host tensors that hold `param`'s weight and moments while its early step is a speculation: made once
+        and reused every step (fresh copies every step would fragment the host heap).
+
+        They and the optimizer state are made on the main thread before a layer's step is submitted: glibc gives
+        each thread its own heap (arena), and long-lived tensors made by the workers would sit between their
+        temporaries, keeping freed memory of the workers' heaps from being reused or returned."""
+        buffers = self._backups_of.get(param)
+        if buffers is None:
+            buffers = tuple(torch.empty_like(t) for t in (param, state["exp_avg"], state["exp_avg_sq"]))
+            self._backups_of[param] = buffers
+        return buffers
 
     # --- during backward --------------------------------------------------------------------------------------------
     def _layer_gradients_ready(self, trainable, index: int) -> None:
@@ -176,6 +194,8 @@ class HostAdamW(torch.optim.AdamW):
         if (k, index) in self._speculated:  # more gradient for a layer already stepped (a layer called twice)
             self._stale.add((k, index))
             return
+        for _, param in members:  # persistent host tensors are made here, on the main thread (see `_backup_buffers`)
+            self._backup_buffers(param, self._state(param))
         self._speculated[(k, index)] = self._pool.submit(self._step_layer, (k, index), members, True)
         self.layers_stepped_during_backward += 1
 
@@ -217,6 +237,8 @@ class HostAdamW(torch.optim.AdamW):
                     continue
                 self._roll_back(unit, members)
                 self.layers_rolled_back += 1
+            for _, param in members:
+                self._state(param)  # made on the main thread, as above
             futures.append(self._pool.submit(self._step_layer, unit, members, False))
         if rest:
             self._apply(rest, foreach=None)  # resident parameters: torch's default kernels for their device
@@ -250,6 +272,7 @@ class HostAdamW(torch.optim.AdamW):
 
     def __getstate__(self):
         state = super().__getstate__()
-        for name in ("_pool", "_lock", "_speculated", "_backups", "_layers", "step_during_backward"):  # not state
+        not_state = ("_pool", "_lock", "_speculated", "_backups", "_backups_of", "_layers", "step_during_backward")
+        for name in not_state:
             state.pop(name, None)
         return state

@@ -120,6 +120,7 @@ class LayerCall:
         self.param_versions = [p._version for p in params]
         # Trainable weights that stream (full fine-tuning): not Function inputs; their gradients go to the host.
         self.streamed_params = streamed_params or []
+        self.streamed_version = runtime.trainable.content_version(index) if self.streamed_params else None
         self.rng_state = None
         self.autocast_state = None
         self.recorded_keys = recorded_keys  # see Note: [Recorded outputs]
@@ -161,6 +162,18 @@ class LayerCall:
                     "Change trainable weights only after backward (as optimizer.step() does), or run the forward "
                     "again after changing them."
                 )
+
+    def check_streamed_version(self) -> None:
+        """Raise as autograd does when this layer's streamed trainable weights were changed in place since the
+        forward (an optimizer step between forward and backward, or between two backwards of a retained graph)."""
+        if self.streamed_params and self.runtime.trainable.content_version(self.index) != self.streamed_version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace operation: "
+                f"the trainable weights of streamed decoder layer {self.index} were changed (an optimizer step, "
+                "load_state_dict) after the forward that this backward goes through. Step the optimizer only after "
+                "the last backward of a forward; with HostAdamW, step_during_backward must be True only during the "
+                "last backward before step()."
+            )
 
     def rebuild_output(self, tensors) -> tuple[Any, dict[str, list]]:
         distinct = dict(zip(sorted(set(self.out_first)), tensors))
@@ -210,18 +223,13 @@ class StreamedLayerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outputs):
         call: LayerCall = ctx.call
-        if call is None:
-            raise RuntimeError(
-                "hf_offload: a second backward through a streamed layer (retain_graph=True) is not supported with "
-                "full_finetune: each layer's weight gradients were already sent to the host masters. Run one "
-                "backward per forward, or train adapters (full_finetune=False), which support retain_graph."
-            )
         runtime = call.runtime
         saved = ctx.saved_tensors  # raises autograd's own error on a second backward without retain_graph
         if ctx.offloaded:
             saved = runtime.activations.to_device(ctx.activations)
         detached = [t.detach().requires_grad_(k in call.grad_positions) for k, t in zip(call.saved_positions, saved)]
         call.check_param_versions()
+        call.check_streamed_version()
         args, kwargs = call.arguments(detached, recompute=True)
         grad_inputs = [t for k, t in zip(call.saved_positions, detached) if k in call.grad_positions]
         wrt = [*grad_inputs, *call.params, *call.streamed_params]
@@ -238,13 +246,13 @@ class StreamedLayerFunction(torch.autograd.Function):
             outs, grads = zip(*pairs)
             return torch.autograd.grad(outs, wrt, grads, allow_unused=True)
 
+        if call.streamed_params:
+            runtime.trainable.discard_rows(call.index)
         rng = runtime.ops.replay_rng(call.rng_state) if call.rng_state is not None else contextlib.nullcontext()
         with rng, torch.enable_grad():
             grads = runtime.run_layer(call.index, -1, recompute_and_backprop)
         if call.streamed_params:  # the layer is released: its weights are bound to their host masters again
-            # Its weights' gradients are on their way to the host masters, and the call must not keep the runtime
-            # alive through autograd's graph; a second backward of it (retain_graph=True) is refused at the top.
-            ctx.call = None
+            # A second backward through a retained graph recomputes and adds its gradients again, as autograd does.
             grads, streamed_grads = grads[: -len(call.streamed_params)], grads[-len(call.streamed_params) :]
             runtime.gradients_to_host(call.index, list(streamed_grads))
         # One gradient per Function input: saved inputs (None where no gradient is needed), then parameters.
@@ -271,6 +279,8 @@ def call_streamed_layer(runtime, index: int, layer: torch.nn.Module, forward: Fo
     leaves, spec = tree_flatten((args, kwargs))
     call = LayerCall(runtime, index, forward, leaves, spec, params, compat.recorded_output_keys(), names, streamed)
     saved_inputs = [leaves[k] for k in call.saved_positions]
+    if streamed:
+        runtime.trainable.call_opened(index)
     outputs = StreamedLayerFunction.apply(call, *saved_inputs, *params)
     output, recorded = call.rebuild_output(outputs)
     if recorded:

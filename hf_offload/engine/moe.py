@@ -22,6 +22,16 @@ peft LoRA on expert tensors (`target_parameters`, `lora.ParamWrapper`) folds `W 
 whole expert stack. Here the same fold runs over the loaded experts only (`lhs[order]`, `rhs[order]`), through the
 same `torch.nn.utils.parametrize` mechanism, so compute and memory scale with the experts used; unrouted experts
 get exactly zero LoRA gradient, as in ordinary training.
+
+Note: [Routed experts under full fine-tuning]
+With full fine-tuning the expert weights themselves train, but the routed call computes on [k, ...] views of the
+loaded experts, never on the [num_experts, ...] Parameters. So when the call runs with grad enabled (the recompute
+in backward), the views pass through `_ExpertRowGradients`, an identity whose backward hands the [k, ...] gradients
+to the trainable layers (`sink.stash_rows`) with the expert ids of those rows; `TrainableLayers.accumulate` adds them
+into those rows of the host fp32 `.grad` (zeros elsewhere). That is exactly the ordinary gradient: an unrouted
+expert's gradient is exactly zero in an ordinary step too, and a routed expert's row is the same arithmetic whether
+it was taken from k loaded experts or from all of them. The identity's other input is the trainable layers' anchor,
+which the recompute's `autograd.grad` asks a gradient for: that puts the identity on the backward's path.
 """
 
 from __future__ import annotations
@@ -137,22 +147,32 @@ class RoutedExperts:
         self.streamer = streamer
         self.groups = [g for layer_groups in groups for g in layer_groups]
         self._overrides = Overrides()
+        # Full fine-tuning: the trainable layers, which take the routed experts' gradients (Note: [Routed experts
+        # under full fine-tuning]); None when the experts are frozen.
+        self.gradient_sink = None
 
     def install(self) -> None:
         for group in self.groups:
             original = group.base.forward  # bound class forward (the experts implementation dispatch included)
-            self._overrides.replace(group.entry, "forward", _routed_forward(self.streamer, group, original))
+            self._overrides.replace(group.entry, "forward", _routed_forward(self, group, original))
 
     def remove(self) -> None:
         self._overrides.restore()
 
 
-def _routed_forward(streamer, group: ExpertGroup, original: Callable) -> InstalledForward:
+def _routed_forward(routed: RoutedExperts, group: ExpertGroup, original: Callable) -> InstalledForward:
+    streamer = routed.streamer
+
     def forward(*args, **kwargs):
         bound = group.signature.bind(*args, **kwargs)
         expert_index = bound.arguments[group.index_argument]
         experts = _routed_expert_ids(streamer, group, expert_index)
         order, views = streamer.load_experts(group.layer_index, group.region, experts)
+        sink = routed.gradient_sink
+        if sink is not None and torch.is_grad_enabled() and any(p.requires_grad for p in group.params):
+            # See Note: [Routed experts under full fine-tuning]
+            rows = torch.tensor(order, dtype=torch.int64)
+            views = list(_ExpertRowGradients.apply(sink, group, rows, sink.anchor, *views))
         device, dtype = expert_index.device, expert_index.dtype
         selected = streamer.ops.to_device(torch.tensor(order, dtype=torch.int64))
         positions = torch.zeros(group.num_experts, dtype=dtype, device=device)
@@ -181,6 +201,23 @@ def _routed_expert_ids(streamer, group: ExpertGroup, expert_index: torch.Tensor)
             "OffloadConfig(expert_fetch='all') and please report this model."
         )
     return routed[: group.num_experts].nonzero().flatten().tolist()  # a host tensor: no device sync
+
+
+class _ExpertRowGradients(torch.autograd.Function):
+    """Identity on the loaded experts' views; backward hands their [k, ...] gradients to `sink` (see Note: [Routed
+    experts under full fine-tuning]). `anchor` puts it on the path of the recompute's `autograd.grad`."""
+
+    @staticmethod
+    def forward(ctx, sink, group: ExpertGroup, rows: torch.Tensor, anchor: torch.Tensor, *views: torch.Tensor):
+        ctx.sink, ctx.group, ctx.rows = sink, group, rows
+        ctx.set_materialize_grads(False)
+        return tuple(view.view_as(view) for view in views)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        trained = [(p, g) for p, g in zip(ctx.group.params, grads) if g is not None and p.requires_grad]
+        ctx.sink.stash_rows(ctx.group.layer_index, [(p, ctx.rows, g) for p, g in trained])
+        return (None, None, None, None, *([None] * len(grads)))
 
 
 class _Loaded(nn.Module):

@@ -62,6 +62,7 @@ class LayerStreamingRuntime:
         self.trainable = (
             TrainableLayers(self.store, self.streamer, self.ops, trainable) if config.full_finetune else None
         )
+        self.routed_experts.gradient_sink = self.trainable  # Note: [Routed experts under full fine-tuning]
         self._moved: list[tuple[torch.Tensor, torch.device]] = []
         self._move_resident_tensors(model)
         self.overrides = Overrides()  # every method replaced on the model, restored by remove()
@@ -113,13 +114,7 @@ class LayerStreamingRuntime:
             _check_host_memory(
                 self.anatomy.layers, config.base_weight_dtype, self.anatomy.shared_outside, expert_groups
             )
-        # Full fine-tuning moves every expert: a gradient must have its parameter's (all experts') shape.
-        routed = config.expert_fetch == "routed" and not config.full_finetune
-        if config.full_finetune and config.expert_fetch == "routed" and any(groups):
-            logger.info(
-                "hf_offload: full fine-tuning moves every expert with its layer (expert_fetch='routed' applies to "
-                "adapter training): each experts weight's gradient has all its experts' shape."
-            )
+        routed = config.expert_fetch == "routed"
         if routed:
             _explain_whole_layer_experts(groups, reasons, self.anatomy.layers)
         self.store = HostStore.build(
@@ -153,6 +148,7 @@ class LayerStreamingRuntime:
 
     # --- used by layer_fn ----------------------------------------------------------------------------------------
     def run_layer(self, index: int, direction: int, fn: Callable[[], Any]) -> Any:
+        version = self.trainable.version(index) if self.trainable is not None else 0
         self.streamer.acquire(index, direction)
         try:
             return fn()
@@ -160,6 +156,7 @@ class LayerStreamingRuntime:
             self.streamer.release(index)
             if self.trainable is not None:
                 self.trainable.bind_masters(index)
+                self.trainable.window_closed(index, version)
 
     def streamed_trainable(self, index: int) -> list[nn.Parameter]:
         """Layer `index`'s trainable weights that stream (full fine-tuning), whose gradients `layer_fn` hands to

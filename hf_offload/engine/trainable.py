@@ -17,16 +17,23 @@ layer's window. What changes:
   layer is released: on the CPU directly; on an accelerator via a copy to pinned host memory enqueued on a stream of
   its own, completed while the next layer computes (`flush` finishes them; it runs at the end of the backward of the
   first layer and before any optimizer step).
+- Gradient buffers. Each trainable tensor keeps the host tensor its `.grad` was (`grad_buffer`) and the next first
+  gradient after `zero_grad(set_to_none=True)` is copied into it rather than into a new tensor: a step allocates no
+  gradient memory, and the freed and re-allocated gradients of every step do not fragment the host heap (glibc keeps
+  freed memory of the size of weight tensors in its heap). The buffer is reused only when nothing but the tensor holds
+  it: a caller that kept last step's `.grad` keeps its values, as in ordinary training.
 - A zero-element `anchor` tensor that requires grad is an input of every such layer's Function, so its backward runs
   even when nothing else entering the layer needs a gradient (frozen embeddings).
-- Mixture-of-Experts: experts move with their layer (expert_fetch='routed' would bind a parameter to a view of the
-  routed experts only, and its gradient would not have the parameter's shape).
+- Mixture-of-Experts with expert_fetch='routed': an experts call computes on [k, ...] views of the loaded experts,
+  so their gradients come back as rows (`stash_rows`, see Note: [Routed experts under full fine-tuning] in moe.py)
+  and are added into those rows of the master's `.grad`, the other rows being zero as in an ordinary step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -80,6 +87,32 @@ class TrainableTensor:
     param: nn.Parameter
     master: torch.Tensor  # host; is `host` itself when the layer's dtype needs no separate master
     host: torch.Tensor  # the view of the store's bytes that streams
+    grad_buffer: torch.Tensor | None = None  # host, the master's dtype: what `.grad` is, step after step
+
+    def add_grad(self, grad: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """What autograd's gradient accumulation does: the first gradient becomes `.grad`, later ones add in place.
+
+        `grad` is on the host or the device, in the compute dtype; `.grad` is in the master's dtype. With `rows`,
+        `grad` holds only those rows of the gradient (routed experts), the others being zero. See Note: [Trainable
+        streamed weights]."""
+        param = self.param
+        if param.grad is not None:
+            if rows is None:
+                param.grad.add_(grad.to(param.device))  # adds in the master's dtype, as `grad.to(dtype)` would
+            else:
+                param.grad.index_add_(0, rows, grad.to(device=param.device, dtype=param.dtype))
+            return
+        buffer = self.grad_buffer
+        # 3 references: `buffer`, the attribute, getrefcount's argument. More: the caller still holds the gradient
+        # of an earlier step (after zero_grad(set_to_none=True)), which must keep its values: a new buffer.
+        if buffer is None or sys.getrefcount(buffer) > 3:
+            buffer = self.grad_buffer = torch.empty_like(param, memory_format=torch.contiguous_format)
+        if rows is None:
+            buffer.copy_(grad)
+        else:
+            buffer.zero_()
+            buffer.index_add_(0, rows, grad.to(device=param.device, dtype=param.dtype))
+        param.grad = buffer
 
     @property
     def separate(self) -> bool:
@@ -169,10 +202,16 @@ class TrainableLayers:
             packed = [t for t in pack.tensors if id(t.param) in wanted]
             self.layers.append(_masters(pack, packed))
         self._by_param = {id(t.param): index for index, tensors in enumerate(self.layers) for t in tensors}
-        self._versions = [self._version(index) for index in range(len(self.layers))]
+        # Version counter bumps inside layer windows (parametrizations), which are not weight changes.
+        self._window_bumps = [0] * len(self.layers)
+        self._versions = [self.content_version(index) for index in range(len(self.layers))]
+        # Per layer: its calls whose backward has not run yet. Its gradients are complete, and listeners are told,
+        # only once none is left (a layer called twice in one forward gets gradients from both).
+        self.open_calls = [0] * len(self.layers)
         self.anchor = torch.empty(0, requires_grad=True)  # see the Note
         self.grad_bytes_to_host = 0  # weight gradients returned by the layers since streaming began (compute dtype)
-        self._pending: list[tuple[object, list[tuple[TrainableTensor, torch.Tensor, torch.Tensor]], int]] = []
+        self._pending: list[tuple[object, list[tuple[TrainableTensor, torch.Tensor, torch.Tensor, object]], int]] = []
+        self._rows: dict[int, list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]] = {}  # routed experts' gradients
         self._grad_stream = None if ops.is_cpu else torch.get_device_module(ops.device.type).Stream(device=ops.device)
         for index in range(len(self.layers)):
             self.bind_masters(index)
@@ -205,15 +244,26 @@ class TrainableLayers:
                 tensor.param.data = tensor.master
 
     # --- gradients -------------------------------------------------------------------------------------------------
+    def stash_rows(self, index: int, entries: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]) -> None:
+        """Gradients of some rows of layer `index`'s expert weights: (parameter, row ids on the host, [k, ...]
+        gradient on the device), from a routed experts call's backward; `accumulate` adds them into `.grad`."""
+        self._rows.setdefault(index, []).extend(entries)
+
+    def discard_rows(self, index: int) -> None:
+        """Before layer `index`'s recompute: row gradients of an earlier, failed backward must not be added."""
+        self._rows.pop(index, None)
+
     def accumulate(self, index: int, grads: list[torch.Tensor | None]) -> None:
-        """Add layer `index`'s gradients (device, compute dtype; None for unused weights) into the masters' `.grad`."""
-        pairs = [(t, g) for t, g in zip(self.layers[index], grads, strict=True) if g is not None]
-        if not pairs:
-            return
-        self.grad_bytes_to_host += sum(g.numel() * g.element_size() for _, g in pairs)
-        if self.ops.is_cpu:
-            for tensor, grad in pairs:
-                _add_grad(tensor.param, grad.to(tensor.master.dtype))
+        """Add layer `index`'s gradients (device, compute dtype; None for unused weights) into the masters' `.grad`,
+        and the row gradients its routed experts calls stashed (see `stash_rows`)."""
+        by_param = {id(t.param): t for t in self.layers[index]}
+        items = [(t, g, None) for t, g in zip(self.layers[index], grads, strict=True) if g is not None]
+        items += [(by_param[id(p)], g, rows) for p, rows, g in self._rows.pop(index, [])]
+        self.grad_bytes_to_host += sum(g.numel() * g.element_size() for _, g, _ in items)
+        if self.ops.is_cpu or not items:
+            self.flush()  # in arrival order: a layer's earlier copies still in flight come first
+            for tensor, grad, rows in items:
+                tensor.add_grad(grad, rows)
             self._arrived(index)
             return
         # Complete the previous layer's copies (they ran while this layer computed), then start this layer's.
@@ -222,10 +272,10 @@ class TrainableLayers:
         copies = []
         with torch.get_device_module(self.ops.device.type).stream(self._grad_stream):
             self.ops.wait_event(computed, self._grad_stream)
-            for tensor, grad in pairs:
+            for tensor, grad, rows in items:
                 host = torch.empty(grad.shape, dtype=grad.dtype, pin_memory=True)
                 host.copy_(grad, non_blocking=True)
-                copies.append((tensor, host, grad))  # `grad` is kept alive until its copy has completed
+                copies.append((tensor, host, grad, rows))  # `grad` is kept alive until its copy has completed
             done = self.ops.record_event(self._grad_stream)
         self._pending.append((done, copies, index))
 
@@ -234,11 +284,18 @@ class TrainableLayers:
         pending, self._pending = self._pending, []
         for done, copies, index in pending:
             done.synchronize()
-            for tensor, host, _ in copies:
-                _add_grad(tensor.param, host.to(tensor.master.dtype))
+            for tensor, host, _, rows in copies:
+                tensor.add_grad(host, rows)
             self._arrived(index)
 
+    def call_opened(self, index: int) -> None:
+        """A forward with grad called layer `index`: its gradients are not complete until that call's backward."""
+        self.open_calls[index] += 1
+
     def _arrived(self, index: int) -> None:
+        self.open_calls[index] = max(0, self.open_calls[index] - 1)
+        if self.open_calls[index]:
+            return  # another call of this layer has gradients still to come
         for ref in list(self.listeners):
             listener = ref()
             if listener is not None:
@@ -252,7 +309,7 @@ class TrainableLayers:
         """
         changed = []
         for index in range(len(self.layers)):
-            version = self._version(index)
+            version = self.content_version(index)
             if version == self._versions[index]:
                 continue
             self.refresh_copy(index)  # rounds to the compute dtype
@@ -272,9 +329,23 @@ class TrainableLayers:
     def mark_refreshed(self, layers: list[int]) -> None:
         """`layers` were stepped and their compute copies refreshed (main thread): forget their slots."""
         for index in layers:
-            self._versions[index] = self._version(index)
+            self._versions[index] = self.content_version(index)
         if layers:
             self.streamer.forget(layers)
+
+    def version(self, index: int) -> int:
+        """The sum of the version counters of layer `index`'s trainable weights (before a window opens)."""
+        return self._version(index)
+
+    def window_closed(self, index: int, version_before: int) -> None:
+        """Layer `index`'s window closed: counter bumps inside it are not weight changes (the routed experts call
+        parametrizes the expert weights for the call, which bumps them without writing)."""
+        self._window_bumps[index] += self._version(index) - version_before
+
+    def content_version(self, index: int) -> int:
+        """A number that changes exactly when layer `index`'s trainable weights were written in place (an optimizer
+        step, load_state_dict), outside the layer's windows."""
+        return self._version(index) - self._window_bumps[index]
 
     def _version(self, index: int) -> int:
         # Every in-place write through a parameter (optimizer steps, load_state_dict, copy_) bumps its own counter.
@@ -292,6 +363,8 @@ class TrainableLayers:
         """Any optimizer has stepped: refresh the compute copies of our layers it changed."""
         if self._steps_ours(optimizer):
             self.sync()
+            # a forward whose graph was dropped without backward must not hold its layers' gradients back forever
+            self.open_calls = [0] * len(self.layers)
 
     # --- bytes and removal -----------------------------------------------------------------------------------------
     @property
@@ -326,11 +399,3 @@ def _masters(pack, packed: list) -> list[TrainableTensor]:
         masters[k].copy_(views[k])
         offset += numel
     return [TrainableTensor(t.param, master, view) for t, master, view in zip(packed, masters, views)]
-
-
-def _add_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
-    """What autograd's gradient accumulation does: the first gradient becomes `.grad`, later ones add in place."""
-    if param.grad is None:
-        param.grad = grad
-    else:
-        param.grad.add_(grad)

@@ -147,6 +147,16 @@ class LayerStreamingPlugin:
         faces={"plugin", "launch"},
         check=boolean,
     )
+    early_layer_steps: bool = option(
+        True,
+        "Full fine-tuning with the default optimizer (hf_offload's HostAdamW): step each decoder layer on host "
+        "threads during the last backward of an optimizer step, as soon as its gradients are complete, so the "
+        "optimizer overlaps the backward. To stay exact when gradient clipping scales the gradients afterwards, it "
+        "keeps a copy of every layer's weights and AdamW moments (12 bytes of host memory per parameter; `plan` "
+        "counts it). False: every layer is stepped in optimizer.step(), without those copies.",
+        faces=ADAPTER_FACES | {"plan"},
+        check=boolean,
+    )
     save_merged: bool = option(
         False,
         "When the final model is saved (save_model, push_to_hub), also write a merged full checkpoint "

@@ -200,7 +200,7 @@ def _init(call, trainer, model=None, args=None, *rest, **kwargs):
     chosen = optimizer is not None or bound.get("optimizer_cls_and_kwargs")
     _use_default_optimizer(args, plugin, chosen=chosen)
     if plugin.full_finetune and not chosen and not _optim_chosen(args) and "optimizer_cls_and_kwargs" not in bound:
-        kwargs["optimizer_cls_and_kwargs"] = _host_adamw(trainer, args)
+        kwargs["optimizer_cls_and_kwargs"] = _host_adamw(trainer, args, early=plugin.early_layer_steps)
     if model is not None:  # raises before training for unstreamable models
         model = plugin.prepare_model(model, device=args.device, learning_rate=args.learning_rate, face=_face(args))
     call(model, args, *rest, **kwargs)
@@ -459,9 +459,10 @@ def _optim_chosen(args: TrainingArguments) -> bool:
     return current != TRAINER_DEFAULT_OPTIM or recipe.optimizer_chosen_on_command_line()
 
 
-def _host_adamw(trainer, args: TrainingArguments):
+def _host_adamw(trainer, args: TrainingArguments, early: bool = True):
     """The Trainer's `optimizer_cls_and_kwargs` for full fine-tuning: `HostAdamW` with the AdamW settings of `args`,
-    stepping layers during the backward of the last micro-batch of each accumulation (see host_optimizer.py)."""
+    stepping layers during the backward of the last micro-batch of each accumulation when `early` (the plugin's
+    `early_layer_steps`; see host_optimizer.py)."""
     from ..engine.host_optimizer import HostAdamW
 
     def completes_the_gradients() -> bool:
@@ -474,7 +475,7 @@ def _host_adamw(trainer, args: TrainingArguments):
         "threads as their gradients arrive); pass --optim to choose another optimizer."
     )
     kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    return HostAdamW, dict(kwargs, step_during_backward=completes_the_gradients)
+    return HostAdamW, dict(kwargs, step_during_backward=completes_the_gradients if early else None)
 
 
 def _use_default_optimizer(args: TrainingArguments, plugin: LayerStreamingPlugin, chosen) -> None:

@@ -212,6 +212,11 @@ def test_full_finetune_rows_streamed_and_resident(capsys):
     extra = rows["hf_offload-full"]["extra"]
     assert extra["stats"]["layer_loads"] > 0 and extra["grad_bytes_to_host_per_step"] > 0
     assert any("gradients to the host" in note for note in rows["hf_offload-full"]["notes"])
+    from hf_offload.commands.bench.command import header
+
+    assert "every weight trained (full fine-tuning)" in header(doc) and "LoRA" not in header(doc)
+    doc["settings"]["methods"] = ["hf_offload", "hf_offload-full"]
+    assert "LoRA r=16 on all linear layers (hf_offload-full: every weight trained)" in header(doc)
 
 
 # --- sweeps over sequence lengths (--seq_lens, --long_context) ---------------------------------------------------

@@ -36,6 +36,14 @@ def test_environment_carries_the_plugin_and_puts_the_hook_first():
     assert env["PATH"] == "/bin"
 
 
+def test_full_finetune_fixes_the_mmap_threshold_of_the_script_unless_set():
+    """See Note: [Host heap during full fine-tuning] in commands/launch.py."""
+    assert "MALLOC_MMAP_THRESHOLD_" not in launch_environment(LayerStreamingPlugin(), {})
+    full = LayerStreamingPlugin(full_finetune=True)
+    assert launch_environment(full, {})["MALLOC_MMAP_THRESHOLD_"] == str(1 << 20)
+    assert launch_environment(full, {"MALLOC_MMAP_THRESHOLD_": "4096"})["MALLOC_MMAP_THRESHOLD_"] == "4096"
+
+
 def test_command_that_does_not_exist_is_a_clear_error(capsys):
     assert cli.main(["launch", "--", "hf-offload-no-such-command", "--flag"]) == 127
     assert "command not found: 'hf-offload-no-such-command'" in capsys.readouterr().err

@@ -16,9 +16,11 @@ from hf_offload import OffloadConfig
 from hf_offload.api import get_runtime
 from hf_offload.commands.cli import main
 from hf_offload.commands.plan import PlanError, make_plan
+from hf_offload.engine.host_optimizer import HostAdamW
 
 
 def test_70b_full_finetune_needs_about_18_bytes_per_layer_parameter(llama_70b, capsys):
+    """18 bytes per parameter, plus 12 for HostAdamW's copies when it steps layers during backward (the default)."""
     assert main(["plan", str(llama_70b), "--full_finetune", "--json", "--host_mem", "1000"]) == 0
     plan = json.loads(capsys.readouterr().out)
     terms = plan["host_terms"]
@@ -26,7 +28,13 @@ def test_70b_full_finetune_needs_about_18_bytes_per_layer_parameter(llama_70b, c
     assert terms["fp32_masters"] == pytest.approx(4 * layer_params, rel=1e-3)
     assert terms["gradients"] == pytest.approx(4 * layer_params, rel=1e-3)
     assert terms["optimizer_state"] == pytest.approx(8 * layer_params, rel=1e-3)
-    assert plan["host_bytes"] == sum(terms.values()) == pytest.approx(18 * layer_params, rel=1e-3)
+    assert terms["early_step_backups"] == pytest.approx(12 * layer_params, rel=1e-3)
+    assert plan["host_bytes"] == sum(terms.values()) == pytest.approx(30 * layer_params, rel=1e-3)
+    args = ["plan", str(llama_70b), "--full_finetune", "--no-early_layer_steps", "--json", "--host_mem", "1000"]
+    assert main(args) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert "early_step_backups" not in plan["host_terms"]
+    assert plan["host_bytes"] == pytest.approx(18 * layer_params, rel=1e-3)
     assert plan["grad_bytes_to_host"] == terms["compute_copy"]
     assert plan["gpu_terms"]["adapters_and_optimizer"] == 0
     assert plan["gpu_terms"]["resident_grads_adamw"] > 0
@@ -50,7 +58,8 @@ def _tensor_bytes(tensors) -> int:
 
 
 def test_plan_host_bytes_match_a_training_step_within_10_percent():
-    """A bf16 model after one streamed AdamW step: the host tensors it holds (store, masters, gradients, moments)."""
+    """A bf16 model after one streamed step of HostAdamW stepping layers during backward: the host tensors it holds
+    (store, masters, gradients, moments, the early steps' copies)."""
     name, kwargs = FAMILIES["llama"]
     plan = make_plan(getattr(transformers, name)(**kwargs), dtype=torch.bfloat16, full_finetune=True)
     model = hf_offload.enable_layer_streaming(
@@ -58,9 +67,10 @@ def test_plan_host_bytes_match_a_training_step_within_10_percent():
     )
     runtime = get_runtime(model)
     layer_params = [t.param for tensors in runtime.trainable.layers for t in tensors]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = HostAdamW(model.parameters(), lr=1e-3, step_during_backward=lambda: True)
     model(**left_padded_batch(VOCAB)).loss.backward()
     optimizer.step()
+    assert optimizer.layers_stepped_during_backward == len(runtime.trainable.layers)
     measured = {
         "compute_copy": runtime.store.nbytes,
         "fp32_masters": runtime.trainable.master_bytes,
@@ -68,7 +78,9 @@ def test_plan_host_bytes_match_a_training_step_within_10_percent():
         "optimizer_state": _tensor_bytes(
             optimizer.state[p][k] for p in layer_params for k in ("exp_avg", "exp_avg_sq")
         ),
+        "early_step_backups": _tensor_bytes(t for p in layer_params for t in optimizer._backups_of[p]),
     }
+    optimizer.close()
     for term, value in measured.items():
         assert abs(plan["host_terms"][term] - value) <= 0.10 * value, (term, plan["host_terms"][term], value)
     total = sum(measured.values())

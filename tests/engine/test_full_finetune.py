@@ -73,11 +73,13 @@ def train(model, batches, steps: int, accumulation: int, seed: int = 0, check=No
     return losses
 
 
-def assert_trains_like_ordinary(base, steps: int = 3, accumulation: int = 2, vocab: int = families.VOCAB, **cfg):
+def assert_trains_like_ordinary(
+    base, steps: int = 3, accumulation: int = 2, vocab: int = families.VOCAB, batches=None, **cfg
+):
     reference = copy.deepcopy(base)
     streamed = copy.deepcopy(base)
     hf_offload.enable_layer_streaming(streamed, full_config(**cfg))
-    batches = [left_padded_batch(vocab, seed=s) for s in (7, 8, 9)]
+    batches = batches or [left_padded_batch(vocab, seed=s) for s in (7, 8, 9)]
 
     ref_grads = []
     ref_losses = train(reference, batches, steps, accumulation, check=lambda step, m: ref_grads.append(_grads(m)))
@@ -108,13 +110,27 @@ def test_full_finetune_trains_exactly_like_ordinary(family):
     assert hf_offload.stats(streamed)["peak_resident_layers"] <= 2
 
 
+def _few_token_batches() -> list[dict]:
+    """Batches of 3 tokens: top-2 routing reaches at most 6 of the 8 experts of a layer, so routed fetch skips some."""
+    return [left_padded_batch(moe_families.VOCAB, batch=1, length=3, seed=s) for s in (7, 8, 9)]
+
+
+@pytest.mark.parametrize("fetch", ["all", "routed"])
 @pytest.mark.parametrize("family", MOE)
-def test_full_finetune_moe_experts_and_routers_train_exactly(family, caplog):
+def test_full_finetune_moe_experts_and_routers_train_exactly(family, fetch):
+    """Every weight trains, dropout on. Routed fetch: the loaded experts' gradients come back as rows and are added
+    into those rows of `.grad`; the unrouted experts' rows stay exactly zero, as in the ordinary step."""
     base = moe_families.build(family)
-    with caplog.at_level("INFO", logger="hf_offload"):
-        reference, streamed = assert_trains_like_ordinary(base, steps=2, vocab=moe_families.VOCAB)
-    assert "full fine-tuning moves every expert" in caplog.text
-    assert hf_offload.stats(streamed)["experts_skipped"] == 0
+    batches = _few_token_batches() if fetch == "routed" else None
+    reference, streamed = assert_trains_like_ordinary(
+        base, steps=2, vocab=moe_families.VOCAB, batches=batches, expert_fetch=fetch
+    )
+    stats = hf_offload.stats(streamed)
+    assert stats["experts_loaded"] > 0
+    if fetch == "all":
+        assert stats["experts_skipped"] == 0
+    else:
+        assert stats["experts_skipped"] > 0
     names = [n for n, _ in streamed.named_parameters() if "expert" in n]
     assert names, "no expert weights in this family"
     if family not in moe_families.NO_AUX_LOSS:
@@ -255,3 +271,70 @@ def test_bf16_gradients_accumulate_in_fp32_across_backwards():
     model(**batch).loss.backward()
     assert weight.grad.dtype == torch.float32 and first.abs().max() > 0
     torch.testing.assert_close(weight.grad, 2 * first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("family", "offload_activations"), [("llama", False), ("llama", True), ("qwen3_moe", False)])
+def test_a_second_backward_through_a_retained_graph_matches_vanilla(family, offload_activations):
+    """retain_graph=True, then a second backward: every gradient accumulates twice, as without streaming (dropout
+    on; qwen3_moe with routed expert fetch); a third backward gets autograd's own error."""
+    build = moe_families.build if family in MOE else families.build
+    vocab = moe_families.VOCAB if family in MOE else families.VOCAB
+    base = build(family)
+    batch = left_padded_batch(vocab, batch=1, length=3) if family in MOE else left_padded_batch(vocab)
+    streamed = hf_offload.enable_layer_streaming(
+        copy.deepcopy(base), full_config(offload_activations=offload_activations)
+    )
+    grads = []
+    for model in (copy.deepcopy(base), streamed):
+        model.train()
+        torch.manual_seed(0)
+        loss = model(**batch).loss
+        loss.backward(retain_graph=True)
+        once = _grads(model)
+        loss.backward()
+        grads.append((once, _grads(model)))
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            loss.backward()
+    (ref_once, ref_twice), (once, twice) = grads
+    _assert_close(once, ref_once, GRAD_RTOL, "gradient")
+    _assert_close(twice, ref_twice, GRAD_RTOL, "gradient")
+    assert any(g is not None and not torch.equal(g, ref_once[n]) for n, g in ref_twice.items())
+    if family in MOE:
+        assert hf_offload.stats(streamed)["experts_skipped"] > 0
+
+
+def test_a_step_between_forward_and_backward_is_refused_as_autograd_does():
+    """Vanilla autograd refuses a backward through weights changed in place since the forward; so does streaming
+    (the recompute would silently use the new weights)."""
+    base = families.build("llama")
+    batch = left_padded_batch(families.VOCAB)
+    for model, message in (
+        (copy.deepcopy(base), "modified by an inplace operation"),
+        (hf_offload.enable_layer_streaming(copy.deepcopy(base), full_config()), "modified by an inplace operation"),
+    ):
+        optimizer = torch.optim.SGD(model.model.layers.parameters(), lr=0.1)  # only streamed weights change
+        loss = model(**batch).loss
+        loss.backward(retain_graph=True)
+        optimizer.step()
+        with pytest.raises(RuntimeError, match=message):
+            loss.backward()
+
+
+def test_gradients_reuse_their_host_buffer_unless_the_caller_kept_them():
+    """After zero_grad(set_to_none=True) the next gradient is copied into the tensor `.grad` was (no new host memory
+    per step); a gradient the caller still holds keeps its values, as in ordinary training."""
+    model = hf_offload.enable_layer_streaming(copy.deepcopy(families.build("llama")), full_config()).eval()
+    batch = left_padded_batch(families.VOCAB)
+    weight = model.model.layers[1].mlp.up_proj.weight
+    model(**batch).loss.backward()
+    first_pointer, first = weight.grad.data_ptr(), weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    assert weight.grad.data_ptr() == first_pointer and torch.equal(weight.grad, first)
+    kept = weight.grad
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        weight.mul_(2.0)  # a different gradient next time
+    model(**batch).loss.backward()
+    assert weight.grad.data_ptr() != first_pointer and not torch.equal(weight.grad, first)
+    assert torch.equal(kept, first)

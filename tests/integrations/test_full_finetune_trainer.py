@@ -233,3 +233,20 @@ def test_bf16_autocast_trains_like_the_plain_run(base, tmp_path, monkeypatch):
         assert_same_weights(saved_weights(tmp_path / "streamed"), saved_weights(tmp_path / "plain"))
     finally:
         unpatch_trainer()
+
+
+def test_early_layer_steps_off_gives_a_host_adamw_that_steps_everything_in_step():
+    """--offload_early_layer_steps false: HostAdamW without step_during_backward (no rollback copies)."""
+    from types import SimpleNamespace
+
+    from hf_offload.engine.host_optimizer import HostAdamW
+    from hf_offload.integrations.trainer import _host_adamw
+
+    args = SimpleNamespace(learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-7)
+    assert LayerStreamingPlugin().early_layer_steps is True
+    assert LayerStreamingPlugin(early_layer_steps=False).early_layer_steps is False
+    cls, kwargs = _host_adamw(None, args, early=False)
+    assert cls is HostAdamW and kwargs["step_during_backward"] is None
+    assert kwargs["lr"] == 1e-4 and kwargs["betas"] == (0.9, 0.99) and kwargs["eps"] == 1e-7
+    _, kwargs = _host_adamw(None, args)
+    assert callable(kwargs["step_during_backward"])

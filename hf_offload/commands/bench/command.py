@@ -184,6 +184,7 @@ def _main(args: argparse.Namespace) -> int:
             "tokens_per_step": setup.tokens,
             "seq_lens": seq_lens,
             "lora_r": setup.lora_r,
+            "methods": methods,
             "prefetch": setup.prefetch,
             "offload_activations": setup.offload_activations,
             "warmup": args.warmup,
@@ -522,6 +523,18 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+def _trained(doc: dict) -> str:
+    """What the rows train: LoRA adapters, every weight (the full fine-tuning rows), or some of each."""
+    methods = doc["settings"].get("methods", [])
+    full = [name for name in methods if name.endswith("-full")]
+    lora = f"LoRA r={doc['settings']['lora_r']} on all linear layers"
+    if not full:
+        return lora
+    if len(full) == len(methods):
+        return "every weight trained (full fine-tuning)"
+    return f"{lora} ({', '.join(full)}: every weight trained)"
+
+
 def header(doc: dict) -> str:
     m, s, hw = doc["model"], doc["settings"], doc["machine"]
     name = m["preset"] or m["config"]
@@ -535,7 +548,7 @@ def header(doc: dict) -> str:
             if s["seq_lens"]
             else f"batch {s['batch']} x seq {s['seq']} = {s['tokens_per_step']} tokens/step"
         )
-        + f", LoRA r={s['lora_r']} on all linear layers, prefetch {s['prefetch']}, "
+        + f", {_trained(doc)}, prefetch {s['prefetch']}, "
         f"{s['warmup']} warm-up + {s['steps']} timed steps per method (median reported), methods {s['order']}\n"
         f"{doc['flops_formula']} = {doc['flops_parameters']:,}"
     )
