@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -33,12 +34,15 @@ from .store import (
     EncodedTensor,
     LayerLayout,
     Region,
+    bind_encoded,
     encode_stacked_experts,
     encode_weight,
+    hollow,
     layout_layer,
     page_aligned_empty,
     write_dense,
 )
+from .store_cache import layout_digest
 
 PREBUILT_ATTRIBUTE = "_hf_offload_prebuilt_store"
 
@@ -63,9 +67,11 @@ class PrebuiltLayer:
     codec: Codec | None
     nbytes: int
     places: dict[str, Place]  # by the parameter's name in the model it was planned on
+    layout_digest: str = ""  # where every tensor goes (a store cache's key, see store_cache.py)
     host: torch.Tensor | None = None  # allocated when the first tensor arrives
     dense: dict[int, Region] = field(default_factory=dict)  # id(parameter) -> its region
     encoded: dict[int, EncodedTensor | EncodedExperts] = field(default_factory=dict)  # id(parameter) -> its record
+    names: dict[int, str] = field(default_factory=dict)  # id(parameter) -> its name, for the records' order
 
     @property
     def complete(self) -> bool:
@@ -85,13 +91,16 @@ class PrebuiltLayer:
         # A parameter of its own bound through `.data`, as packing binds them: a Parameter made from a view would
         # share the buffer's version counter with every other tensor of the layer, and autograd would take a write
         # to one weight for a write to all.
-        param = nn.Parameter(torch.empty(0, dtype=place.dtype), requires_grad=place.dtype.is_floating_point)
+        param = nn.Parameter(
+            torch.empty(0, dtype=place.dtype, device="cpu"), requires_grad=place.dtype.is_floating_point
+        )
         if place.kind == "dense":
             param.data = write_dense(place.region, value, self.host)
             self.dense[id(param)] = place.region
         else:
             encode = encode_weight if place.kind == "encoded" else encode_stacked_experts
             self.encoded[id(param)] = encode(self.host, param, value, self.codec, list(place.parts), place.scratch)
+            self.names[id(param)] = name
         if self.complete:
             release_free_heap()  # the layer's loading temporaries, freed, must not stay in the process
         return param
@@ -116,6 +125,33 @@ class PrebuiltLayer:
     def record(self, param: nn.Parameter) -> EncodedTensor | EncodedExperts:
         return self.encoded[id(param)]
 
+    def fill_from_cache(self, cached) -> dict[str, nn.Parameter]:
+        """Take a store cache's buffer of this layer (`store_cache.CachedLayer`, the same layout) as the filled
+        buffer; returns every parameter by name, bound as `write` would have bound it."""
+        self.host = cached.host
+        params, metas = {}, iter(cached.encoded_meta)
+        for name, place in self.places.items():
+            param = nn.Parameter(
+                torch.empty(0, dtype=place.dtype, device="cpu"), requires_grad=place.dtype.is_floating_point
+            )
+            if place.kind == "dense":
+                param.data = place.region.view_in(self.host)
+                self.dense[id(param)] = place.region
+            else:
+                param.data = hollow(place.shape, place.dtype)
+                stacked = place.kind == "experts"
+                record = bind_encoded(param, self.codec, list(place.parts), place.scratch, next(metas), stacked)
+                self.encoded[id(param)] = record
+                self.names[id(param)] = name
+            params[name] = param
+        return params
+
+    def cache_entry(self) -> SimpleNamespace:
+        """This layer as `store_cache.write_cache` takes a pack: its buffer and its encoded records in place order."""
+        by_name = {self.names[id(record.param)]: record for record in self.encoded.values()}
+        encoded = [by_name[name] for name, place in self.places.items() if place.kind != "dense"]
+        return SimpleNamespace(index=self.index, host=self.host, nbytes=self.nbytes, encoded=encoded)
+
     def give_back_dense(self) -> None:
         """Decode every encoded tensor into a dense tensor of its own, for ordinary packing (the fallback)."""
         for record in self.encoded.values():
@@ -133,6 +169,8 @@ class PrebuiltStore:
     base_weight_dtype: str | None
     layers: list[PrebuiltLayer]
     guard: object = None  # the forward pre-hook refusing to run hollow weights before streaming, if any
+    cache_fields: dict | None = None  # the store cache key of this load (store_loading.py), if it uses one
+    detached: tuple | None = None  # the layer list while transformers loads the rest (a store cache hit)
 
     @property
     def nbytes(self) -> int:
@@ -172,7 +210,8 @@ def plan_prebuilt_store(
         for kind, entries in (("encoded", layout.encoded), ("experts", layout.encoded_experts)):
             for param, parts, scratch in entries:
                 places[names[id(param)]] = Place(param.dtype, tuple(param.shape), kind, None, tuple(parts), scratch)
-        planned.append(PrebuiltLayer(index=index, codec=codec, nbytes=layout.nbytes, places=places))
+        digest = layout_digest(layer, layout)
+        planned.append(PrebuiltLayer(index, codec, layout.nbytes, places, digest))
     base_weight_dtype = codec.name if codec is not None else None
     return PrebuiltStore(layer_path, [id(layer) for layer in layers], base_weight_dtype, planned)
 

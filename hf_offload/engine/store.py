@@ -455,7 +455,7 @@ def write_encoded(codec: Codec, parts: list[Region], value: torch.Tensor, host: 
 
 def hollow(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """What an encoded weight's parameter holds between uses: see Note: [Hollow weights]."""
-    return torch.full((), float("nan"), dtype=dtype).expand(tuple(shape))
+    return torch.full((), float("nan"), dtype=dtype, device="cpu").expand(tuple(shape))
 
 
 def pack_layer(

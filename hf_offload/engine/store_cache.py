@@ -75,6 +75,8 @@ def layout_digest(layer: nn.Module, layout) -> str:
         regions.append(["dense", names.get(id(param), "?"), *_region(region)])
     for param, parts, scratch in layout.encoded:
         regions.append(["encoded", names.get(id(param), "?"), [_region(p) for p in parts], _region(scratch)])
+    for param, parts, scratch in layout.encoded_experts:
+        regions.append(["experts", names.get(id(param), "?"), [_region(p) for p in parts], _region(scratch)])
     for _, name, region, alias in layout.attributes:
         regions.append(["attribute", name, alias, *_region(region)])
     return _digest(regions)
@@ -117,6 +119,16 @@ def model_identity(model: nn.Module) -> dict:
     values = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
     values = {k: v for k, v in values.items() if k not in _VOLATILE_CONFIG}
     return {"name_or_path": str(getattr(model, "name_or_path", "")), "config": _digest(values)}
+
+
+def checkpoint_fingerprint(files: list[str]) -> str:
+    """A digest of checkpoint files' names, sizes and modification times: another or rewritten checkpoint is another
+    key, without reading a weight (the key of a store loaded straight from a checkpoint)."""
+    entries = []
+    for path in sorted(files):
+        status = os.stat(path)
+        entries.append([os.path.basename(path), status.st_size, status.st_mtime_ns])
+    return _digest(entries)
 
 
 def make_key_fields(codec_name: str | None, layouts: list[str], identity: dict, content: str) -> dict:

@@ -23,12 +23,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 
 from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..engine import compat, hostmem
+from ..engine import compat, hostmem, store_cache
 from ..engine.anatomy import check_streamable
 from ..engine.errors import UnsupportedModelError
 from ..engine.prebuilt import PREBUILT_ATTRIBUTE, PrebuiltStore, plan_prebuilt_store
@@ -53,14 +54,24 @@ class HostStoreConfig(QuantizationConfigMixin):
             model would not fit in available host memory.
         required: False when the launcher adds this config on its own: a model hf_offload cannot stream then loads
             the ordinary way instead of failing (it is not the one being trained, or the Trainer will say why).
+        store_cache: a directory. The store built from the checkpoint is written there once, and a later load of
+            the same checkpoint files (names, sizes, modification times), config, dtype and layout maps it instead of
+            reading a single decoder-layer weight from the checkpoint (see Note: [Loading from a store cache]).
     """
 
-    def __init__(self, base_weight_dtype: str | None = None, check_host_memory: bool = True, required: bool = True):
+    def __init__(
+        self,
+        base_weight_dtype: str | None = None,
+        check_host_memory: bool = True,
+        required: bool = True,
+        store_cache: str | None = None,
+    ):
         make_codec(base_weight_dtype)  # refuses an unknown dtype, naming the choices
         self.quant_method = METHOD
         self.base_weight_dtype = base_weight_dtype
         self.check_host_memory = bool(check_host_memory)
         self.required = bool(required)
+        self.store_cache = None if store_cache is None else str(store_cache)
 
     def __repr__(self) -> str:
         return f"HostStoreConfig(base_weight_dtype={self.base_weight_dtype!r})"
@@ -99,12 +110,19 @@ class HostStoreQuantizer(HfQuantizer):
         store = plan_prebuilt_store(
             anatomy.layers, anatomy.path, make_codec(config.base_weight_dtype), anatomy.shared_outside
         )
-        if config.check_host_memory:
+        cached = None
+        if config.store_cache is not None:
+            store.cache_fields = _cache_fields(model, store, kwargs.get("checkpoint_files"))
+            if store.cache_fields is not None:
+                cached = store_cache.open_cached(config.store_cache, store.cache_fields)
+        if config.check_host_memory and cached is None:
             try:
                 check_loading_fits(model, anatomy, config.base_weight_dtype, store)
             except hostmem.HostMemoryError:
                 self._restore_loading()
                 raise
+        if cached is not None:
+            _take_cached_store(model, anatomy, store, cached)
         setattr(model, PREBUILT_ATTRIBUTE, store)
         return model
 
@@ -127,6 +145,11 @@ class HostStoreQuantizer(HfQuantizer):
         store: PrebuiltStore | None = getattr(model, PREBUILT_ATTRIBUTE, None)
         if store is None:
             return model
+        if store.detached is not None:  # loaded from a store cache: the layers come back, filled
+            _reattach_layers(model, store)
+        elif store.cache_fields is not None and all(layer.complete for layer in store.layers):
+            entries = [layer.cache_entry() for layer in store.layers]
+            store_cache.write_cache(self.quantization_config.store_cache, store.cache_fields, entries)
         incomplete = [layer.index for layer in store.layers if not layer.complete]
         if incomplete:
             logger.info(
@@ -184,6 +207,56 @@ def _refuse_forward_before_streaming(module, args):
     )
 
 
+# Note: [Loading from a store cache]
+# A store cache written by an earlier load of the same checkpoint holds every decoder layer's buffer exactly as this
+# load would fill it, so reading the checkpoint's layer tensors would only be thrown away. transformers reads every
+# checkpoint tensor the model has a parameter for; so while it loads, the decoder layer list is taken out of the
+# model (its parameters already bound to the mapped cache), the checkpoint's layer tensors are unexpected keys that it
+# skips unread (their warning silenced by a pattern), and the list goes back in once loading is over. Layers that
+# hold buffers of their own (which transformers would have to materialise) load the ordinary way instead.
+
+
+def _cache_fields(model, store: PrebuiltStore, checkpoint_files) -> dict | None:
+    """The store cache key of a load straight from `checkpoint_files`, or None (logged) when there are none."""
+    if not checkpoint_files:
+        logger.info("hf_offload: store_cache is not used: transformers named no checkpoint files for this load")
+        return None
+    return store_cache.make_key_fields(
+        store.base_weight_dtype,
+        [layer.layout_digest for layer in store.layers],
+        store_cache.model_identity(model),
+        "checkpoint " + store_cache.checkpoint_fingerprint(list(checkpoint_files)),
+    )
+
+
+def _take_cached_store(model: nn.Module, anatomy, store: PrebuiltStore, cached: list) -> None:
+    """Bind every decoder-layer parameter to the mapped cache and hide the layers from transformers' loading loop.
+    See Note: [Loading from a store cache]."""
+    if any(True for _ in anatomy.layers.buffers()):
+        logger.info("hf_offload: the decoder layers hold buffers; the store cache is not used for this load")
+        return
+    for layer, entry in zip(store.layers, cached):
+        for name, param in layer.fill_from_cache(entry).items():
+            module_path, _, attribute = name.rpartition(".")
+            param._is_hf_initialized = True
+            setattr(model.get_submodule(module_path), attribute, param)
+    parent_path, _, attribute = anatomy.path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    ignored = getattr(model, "_keys_to_ignore_on_load_unexpected", None)
+    store.detached = (parent, attribute, parent._modules[attribute], ignored)
+    parent._modules[attribute] = nn.ModuleList()
+    pattern = rf"^{re.escape(anatomy.path)}\.\d+\."
+    patterns = {*(ignored or ()), pattern}
+    model._keys_to_ignore_on_load_unexpected = patterns if isinstance(ignored, set) else sorted(patterns)
+
+
+def _reattach_layers(model: nn.Module, store: PrebuiltStore) -> None:
+    parent, attribute, layers, ignored = store.detached
+    parent._modules[attribute] = layers
+    model._keys_to_ignore_on_load_unexpected = ignored
+    store.detached = None
+
+
 def check_loading_fits(model: nn.Module, anatomy, chosen: str | None, store: PrebuiltStore) -> None:
     """Stop before any weight is read when the store plus the rest of the model would not fit in host memory.
 
@@ -219,7 +292,10 @@ def load_into_store_for_launch(original, cls, args: tuple, kwargs: dict, setting
     if kwargs.get("quantization_config") is not None or not _is_language_model(cls):
         return original(cls, *args, **kwargs)
     ours = HostStoreConfig(
-        settings.get("base_weight_dtype"), check_host_memory=settings.get("check_host_memory", True), required=False
+        settings.get("base_weight_dtype"),
+        check_host_memory=settings.get("check_host_memory", True),
+        required=False,
+        store_cache=settings.get("store_cache"),
     )
     try:
         return original(cls, *args, **{**kwargs, "quantization_config": ours})

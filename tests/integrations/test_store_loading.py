@@ -184,3 +184,38 @@ def test_loading_into_the_store_holds_about_the_store_not_the_checkpoint(tmp_pat
     bound = store + 2 * layer_fp32 + outside_fp32 + 16 * 2**20  # + the loader's own working set
     assert peaks["store"] <= bound, (peaks, bound)
     assert peaks["ordinary"] > bound, (peaks, bound)  # the model is big enough for the bound to mean something
+
+
+@pytest.mark.parametrize(("family", "base_weight_dtype"), [("llama", "nf4"), ("qwen3_moe", "int8")])
+def test_a_store_cache_skips_reading_the_layers_and_trains_the_same(family, base_weight_dtype, tmp_path, monkeypatch):
+    """The second load of the same checkpoint maps the cache: no layer tensor is written (nor read), and the step is
+    the one the first load gives. A rewritten checkpoint is another key."""
+    build = build_dense if family == "llama" else build_moe
+    path = _save(build(family), tmp_path)
+    cache = str(tmp_path / "cache")
+    lora = with_lora if family == "llama" else (lambda m: with_expert_lora(m, family))
+
+    def load():
+        config = HostStoreConfig(base_weight_dtype, store_cache=cache)
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config)
+
+    first = _streamed(load(), base_weight_dtype, lora)
+    written = []
+    original = PrebuiltLayer.write
+    monkeypatch.setattr(
+        PrebuiltLayer, "write", lambda self, name, value: written.append(name) or original(self, name, value)
+    )
+    second = _streamed(load(), base_weight_dtype, lora)
+    assert written == []
+    assert all(pack.adopted for pack in _runtime(second).store.packs)
+    for a, b in zip(_runtime(first).store.packs, _runtime(second).store.packs, strict=True):
+        assert torch.equal(a.host, b.host)
+    batch = left_padded_batch(96)
+    assert_step_matches(train_step(first, batch), second, batch)
+
+    import os
+
+    shard = next(p for p in os.listdir(path) if p.endswith(".safetensors"))
+    os.utime(os.path.join(path, shard))  # the checkpoint rewritten: its layers are read again
+    load()
+    assert written
