@@ -311,6 +311,7 @@ class DeepSpeedZero3Offload(Method):
         dataset = _RepeatedBatch(_batch(setup, "cpu"), setup.batch * clock.total_steps)
         with tempfile.TemporaryDirectory() as output_dir, _restored_environment():
             _single_process_distributed_env()
+            distributed_before = torch.distributed.is_available() and torch.distributed.is_initialized()
             try:
                 args = TrainingArguments(
                     output_dir=output_dir,
@@ -357,6 +358,9 @@ class DeepSpeedZero3Offload(Method):
                 raise RuntimeError(f"{type(err).__name__}: {err}{hint}") from err
             finally:
                 unset_hf_deepspeed_config()
+                # the world of one this row made (accelerate or DeepSpeed starts it) ends with the row
+                if not distributed_before and torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.destroy_process_group()
         optimizer = "DeepSpeedCPUAdam" if setup.deepspeed_optimizer == "deepspeed" else "torch AdamW on CPU"
         note = f"ZeRO-3, parameters and optimizer ({optimizer}) offloaded to pinned CPU memory, HF checkpointing on"
         return Outcome(notes=[note])
