@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 # hf_offload first: importing it quiets a line bitsandbytes logs when transformers imports it (about an optional
 # CPU kernel that plays no part here).
-from hf_offload import OffloadTrainer, OffloadTrainingArguments  # isort: skip
+from hf_offload import HostStoreConfig, OffloadTrainer, OffloadTrainingArguments  # isort: skip
 
 import torch
 from transformers import (
@@ -91,7 +91,14 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, script_args.dtype))
+    # With --layer_streaming, the decoder layers load straight into the host store (in the store's dtype, one
+    # tensor at a time), so host memory never holds the whole checkpoint.
+    store = None
+    if training_args.layer_streaming:
+        store = HostStoreConfig(training_args.offload_base_weight_dtype, store_cache=training_args.offload_store_cache)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=getattr(torch, script_args.dtype), quantization_config=store
+    )
 
     texts = load_texts(script_args)
     tokenized = texts.map(
