@@ -60,6 +60,9 @@ class Estimate(Record):
     host_terms: dict[str, int]  # what the host memory holds: the compute copy, and with full fine-tuning the rest
     full_finetune: bool
     grad_bytes_to_host: int  # full fine-tuning: the layers' weight gradients sent back per step
+    # peak while a checkpoint loads straight into the store (HostStoreConfig, the launcher): every rank's store as
+    # it fills, the modules outside the layers, and the largest layer twice in the checkpoint's dtype in flight
+    loading_host_bytes: int
     unquantized_matrix_bytes: int  # weight matrices the codec leaves dense (unroutable MoE experts, odd sizes)
     gpu_bytes: int
     gpu_terms: dict[str, int]
@@ -254,6 +257,7 @@ def estimate(
     if offload_activations:
         host_terms["offloaded_activations"] = boundary  # exact-size page-locked buffers, one per layer
     host_bytes = sum(host_terms.values())
+    loading_host_bytes = nproc_per_node * (sum(store) + sizes.resident_bytes) + 2 * max(sizes.layer_bytes, default=0)
     bytes_per_step = bytes_per_train_step(store, prefetch)
     bandwidth, flops_per_s = pcie_gbps * GB, gpu_tflops * 1e12
     flops = 6 * sizes.compute_params * tokens  # forward, recompute, input gradients
@@ -267,6 +271,7 @@ def estimate(
         host_terms=host_terms,
         full_finetune=full_finetune,
         grad_bytes_to_host=grad_bytes_to_host,
+        loading_host_bytes=loading_host_bytes,
         # not nn.Linear/Conv1D nor the stacked tensors of a routable experts module, or odd sizes
         unquantized_matrix_bytes=sum(
             count * r.nbytes for layout, count in zip(layouts, counts) for p, r in layout.dense if p.dim() >= 2
@@ -338,7 +343,7 @@ def make_plan(
         fixed = plan.gpu_bytes - sum(plan.gpu_terms[t] for t in TOKEN_TERMS)
         names = ("offload_activations", "prefetch", "chunked_loss", "loss_chunk_tokens", "mlp_tile_tokens")
         max_tokens = longest_micro_batch(sizes, fixed, gpu_budget, **{k: v for k, v in options.items() if k in names})
-    fits_host = host_available is None or plan["host_bytes"] <= host_available
+    fits_host = host_available is None or max(plan["host_bytes"], plan["loading_host_bytes"]) <= host_available
     return Plan(
         **plan.as_dict(),
         model_type=getattr(config, "model_type", None),
@@ -481,6 +486,10 @@ def format_plan(plan: Plan) -> str:
     ]
     if len(plan["host_terms"]) > 1:
         lines += [f"    {name:<24}{gb(value)}" for name, value in plan["host_terms"].items()]
+    lines.append(
+        f"  while loading      {gb(plan['loading_host_bytes'])}   (straight into the store: the store, the modules "
+        "outside the layers and the largest layer twice)"
+    )
     lines += [
         f"  GPU memory         {gb(plan['gpu_bytes'])} at {plan['tokens_per_step']} tokens per micro-batch"
         + (" per rank" if plan["nproc_per_node"] > 1 else "")

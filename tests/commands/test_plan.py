@@ -17,6 +17,7 @@ from parity import with_lora
 import hf_offload
 from hf_offload import OffloadConfig
 from hf_offload.commands.cli import main
+from hf_offload.commands.model_sizes import measure
 from hf_offload.commands.plan import PlanError, load_config, make_plan
 
 
@@ -186,3 +187,15 @@ def test_data_parallel_plan_refusals(llama_70b, capsys):
     assert "--nproc_per_node should be at least 1" in capsys.readouterr().err
     assert main(["plan", str(llama_70b), "--nproc_per_node", "2", "--full_finetune"]) == 2
     assert "--full_finetune runs as one process" in capsys.readouterr().err
+
+
+def test_loading_straight_into_the_store_is_planned_and_judged(llama_70b):
+    """The peak while a checkpoint loads into the store: the store, the modules outside the layers, the largest layer
+    twice in the checkpoint's dtype. A host that holds the store but not that peak does not fit."""
+    config = load_config(str(llama_70b))
+    plan = make_plan(config, gpu_mem_gb=80, host_mem_gb=1000, base_weight_dtype="nf4")
+    sizes = measure(config)
+    want = plan["host_terms"]["compute_copy"] + sizes.resident_bytes + 2 * max(sizes.layer_bytes)
+    assert plan["loading_host_bytes"] == want
+    between = (plan["host_bytes"] + plan["loading_host_bytes"]) / 2 / 1e9
+    assert not make_plan(config, gpu_mem_gb=80, host_mem_gb=between, base_weight_dtype="nf4")["fits_host"]
