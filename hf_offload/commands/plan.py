@@ -397,13 +397,17 @@ def _advice(
 ) -> list[str]:
     advice = []
     chosen = options.get("base_weight_dtype")
-    smaller = [d for d in BASE_WEIGHT_DTYPES if others[d]["host_bytes"] < plan["host_bytes"]]
-    if host_available is not None and plan["host_bytes"] > host_available:
-        fitting = [d for d in smaller if others[d]["host_bytes"] <= host_available]
+
+    def host_peak(estimate) -> int:  # training, or loading straight into the store, whichever holds more
+        return max(estimate["host_bytes"], estimate["loading_host_bytes"])
+
+    smaller = [d for d in BASE_WEIGHT_DTYPES if host_peak(others[d]) < host_peak(plan)]
+    if host_available is not None and host_peak(plan) > host_available:
+        fitting = [d for d in smaller if host_peak(others[d]) <= host_available]
         advice.append(
-            f"host memory: needs {plan['host_bytes'] / GB:.1f} GB, {host_available / GB:.1f} GB available; "
+            f"host memory: needs {host_peak(plan) / GB:.1f} GB, {host_available / GB:.1f} GB available; "
             + (
-                f"--base_weight_dtype {fitting[0]} needs {others[fitting[0]]['host_bytes'] / GB:.1f} GB"
+                f"--base_weight_dtype {fitting[0]} needs {host_peak(others[fitting[0]]) / GB:.1f} GB"
                 if fitting
                 else "no base_weight_dtype fits: more host memory is needed"
             )
