@@ -314,3 +314,22 @@ def with_expert_lora(model, family: str | None = None):
         init_lora_weights=False,  # B non-zero: every adapter gets a gradient
     )
     return get_peft_model(model, config)
+
+
+def many_experts_model():
+    """qwen3_moe with 64 experts, top-2: most experts unrouted by a small batch."""
+    config_class, kwargs = FAMILIES["qwen3_moe"]
+    return instantiate(config_class, dict(kwargs, num_experts=64, num_experts_per_tok=2))
+
+
+def record_expert_copies(streamer) -> list[tuple[int, int, tuple[int, ...]]]:
+    """From now on, every routed expert copy of `streamer` as (layer, first slot position, experts)."""
+    copies = []
+    original = streamer._copy_experts
+
+    def copy_experts(pack, slot, region, experts, start):
+        copies.append((pack.index, start, tuple(experts)))
+        original(pack, slot, region, experts, start)
+
+    streamer._copy_experts = copy_experts
+    return copies

@@ -260,7 +260,7 @@ class LayerStreamingRuntime:
                 ids = {id(e.param) for e in pack.encoded}
                 encoded = [(n, p) for n, p in layer.named_parameters(remove_duplicate=False) if id(p) in ids]
                 self._handles.append(layer.register_state_dict_post_hook(_placeholders_in_state_dict(encoded)))
-                self._handles.append(layer.register_load_state_dict_pre_hook(_refuse_loading_into(encoded)))
+                self._handles.append(layer.register_load_state_dict_pre_hook(_refuse_loading(encoded, _QUANTIZED_LOAD)))
             streamed = {id(t.param) for t in (*pack.tensors, *pack.encoded)}
             named = [(n, p) for n, p in layer.named_parameters(remove_duplicate=False) if id(p) in streamed]
             self._handles.append(layer.register_load_state_dict_pre_hook(_refuse_assigning_to(named)))
@@ -288,7 +288,7 @@ class LayerStreamingRuntime:
         for pack, layer in zip(self.store.packs, self.anatomy.layers):
             streamed = {id(t.param) for t in pack.tensors}
             named = [(n, p) for n, p in layer.named_parameters(remove_duplicate=False) if id(p) in streamed]
-            self._handles.append(layer.register_load_state_dict_pre_hook(_refuse_loading_shared(named)))
+            self._handles.append(layer.register_load_state_dict_pre_hook(_refuse_loading(named, _SHARED_LOAD)))
             for module in layer.modules():
                 if compat.is_peft_tuner_layer(module) and callable(getattr(module, "merge", None)):
                     self.overrides.replace(module, "merge", _refuse_merge_shared)
@@ -477,17 +477,28 @@ def _placeholders_in_state_dict(encoded: list[tuple[str, nn.Parameter]]):
 _placeholders_in_state_dict.logged = False
 
 
-def _refuse_loading_into(encoded: list[tuple[str, nn.Parameter]]):
+def _refuse_loading(params: list[tuple[str, nn.Parameter]], why: str):
+    """A `load_state_dict` pre-hook that refuses a state dict holding any of `params` (name, parameter); `why` is
+    the message, with `{name}` for what was about to be loaded."""
+
     def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        loaded = [prefix + name for name, _ in encoded if prefix + name in state_dict]
+        loaded = [prefix + name for name, _ in params if prefix + name in state_dict]
         if loaded:
-            raise RuntimeError(
-                f"hf_offload: cannot load {loaded[0]}{f' (and {len(loaded) - 1} more)' if len(loaded) > 1 else ''} "
-                "into a streamed layer whose base weights are stored quantized in host memory. Call "
-                "hf_offload.disable_layer_streaming(model), load the weights, then enable streaming again."
-            )
+            more = f" (and {len(loaded) - 1} more)" if len(loaded) > 1 else ""
+            raise RuntimeError("hf_offload: " + why.format(name=loaded[0] + more))
 
     return hook
+
+
+_QUANTIZED_LOAD = (
+    "cannot load {name} into a streamed layer whose base weights are stored quantized in host memory. Call "
+    "hf_offload.disable_layer_streaming(model), load the weights, then enable streaming again."
+)
+_SHARED_LOAD = (
+    "load_state_dict would write {name} into the node's shared host store, which every data-parallel rank of this "
+    "node reads (it is mapped read-only). Load frozen weights before streaming (from_pretrained), or load adapters "
+    "only (peft's set_peft_model_state_dict, strict=False without the base weights)."
+)
 
 
 def _refuse_cast(module: nn.Module, kinds: set[tuple[torch.dtype, torch.device]]):
@@ -563,21 +574,6 @@ def _store_bytes(anatomy, codec) -> int:
     page = mmap.PAGESIZE
     sizes = [layout_layer(layer, codec, keep_resident=anatomy.shared_outside).nbytes for layer in anatomy.layers]
     return sum(-(-n // page) * page for n in sizes)
-
-
-def _refuse_loading_shared(streamed: list[tuple[str, nn.Parameter]]):
-    def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        loaded = [prefix + name for name, _ in streamed if prefix + name in state_dict]
-        if loaded:
-            raise RuntimeError(
-                f"hf_offload: load_state_dict would write {loaded[0]}"
-                f"{f' (and {len(loaded) - 1} more)' if len(loaded) > 1 else ''} into the node's shared host store, "
-                "which every data-parallel rank of this node reads (it is mapped read-only). Load frozen weights "
-                "before streaming (from_pretrained), or load adapters only (peft's set_peft_model_state_dict, "
-                "strict=False without the base weights)."
-            )
-
-    return hook
 
 
 def _refuse_merge_shared(*args, **kwargs):

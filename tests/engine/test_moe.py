@@ -7,7 +7,17 @@ import copy
 import pytest
 import torch
 from families import instantiate
-from moe_families import CORE, FAMILIES, NO_AUX_LOSS, ROUTED, VOCAB, build, with_expert_lora
+from moe_families import (
+    CORE,
+    FAMILIES,
+    NO_AUX_LOSS,
+    ROUTED,
+    VOCAB,
+    build,
+    many_experts_model,
+    record_expert_copies,
+    with_expert_lora,
+)
 from parity import (
     GRAD_RTOL,
     LOSS_RTOL,
@@ -93,26 +103,8 @@ def test_sampling_router_needs_rng_replay():
         assert_step_matches(reference_step, unreplayed, batch)
 
 
-def _many_experts_model():
-    config_class, kwargs = FAMILIES["qwen3_moe"]
-    return instantiate(config_class, dict(kwargs, num_experts=64, num_experts_per_tok=2))
-
-
-def record_expert_copies(streamer) -> list[tuple[int, int, tuple[int, ...]]]:
-    """From now on, every routed expert copy of `streamer` as (layer, first slot position, experts)."""
-    copies = []
-    original = streamer._copy_experts
-
-    def copy_experts(pack, slot, region, experts, start):
-        copies.append((pack.index, start, tuple(experts)))
-        original(pack, slot, region, experts, start)
-
-    streamer._copy_experts = copy_experts
-    return copies
-
-
 def test_routed_fetch_moves_only_routed_experts_with_64_experts():
-    base = _many_experts_model()
+    base = many_experts_model()
     batch = {k: v[:1, -4:] for k, v in left_padded_batch(VOCAB).items()}  # 4 tokens, top-2: at most 8 experts
     reference = with_expert_lora(copy.deepcopy(base))
     reference_step = train_step(reference, batch)
@@ -142,7 +134,7 @@ def test_routed_fetch_moves_only_routed_experts_with_64_experts():
 
 def test_experts_that_were_not_loaded_are_never_read():
     """Fill the device slots with NaN bytes: a routed step must read only experts it loaded, so parity holds."""
-    base = _many_experts_model()
+    base = many_experts_model()
     batch = {k: v[:1, -4:] for k, v in left_padded_batch(VOCAB).items()}
     reference = with_expert_lora(copy.deepcopy(base))
     reference_step = train_step(reference, batch)

@@ -9,7 +9,16 @@ import math
 import pytest
 import torch
 from families import instantiate
-from moe_families import CORE, FAMILIES, ROUTED, VOCAB, build, with_expert_lora
+from moe_families import (
+    CORE,
+    FAMILIES,
+    ROUTED,
+    VOCAB,
+    build,
+    many_experts_model,
+    record_expert_copies,
+    with_expert_lora,
+)
 from parity import assert_step_matches, eval_logits, left_padded_batch, train_step
 
 import hf_offload
@@ -139,26 +148,11 @@ def test_the_parity_test_sees_the_decoded_experts():
 
 
 # --- routed fetch moves and decodes only the routed experts' encoded bytes ------------------------------------------
-def _many_experts_model():
-    config_class, kwargs = FAMILIES["qwen3_moe"]
-    return instantiate(config_class, dict(kwargs, num_experts=64, num_experts_per_tok=2))
-
-
-def record_expert_copies(streamer) -> list[tuple[int, int, tuple[int, ...]]]:
-    copies = []
-    original = streamer._copy_experts
-
-    def copy_experts(pack, slot, region, experts, start):
-        copies.append((pack.index, start, tuple(experts)))
-        original(pack, slot, region, experts, start)
-
-    streamer._copy_experts = copy_experts
-    return copies
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_routed_fetch_moves_the_encoded_bytes_of_routed_experts_only(dtype, monkeypatch):
-    base = _many_experts_model()
+    base = many_experts_model()
     batch = {k: v[:1, -4:] for k, v in left_padded_batch(VOCAB).items()}  # 4 tokens, top-2: at most 8 experts
     decoded = []  # experts per decode call
     codec_class = type(make_codec(dtype))
@@ -199,7 +193,7 @@ def test_routed_fetch_moves_the_encoded_bytes_of_routed_experts_only(dtype, monk
 def test_experts_that_were_not_loaded_are_never_read_or_decoded():
     """Fill the slots AND the decode scratch with NaN bytes: a routed nf4 step must read only experts it loaded and
     decoded, so parity holds for every experts implementation."""
-    base = _many_experts_model()
+    base = many_experts_model()
     batch = {k: v[:1, -4:] for k, v in left_padded_batch(VOCAB).items()}
     for implementation in ("eager", "grouped_mm", "batched_mm"):
         streamed, reference = streamed_and_decoded_reference(base, None, base_weight_dtype="nf4")
