@@ -118,6 +118,9 @@ def model_identity(model: nn.Module) -> dict:
     config = getattr(model, "config", None)
     values = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
     values = {k: v for k, v in values.items() if k not in _VOLATILE_CONFIG}
+    if (values.get("quantization_config") or {}).get("quant_method") == "hf_offload":
+        # loading into the store (HostStoreConfig): its settings are in the key's other fields, or change nothing
+        del values["quantization_config"]
     return {"name_or_path": str(getattr(model, "name_or_path", "")), "config": _digest(values)}
 
 
