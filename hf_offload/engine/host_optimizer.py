@@ -56,6 +56,13 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
+def moment_bytes(numel: int, master_size: int, state_bits: int) -> int:
+    """Bytes of HostAdamW's two moments for a tensor of `numel` values whose master has `master_size` bytes each."""
+    if state_bits == 8 and master_size == 4 and numel >= MIN_8BIT_SIZE:
+        return 2 * (numel + 4 * -(-numel // BLOCKSIZE))  # uint8 codes and one fp32 absmax per block, per moment
+    return 2 * master_size * numel
+
+
 def _quantized(state: dict) -> bool:
     return "exp_avg_absmax" in state
 
