@@ -17,6 +17,7 @@ from hf_offload.api import get_runtime
 from hf_offload.commands.cli import main
 from hf_offload.commands.plan import PlanError, make_plan
 from hf_offload.engine.host_optimizer import HostAdamW
+from hf_offload.engine.trainable import training_host_bytes
 
 
 def test_70b_full_finetune_needs_about_18_bytes_per_layer_parameter(llama_70b, capsys):
@@ -85,3 +86,37 @@ def test_plan_host_bytes_match_a_training_step_within_10_percent():
         assert abs(plan["host_terms"][term] - value) <= 0.10 * value, (term, plan["host_terms"][term], value)
     total = sum(measured.values())
     assert abs(plan["host_bytes"] - total) <= 0.10 * total
+
+
+def test_plan_counts_8bit_host_optimizer_state(llama_70b, capsys):
+    """--host_optimizer_bits 8: about 2 bytes of moments per parameter (uint8 codes and an fp32 absmax per 256
+    values) instead of 8, in the state and in the early steps' copies."""
+    args = ["plan", str(llama_70b), "--full_finetune", "--json", "--host_mem", "1000"]
+    assert main([*args, "--host_optimizer_bits", "8"]) == 0
+    terms = json.loads(capsys.readouterr().out)["host_terms"]
+    layer_params = terms["compute_copy"] / 2
+    assert terms["optimizer_state"] == pytest.approx(2 * (1 + 4 / 256) * layer_params, rel=1e-3)
+    assert terms["early_step_backups"] == terms["gradients"] + terms["optimizer_state"]
+    assert main([*args, "--host_optimizer_bits", "16"]) == 2
+    assert "32 (fp32 AdamW moments) or 8" in capsys.readouterr().err
+
+
+def test_8bit_state_bytes_of_a_training_step_are_what_plan_counts():
+    """HostAdamW(state_bits=8)'s state after a step, measured on a streamed model, is `training_host_bytes`'s."""
+    config_class, kwargs = FAMILIES["llama"]
+    model = transformers.AutoModelForCausalLM.from_config(
+        getattr(transformers, config_class)(**dict(kwargs, hidden_size=64, intermediate_size=128))
+    )
+    streamed = hf_offload.enable_layer_streaming(model, OffloadConfig(device="cpu", full_finetune=True))
+    layers = [p for layer in streamed.model.layers for p in layer.parameters()]
+    measured = {}
+    for bits in (32, 8):
+        optimizer = HostAdamW(streamed.parameters(), lr=1e-3, state_bits=bits)
+        streamed(**left_padded_batch(VOCAB)).loss.backward()
+        optimizer.step()
+        streamed.zero_grad(set_to_none=True)
+        state = [v for p in layers for k, v in optimizer.state[p].items() if k != "step"]
+        measured[bits] = _tensor_bytes(state)
+        assert measured[bits] == training_host_bytes(layers, bits)["optimizer_state"]
+        optimizer.close()
+    assert measured[8] < 0.45 * measured[32]  # k/v projections (2048 values) and norms keep fp32 moments here
