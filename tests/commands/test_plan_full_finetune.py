@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
 import transformers
-from families import FAMILIES, LLAMA_70B, VOCAB, build
+from families import FAMILIES, LLAMA_70B, VOCAB
 from parity import left_padded_batch
 
 import hf_offload
@@ -58,17 +57,25 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def test_plan_host_bytes_match_a_training_step_within_10_percent():
+@pytest.mark.parametrize("bits", [32, 8])
+def test_plan_host_bytes_match_a_training_step_within_10_percent(bits):
     """A bf16 model after one streamed step of HostAdamW stepping layers during backward: the host tensors it holds
-    (store, masters, gradients, moments, the early steps' copies)."""
+    (store, masters, gradients, moments, the early steps' copies). With 8-bit state, a llama wide enough that most
+    of its projections get 8-bit moments."""
     name, kwargs = FAMILIES["llama"]
-    plan = make_plan(getattr(transformers, name)(**kwargs), dtype=torch.bfloat16, full_finetune=True)
+    if bits == 8:
+        kwargs = dict(kwargs, hidden_size=64, intermediate_size=128)
+    config = getattr(transformers, name)(**kwargs)
+    plan = make_plan(config, dtype=torch.bfloat16, full_finetune=True, host_optimizer_bits=bits)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
+    torch.manual_seed(0)
     model = hf_offload.enable_layer_streaming(
-        copy.deepcopy(build("llama")).to(torch.bfloat16), OffloadConfig(device="cpu", full_finetune=True)
+        transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16),
+        OffloadConfig(device="cpu", full_finetune=True),
     )
     runtime = get_runtime(model)
     layer_params = [t.param for tensors in runtime.trainable.layers for t in tensors]
-    optimizer = HostAdamW(model.parameters(), lr=1e-3, step_during_backward=lambda: True)
+    optimizer = HostAdamW(model.parameters(), lr=1e-3, step_during_backward=lambda: True, state_bits=bits)
     model(**left_padded_batch(VOCAB)).loss.backward()
     optimizer.step()
     assert optimizer.layers_stepped_during_backward == len(runtime.trainable.layers)
@@ -76,9 +83,7 @@ def test_plan_host_bytes_match_a_training_step_within_10_percent():
         "compute_copy": runtime.store.nbytes,
         "fp32_masters": runtime.trainable.master_bytes,
         "gradients": _tensor_bytes(p.grad for p in layer_params),
-        "optimizer_state": _tensor_bytes(
-            optimizer.state[p][k] for p in layer_params for k in ("exp_avg", "exp_avg_sq")
-        ),
+        "optimizer_state": _tensor_bytes(v for p in layer_params for k, v in optimizer.state[p].items() if k != "step"),
         "early_step_backups": _tensor_bytes(
             t for p in layer_params for t in (optimizer._backups_of[p][0], *optimizer._backups_of[p][1].values())
         ),
