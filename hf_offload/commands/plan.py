@@ -326,6 +326,11 @@ def make_plan(
             f"--full_finetune runs as one process (the layers' gradients go to host masters that data parallel would "
             f"not average), but --nproc_per_node is {options['nproc_per_node']}; plan one process, or adapters."
         )
+    if options.get("host_optimizer_bits", 32) != 32 and not options.get("full_finetune"):
+        raise PlanError(
+            f"--host_optimizer_bits {options['host_optimizer_bits']} sets the state of the host optimizer of full "
+            "fine-tuning; add --full_finetune, or drop --host_optimizer_bits."
+        )
     if base_weight_dtype is not None and base_weight_dtype not in BASE_WEIGHT_DTYPES:
         raise PlanError(
             f"--base_weight_dtype should be one of {', '.join(BASE_WEIGHT_DTYPES)}, not {base_weight_dtype!r}"

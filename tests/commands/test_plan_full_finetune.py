@@ -106,6 +106,8 @@ def test_plan_counts_8bit_host_optimizer_state(llama_70b, capsys):
     assert terms["early_step_backups"] == terms["gradients"] + terms["optimizer_state"]
     assert main([*args, "--host_optimizer_bits", "16"]) == 2
     assert "32 (fp32 AdamW moments) or 8" in capsys.readouterr().err
+    assert main(["plan", str(llama_70b), "--host_optimizer_bits", "8"]) == 2
+    assert "add --full_finetune" in capsys.readouterr().err
 
 
 def test_8bit_state_bytes_of_a_training_step_are_what_plan_counts():
