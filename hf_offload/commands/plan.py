@@ -250,7 +250,7 @@ def estimate(
             for name, nbytes in training_host_bytes(list(layer.parameters()), host_optimizer_bits).items():
                 training[name] = training.get(name, 0) + count * nbytes
         host_terms.update(training)
-        if early_layer_steps:  # HostAdamW's copies of each layer's weights and moments (master dtype)
+        if early_layer_steps:  # HostAdamW's copies of each layer's weights (master dtype) and moments (as kept)
             host_terms["early_step_backups"] = training["gradients"] + training["optimizer_state"]
         # the resident modules train on the device with torch AdamW: gradient and two moments in their dtype
         gpu_terms["resident_grads_adamw"] = 3 * sizes.resident_bytes

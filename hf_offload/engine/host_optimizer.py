@@ -17,8 +17,9 @@ state, same `state_dict`, same arithmetic: it calls torch's functional `adam` on
   the coefficient was 1.0; after a plain `torch.nn.utils.clip_grad_norm_` the version check redoes every
   speculated layer, which is exact but gives the overlap back.
 The speculation costs host memory: a copy of the weights and both moments of the layers stepped early (12 bytes per
-parameter for fp32 masters). Those copies are made into tensors allocated on the first early step and reused by
-every later one, so the cost is constant and `hf-offload plan --full_finetune` counts it (`early_step_backups`).
+parameter for fp32 masters; about 6 with 8-bit state, see Note: [8-bit state]). Those copies are made into tensors
+allocated on the first early step and reused by every later one, so the cost is constant and
+`hf-offload plan --full_finetune` counts it (`early_step_backups`).
 
 Note: [8-bit state]
 With `state_bits=8` the two moments of every tensor of at least 4096 values are kept as bitsandbytes keeps them in
