@@ -33,6 +33,7 @@ BAD = {
     "full_finetune": "yes",
     "store_cache": " ",
     "early_layer_steps": "yes",
+    "host_optimizer_bits": 16,
     "lora_r": 0,
     "lora_alpha": -2.0,
     "lora_dropout": 1.5,

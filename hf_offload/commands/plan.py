@@ -206,6 +206,7 @@ def estimate(
     nproc_per_node: int = 1,
     shared_host_store: bool | None = None,
     early_layer_steps: bool = True,
+    host_optimizer_bits: int = 32,
 ) -> Estimate:
     """Host bytes, device bytes (with their terms), bytes per step and break-even tokens for one configuration.
 
@@ -217,6 +218,7 @@ def estimate(
     host bytes are the node's: one store shared by the ranks (`shared_host_store`, on by default with several ranks)
     or one per rank; GPU bytes are each rank's. With `early_layer_steps` (the Trainer's HostAdamW stepping layers
     during backward) host memory also holds its copies of the layers' weights and moments (`early_step_backups`).
+    `host_optimizer_bits` is HostAdamW's `state_bits`: the moments (and their copies) in fp32 or 8-bit.
     """
     layouts = sizes.kind_layouts(base_weight_dtype)  # one per layer kind; `counts` says how many layers each
     counts = sizes.kind_counts()
@@ -245,10 +247,10 @@ def estimate(
         # the engine's own accounting (fp32 masters, gradients, AdamW moments), on the meta model's parameters
         training: dict[str, int] = {}
         for layer, count in zip(sizes.kinds, counts):
-            for name, nbytes in training_host_bytes(list(layer.parameters())).items():
+            for name, nbytes in training_host_bytes(list(layer.parameters()), host_optimizer_bits).items():
                 training[name] = training.get(name, 0) + count * nbytes
         host_terms.update(training)
-        if early_layer_steps:  # HostAdamW's copies of each layer's weights and moments (master dtype)
+        if early_layer_steps:  # HostAdamW's copies of each layer's weights (master dtype) and moments (as kept)
             host_terms["early_step_backups"] = training["gradients"] + training["optimizer_state"]
         # the resident modules train on the device with torch AdamW: gradient and two moments in their dtype
         gpu_terms["resident_grads_adamw"] = 3 * sizes.resident_bytes
@@ -323,6 +325,11 @@ def make_plan(
         raise PlanError(
             f"--full_finetune runs as one process (the layers' gradients go to host masters that data parallel would "
             f"not average), but --nproc_per_node is {options['nproc_per_node']}; plan one process, or adapters."
+        )
+    if options.get("host_optimizer_bits", 32) != 32 and not options.get("full_finetune"):
+        raise PlanError(
+            f"--host_optimizer_bits {options['host_optimizer_bits']} sets the state of the host optimizer of full "
+            "fine-tuning; add --full_finetune, or drop --host_optimizer_bits."
         )
     if base_weight_dtype is not None and base_weight_dtype not in BASE_WEIGHT_DTYPES:
         raise PlanError(

@@ -165,12 +165,16 @@ def check_full_finetune(model: nn.Module, params: list[nn.Parameter]) -> None:
         )
 
 
-def training_host_bytes(params: list[nn.Parameter]) -> dict[str, int]:
+def training_host_bytes(params: list[nn.Parameter], state_bits: int = 32) -> dict[str, int]:
     """Host bytes full fine-tuning adds to the store for `params` once training runs: fp32 masters (bf16/fp16
-    weights), gradients and AdamW's two moments (in the master's dtype)."""
+    weights), gradients and AdamW's two moments (in the master's dtype; with `state_bits=8`, HostAdamW's 8-bit
+    moments for fp32 masters)."""
+    from .host_optimizer import moment_bytes  # host_optimizer imports this module
+
     low = sum(p.numel() for p in params if p.dtype in LOW_PRECISION)
     master = sum(p.numel() * max(4, p.element_size()) for p in params)
-    return {"fp32_masters": 4 * low, "gradients": master, "optimizer_state": 2 * master}
+    state = sum(moment_bytes(p.numel(), max(4, p.element_size()), state_bits) for p in params)
+    return {"fp32_masters": 4 * low, "gradients": master, "optimizer_state": state}
 
 
 def warn_if_host_memory_short(params: list[nn.Parameter]) -> None:

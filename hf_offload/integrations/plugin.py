@@ -68,6 +68,12 @@ def check_combinations(values: dict, face: str) -> None:
             "fine-tuning the saved model is already a full checkpoint, and there are no adapters to merge. Drop "
             f"{spelled('save_merged', face)}."
         )
+    if values.get("host_optimizer_bits", 32) != 32 and not values.get("full_finetune"):
+        raise ValueError(
+            f"{spelled('host_optimizer_bits', face)} {values['host_optimizer_bits']} sets the state of the host "
+            f"optimizer of full fine-tuning, but {spelled('full_finetune', face)} is off. Turn full fine-tuning on, "
+            f"or drop {spelled('host_optimizer_bits', face)}."
+        )
     if values.get("save_merged") and values.get("base_weight_dtype") is not None:
         raise ValueError(
             f"Can't provide both {spelled('save_merged', face)} and {spelled('base_weight_dtype', face)} "
@@ -85,6 +91,12 @@ def is_peft_model(model: nn.Module) -> bool:
 def _lora_targets(value):
     if not isinstance(value, str) or not [name for name in value.split(",") if name.strip()]:
         raise OptionError("'all-linear' or a comma-separated list of module names")
+    return value
+
+
+def _host_optimizer_bits(value):
+    if isinstance(value, bool) or value not in (32, 8):
+        raise OptionError("32 (fp32 AdamW moments) or 8 (blockwise 8-bit moments)")
     return value
 
 
@@ -156,6 +168,15 @@ class LayerStreamingPlugin:
         "counts it). False: every layer is stepped in optimizer.step(), without those copies.",
         faces=ADAPTER_FACES | {"plan"},
         check=boolean,
+    )
+    host_optimizer_bits: int = option(
+        32,
+        "Full fine-tuning with the default optimizer (hf_offload's HostAdamW): bits per value of its AdamW moments "
+        "in host memory. 32 keeps torch AdamW's fp32 moments (8 bytes per parameter); 8 keeps them blockwise "
+        "quantized like bitsandbytes' 8-bit AdamW (about 2 bytes per parameter, and the early steps' copies shrink "
+        "the same way; tensors under 4096 values keep fp32). `plan` counts it.",
+        faces=ADAPTER_FACES | {"plan"},
+        check=_host_optimizer_bits,
     )
     save_merged: bool = option(
         False,

@@ -199,8 +199,17 @@ def _init(call, trainer, model=None, args=None, *rest, **kwargs):
         plugin = state.plugin = dataclasses.replace(plugin, show_progress=False)
     chosen = optimizer is not None or bound.get("optimizer_cls_and_kwargs")
     _use_default_optimizer(args, plugin, chosen=chosen)
-    if plugin.full_finetune and not chosen and not _optim_chosen(args) and "optimizer_cls_and_kwargs" not in bound:
-        kwargs["optimizer_cls_and_kwargs"] = _host_adamw(trainer, args, early=plugin.early_layer_steps)
+    host_adamw = not chosen and not _optim_chosen(args) and "optimizer_cls_and_kwargs" not in bound
+    if plugin.full_finetune and plugin.host_optimizer_bits != 32 and not host_adamw:
+        raise ValueError(
+            f"--offload_host_optimizer_bits {plugin.host_optimizer_bits} sets the state of hf_offload's host AdamW, "
+            "but this run chose its own optimizer (--optim, `optimizers` or `optimizer_cls_and_kwargs`). Drop one of "
+            "the two."
+        )
+    if plugin.full_finetune and host_adamw:
+        kwargs["optimizer_cls_and_kwargs"] = _host_adamw(
+            trainer, args, early=plugin.early_layer_steps, state_bits=plugin.host_optimizer_bits
+        )
     if model is not None:  # raises before training for unstreamable models
         model = plugin.prepare_model(model, device=args.device, learning_rate=args.learning_rate, face=_face(args))
     call(model, args, *rest, **kwargs)
@@ -459,10 +468,10 @@ def _optim_chosen(args: TrainingArguments) -> bool:
     return current != TRAINER_DEFAULT_OPTIM or recipe.optimizer_chosen_on_command_line()
 
 
-def _host_adamw(trainer, args: TrainingArguments, early: bool = True):
+def _host_adamw(trainer, args: TrainingArguments, early: bool = True, state_bits: int = 32):
     """The Trainer's `optimizer_cls_and_kwargs` for full fine-tuning: `HostAdamW` with the AdamW settings of `args`,
     stepping layers during the backward of the last micro-batch of each accumulation when `early` (the plugin's
-    `early_layer_steps`; see host_optimizer.py)."""
+    `early_layer_steps`; see host_optimizer.py), its moments in `state_bits` (the plugin's `host_optimizer_bits`)."""
     from ..engine.host_optimizer import HostAdamW
 
     def completes_the_gradients() -> bool:
@@ -475,7 +484,8 @@ def _host_adamw(trainer, args: TrainingArguments, early: bool = True):
         "threads as their gradients arrive); pass --optim to choose another optimizer."
     )
     kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    return HostAdamW, dict(kwargs, step_during_backward=completes_the_gradients if early else None)
+    step_during_backward = completes_the_gradients if early else None
+    return HostAdamW, dict(kwargs, step_during_backward=step_during_backward, state_bits=state_bits)
 
 
 def _use_default_optimizer(args: TrainingArguments, plugin: LayerStreamingPlugin, chosen) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
 import transformers
-from families import FAMILIES, LLAMA_70B, VOCAB, build
+from families import FAMILIES, LLAMA_70B, VOCAB
 from parity import left_padded_batch
 
 import hf_offload
@@ -17,6 +16,7 @@ from hf_offload.api import get_runtime
 from hf_offload.commands.cli import main
 from hf_offload.commands.plan import PlanError, make_plan
 from hf_offload.engine.host_optimizer import HostAdamW
+from hf_offload.engine.trainable import training_host_bytes
 
 
 def test_70b_full_finetune_needs_about_18_bytes_per_layer_parameter(llama_70b, capsys):
@@ -57,17 +57,25 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def test_plan_host_bytes_match_a_training_step_within_10_percent():
+@pytest.mark.parametrize("bits", [32, 8])
+def test_plan_host_bytes_match_a_training_step_within_10_percent(bits):
     """A bf16 model after one streamed step of HostAdamW stepping layers during backward: the host tensors it holds
-    (store, masters, gradients, moments, the early steps' copies)."""
+    (store, masters, gradients, moments, the early steps' copies). With 8-bit state, a llama wide enough that most
+    of its projections get 8-bit moments."""
     name, kwargs = FAMILIES["llama"]
-    plan = make_plan(getattr(transformers, name)(**kwargs), dtype=torch.bfloat16, full_finetune=True)
+    if bits == 8:
+        kwargs = dict(kwargs, hidden_size=64, intermediate_size=128)
+    config = getattr(transformers, name)(**kwargs)
+    plan = make_plan(config, dtype=torch.bfloat16, full_finetune=True, host_optimizer_bits=bits)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
+    torch.manual_seed(0)
     model = hf_offload.enable_layer_streaming(
-        copy.deepcopy(build("llama")).to(torch.bfloat16), OffloadConfig(device="cpu", full_finetune=True)
+        transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16),
+        OffloadConfig(device="cpu", full_finetune=True),
     )
     runtime = get_runtime(model)
     layer_params = [t.param for tensors in runtime.trainable.layers for t in tensors]
-    optimizer = HostAdamW(model.parameters(), lr=1e-3, step_during_backward=lambda: True)
+    optimizer = HostAdamW(model.parameters(), lr=1e-3, step_during_backward=lambda: True, state_bits=bits)
     model(**left_padded_batch(VOCAB)).loss.backward()
     optimizer.step()
     assert optimizer.layers_stepped_during_backward == len(runtime.trainable.layers)
@@ -75,13 +83,49 @@ def test_plan_host_bytes_match_a_training_step_within_10_percent():
         "compute_copy": runtime.store.nbytes,
         "fp32_masters": runtime.trainable.master_bytes,
         "gradients": _tensor_bytes(p.grad for p in layer_params),
-        "optimizer_state": _tensor_bytes(
-            optimizer.state[p][k] for p in layer_params for k in ("exp_avg", "exp_avg_sq")
+        "optimizer_state": _tensor_bytes(v for p in layer_params for k, v in optimizer.state[p].items() if k != "step"),
+        "early_step_backups": _tensor_bytes(
+            t for p in layer_params for t in (optimizer._backups_of[p][0], *optimizer._backups_of[p][1].values())
         ),
-        "early_step_backups": _tensor_bytes(t for p in layer_params for t in optimizer._backups_of[p]),
     }
     optimizer.close()
     for term, value in measured.items():
         assert abs(plan["host_terms"][term] - value) <= 0.10 * value, (term, plan["host_terms"][term], value)
     total = sum(measured.values())
     assert abs(plan["host_bytes"] - total) <= 0.10 * total
+
+
+def test_plan_counts_8bit_host_optimizer_state(llama_70b, capsys):
+    """--host_optimizer_bits 8: about 2 bytes of moments per parameter (uint8 codes and an fp32 absmax per 256
+    values) instead of 8, in the state and in the early steps' copies."""
+    args = ["plan", str(llama_70b), "--full_finetune", "--json", "--host_mem", "1000"]
+    assert main([*args, "--host_optimizer_bits", "8"]) == 0
+    terms = json.loads(capsys.readouterr().out)["host_terms"]
+    layer_params = terms["compute_copy"] / 2
+    assert terms["optimizer_state"] == pytest.approx(2 * (1 + 4 / 256) * layer_params, rel=1e-3)
+    assert terms["early_step_backups"] == terms["gradients"] + terms["optimizer_state"]
+    assert main([*args, "--host_optimizer_bits", "16"]) == 2
+    assert "32 (fp32 AdamW moments) or 8" in capsys.readouterr().err
+    assert main(["plan", str(llama_70b), "--host_optimizer_bits", "8"]) == 2
+    assert "add --full_finetune" in capsys.readouterr().err
+
+
+def test_8bit_state_bytes_of_a_training_step_are_what_plan_counts():
+    """HostAdamW(state_bits=8)'s state after a step, measured on a streamed model, is `training_host_bytes`'s."""
+    config_class, kwargs = FAMILIES["llama"]
+    model = transformers.AutoModelForCausalLM.from_config(
+        getattr(transformers, config_class)(**dict(kwargs, hidden_size=64, intermediate_size=128))
+    )
+    streamed = hf_offload.enable_layer_streaming(model, OffloadConfig(device="cpu", full_finetune=True))
+    layers = [p for layer in streamed.model.layers for p in layer.parameters()]
+    measured = {}
+    for bits in (32, 8):
+        optimizer = HostAdamW(streamed.parameters(), lr=1e-3, state_bits=bits)
+        streamed(**left_padded_batch(VOCAB)).loss.backward()
+        optimizer.step()
+        streamed.zero_grad(set_to_none=True)
+        state = [v for p in layers for k, v in optimizer.state[p].items() if k != "step"]
+        measured[bits] = _tensor_bytes(state)
+        assert measured[bits] == training_host_bytes(layers, bits)["optimizer_state"]
+        optimizer.close()
+    assert measured[8] < 0.45 * measured[32]  # k/v projections (2048 values) and norms keep fp32 moments here

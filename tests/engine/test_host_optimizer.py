@@ -4,6 +4,7 @@ gradient accumulation and an LR schedule (fp32, CPU, streamed full fine-tuning).
 from __future__ import annotations
 
 import copy
+import io
 
 import families
 import pytest
@@ -26,8 +27,9 @@ def _schedule(optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - 0.2 * step)
 
 
-def run(model, make_optimizer, clip, observe=None):
-    """Steps of len(MAX_NORMS), ACCUMULATION micro-batches each; returns losses and the clip totals."""
+def run(model, make_optimizer, clip, observe=None, early=True):
+    """Steps of len(MAX_NORMS), ACCUMULATION micro-batches each (a HostAdamW steps layers during the last backward
+    when `early`); returns losses and the clip totals."""
     model.train()
     optimizer = make_optimizer(model)
     scheduler = _schedule(optimizer)
@@ -37,7 +39,7 @@ def run(model, make_optimizer, clip, observe=None):
         optimizer.zero_grad(set_to_none=True)
         for micro in range(ACCUMULATION):
             last = micro == ACCUMULATION - 1
-            if hasattr(optimizer, "step_during_backward"):
+            if early and hasattr(optimizer, "step_during_backward"):
                 optimizer.step_during_backward = lambda last=last: last
             before = None if observe is None else observe(model).clone()
             torch.manual_seed(10 * step + micro)
@@ -203,3 +205,116 @@ def test_a_layer_called_twice_is_stepped_early_only_after_both_backwards():
     trainable.accumulate(1, grads)
     assert optimizer.layers_stepped_during_backward == 1
     optimizer.close()
+
+
+# --- 8-bit state ------------------------------------------------------------------------------------------------------
+# bitsandbytes' AdamW8bit on CPU does the same dequantize / update / quantize with the same maps and blocksize; it
+# writes the moment update as mul/add where torch uses lerp, so weights differ by float rounding (about 1e-7 after a
+# few steps of lr 1e-2) and a code can rarely land on the neighbouring value.
+BNB_ATOL = 1e-6
+
+
+def _wide_llama():
+    """The tiny llama, wide enough that its projections (>= 4096 values) get 8-bit moments and its norms and k/v
+    projections (< 4096) keep fp32 ones."""
+    config_class, kwargs = families.FAMILIES["llama"]
+    return families.instantiate(config_class, dict(kwargs, hidden_size=64, intermediate_size=128))
+
+
+def _params(seed=0):
+    torch.manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(3, 5000)), torch.nn.Parameter(torch.randn(100))]
+
+
+def _grads(step):
+    torch.manual_seed(100 + step)
+    return [torch.randn(3, 5000), torch.randn(100)]
+
+
+def _steps(params, optimizer, steps):
+    for step in steps:
+        for p, g in zip(params, _grads(step), strict=True):
+            p.grad = g
+        optimizer.step()
+
+
+def test_8bit_state_is_bitsandbytes_adamw8bit():
+    bnb = pytest.importorskip("bitsandbytes")
+    ours, theirs, fp32 = _params(), _params(), _params()
+    optimizer = HostAdamW(ours, lr=1e-2, weight_decay=0.1, state_bits=8)
+    _steps(ours, optimizer, range(5))
+    _steps(theirs, bnb.optim.AdamW8bit(theirs, lr=1e-2, weight_decay=0.1), range(5))
+    _steps(fp32, torch.optim.AdamW(fp32, lr=1e-2, weight_decay=0.1), range(5))
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=BNB_ATOL)
+    # 8-bit moments are not fp32 ones: the large tensor moved away from fp32 AdamW, far beyond that tolerance
+    assert float((ours[0] - fp32[0]).detach().abs().max()) > 100 * BNB_ATOL
+    large, small = optimizer.state[ours[0]], optimizer.state[ours[1]]
+    assert large["exp_avg"].dtype == large["exp_avg_sq"].dtype == torch.uint8
+    assert large["exp_avg_absmax"].shape == (-(-15000 // 256),)
+    assert small["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in small
+    nbytes = sum(v.numel() * v.element_size() for k, v in large.items() if k != "step")
+    assert nbytes == 2 * 15000 + 2 * 4 * 59  # ~2 bytes per parameter, against 8 for fp32 moments
+
+
+def test_8bit_state_dict_round_trip_resumes_exactly():
+    """Saved after 2 steps and loaded into a fresh optimizer, 3 more steps equal the uninterrupted run bit for bit;
+    the codes stay uint8 (torch's load would cast them to the parameter's dtype)."""
+    straight = _params()
+    _steps(straight, HostAdamW(straight, lr=1e-2, state_bits=8), range(5))
+
+    first = _params()
+    optimizer = HostAdamW(first, lr=1e-2, state_bits=8)
+    _steps(first, optimizer, range(2))
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    again = HostAdamW(resumed, lr=1e-2, state_bits=8)
+    buffer.seek(0)
+    again.load_state_dict(torch.load(buffer))
+    assert again.state[resumed[0]]["exp_avg"].dtype == torch.uint8
+    _steps(resumed, again, range(2, 5))
+    for p, q in zip(resumed, straight, strict=True):
+        assert torch.equal(p, q)
+
+    with pytest.raises(ValueError, match="keeps 8-bit moments.*state_bits=32"):
+        HostAdamW([torch.nn.Parameter(p.detach().clone()) for p in first]).load_state_dict(optimizer.state_dict())
+
+
+def test_8bit_early_steps_and_rollback_equal_stepping_everything_in_step():
+    """Layers stepped during backward (kept, or rolled back from their 8-bit copies when clipping scaled), on two
+    threads, give the same weights bit for bit as the same optimizer stepping everything in step()."""
+    base = _wide_llama()
+    results = []
+    for early in (True, False):
+        model = hf_offload.enable_layer_streaming(copy.deepcopy(base), OffloadConfig(device="cpu", full_finetune=True))
+        optimizers = []
+
+        def make(m, optimizers=optimizers):
+            optimizers.append(HostAdamW(m.parameters(), lr=3e-3, weight_decay=0.1, threads=2, state_bits=8))
+            return optimizers[-1]
+
+        losses, _ = run(model, make, _own_clip, early=early)
+        results.append((model, losses, optimizers[0]))
+    (early_model, early_losses, early_opt), (plain_model, plain_losses, plain_opt) = results
+    layers = len(early_model.model.layers)
+    assert early_opt.layers_stepped_during_backward == layers * len(MAX_NORMS)
+    assert 0 < early_opt.layers_rolled_back < layers * len(MAX_NORMS)
+    assert plain_opt.layers_stepped_during_backward == 0
+    assert early_losses == plain_losses
+    for (name, p), (_, q) in zip(early_model.named_parameters(), plain_model.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    q_proj = early_model.model.layers[0].self_attn.q_proj.weight
+    assert early_opt.state[q_proj]["exp_avg"].dtype == torch.uint8
+    weight, moments = early_opt._backups_of[q_proj]  # the rollback copies hold codes and absmaxes
+    assert moments["exp_avg"].dtype == torch.uint8 and set(moments) == {
+        "exp_avg",
+        "exp_avg_sq",
+        "exp_avg_absmax",
+        "exp_avg_sq_absmax",
+    }
+
+
+def test_bad_state_bits_is_refused():
+    with pytest.raises(ValueError, match="`state_bits` should be 32 .* or 8"):
+        HostAdamW([torch.nn.Parameter(torch.zeros(2))], state_bits=16)

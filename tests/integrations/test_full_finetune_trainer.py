@@ -250,3 +250,49 @@ def test_early_layer_steps_off_gives_a_host_adamw_that_steps_everything_in_step(
     assert kwargs["lr"] == 1e-4 and kwargs["betas"] == (0.9, 0.99) and kwargs["eps"] == 1e-7
     _, kwargs = _host_adamw(None, args)
     assert callable(kwargs["step_during_backward"])
+
+
+def _wide_llama(seed=0):
+    """The tiny llama, wide enough that its projections (>= 4096 values) get 8-bit moments."""
+    from families import FAMILIES, instantiate
+
+    config_class, kwargs = FAMILIES["llama"]
+    return instantiate(config_class, dict(kwargs, hidden_size=64, intermediate_size=128), seed=seed)
+
+
+def test_host_optimizer_bits_8_trains_and_resumes_exactly(tmp_path, monkeypatch):
+    """host_optimizer_bits=8: the Trainer's HostAdamW keeps 8-bit moments; its checkpoint (optimizer.pt) resumes to
+    the uninterrupted run's weights bit for bit."""
+    plugin = LayerStreamingPlugin(full_finetune=True, host_optimizer_bits=8)
+    monkeypatch.setenv(ENV_VAR, plugin.to_env()[ENV_VAR])
+    patch_trainer()
+    try:
+        straight = script(_wide_llama(), tmp_path / "straight", optim=TRAINER_DEFAULT_OPTIM)
+        optimizer = straight.optimizer.optimizer
+        assert type(optimizer).__name__ == "HostAdamW" and optimizer.state_bits == 8
+        q_proj = straight.model.model.layers[0].self_attn.q_proj.weight
+        assert optimizer.state[q_proj]["exp_avg"].dtype == torch.uint8
+        assert optimizer.layers_stepped_during_backward == 16
+
+        checkpoint = str(tmp_path / "straight" / "checkpoint-2")
+        resumed = script(_wide_llama(seed=5), tmp_path / "resumed", resume=checkpoint, optim=TRAINER_DEFAULT_OPTIM)
+        after = {step: loss for step, loss in logged(resumed).items() if step > 2}
+        assert after == {step: loss for step, loss in logged(straight).items() if step > 2}
+        final, again = saved_weights(tmp_path / "straight"), saved_weights(tmp_path / "resumed")
+        for name, tensor in final.items():
+            assert torch.equal(again[name], tensor), name
+    finally:
+        unpatch_trainer()
+
+
+def test_host_optimizer_bits_is_refused_without_host_adamw(base, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="host_optimizer_bits.*full_finetune"):
+        LayerStreamingPlugin(host_optimizer_bits=8)
+    plugin = LayerStreamingPlugin(full_finetune=True, host_optimizer_bits=8)
+    monkeypatch.setenv(ENV_VAR, plugin.to_env()[ENV_VAR])
+    patch_trainer()
+    try:
+        with pytest.raises(ValueError, match="host_optimizer_bits 8 sets the state of hf_offload's host AdamW"):
+            script(copy.deepcopy(base), tmp_path, optim="adamw_torch")
+    finally:
+        unpatch_trainer()
