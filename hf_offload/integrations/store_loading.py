@@ -131,7 +131,7 @@ class HostStoreQuantizer(HfQuantizer):
         return store is not None and store.layer_of(param_name) is not None
 
     def get_quantize_ops(self):
-        return _write_into_store_op()
+        return _write_into_store_op_class()()
 
     def postprocess_model(self, model, **kwargs):
         """After loading: the model is an ordinary one again, whose decoder weights live in the store."""
@@ -192,10 +192,6 @@ def _write_into_store_op_class() -> type:
             return installed
 
     return WriteIntoStore
-
-
-def _write_into_store_op():
-    return _write_into_store_op_class()()
 
 
 def _refuse_forward_before_streaming(module, args):
