@@ -275,6 +275,7 @@ class DeepSpeedZero3Offload(Method):
     name = "deepspeed-zero3-offload"
     description = "transformers Trainer + DeepSpeed ZeRO-3, parameters and optimizer offloaded to CPU"
     interleavable = False
+    adapters = True  # LoRA, as the other rows; the -full row trains every weight
 
     def unavailable(self, setup):
         if setup.device.type != "cuda":
@@ -336,7 +337,8 @@ class DeepSpeedZero3Offload(Method):
                 # under deepspeed.zero.Init (each module partitioned to CPU as it is created, so it never has to fit
                 # on the GPU), then peft. Its weights come from transformers' own init, not the shared random fill;
                 # the values do not change a dense model's speed.
-                model = add_lora(AutoModelForCausalLM.from_config(setup.config, dtype=setup.dtype), setup)
+                model = AutoModelForCausalLM.from_config(setup.config, dtype=setup.dtype)
+                model = add_lora(model, setup) if self.adapters else model
                 trainer = Trainer(
                     model=model,
                     args=args,
@@ -363,7 +365,13 @@ class DeepSpeedZero3Offload(Method):
                     torch.distributed.destroy_process_group()
         optimizer = "DeepSpeedCPUAdam" if setup.deepspeed_optimizer == "deepspeed" else "torch AdamW on CPU"
         note = f"ZeRO-3, parameters and optimizer ({optimizer}) offloaded to pinned CPU memory, HF checkpointing on"
-        return Outcome(notes=[note])
+        return Outcome(notes=[note if self.adapters else note + ", every weight trained"])
+
+
+class DeepSpeedZero3OffloadFull(DeepSpeedZero3Offload):
+    name = "deepspeed-zero3-offload-full"
+    description = "full fine-tuning with the Trainer + DeepSpeed ZeRO-3, parameters and optimizer offloaded to CPU"
+    adapters = False
 
 
 def deepspeed_config(optimizer: str = "deepspeed") -> dict:
@@ -451,6 +459,7 @@ METHODS: dict[str, Method] = {
         DeepSpeedZero3Offload(),
         ResidentFull(),
         HfOffloadFull(),
+        DeepSpeedZero3OffloadFull(),
     )
 }
 DEFAULT_METHODS = [name for name, method in METHODS.items() if method.default]
