@@ -104,12 +104,12 @@ class LayerStreamingRuntime:
         codec = make_codec(config.base_weight_dtype)
         # Layers a checkpoint load already built in the store (HostStoreConfig) are adopted as they are.
         prebuilt = take_prebuilt_store(model, self.anatomy.layers, config.base_weight_dtype)
-        self._ranks = current_ranks()
-        if _wants_shared_store(config, self._ranks) and self._ranks.local_rank == 0:  # before a byte is packed
-            shared_store.check_space(None, _store_bytes(self.anatomy, codec))
         # Experts modules are found before packing: their stacked tensors are packed as expert regions.
         groups, reasons = find_expert_groups(self.anatomy.layers)
         expert_groups = [[g.params for g in layer_groups] for layer_groups in groups]
+        self._ranks = current_ranks()
+        if _wants_shared_store(config, self._ranks) and self._ranks.local_rank == 0:  # before a byte is packed
+            shared_store.check_space(None, _store_bytes(self.anatomy, codec, expert_groups))
         if config.check_host_memory and prebuilt is None:
             _check_host_memory(
                 self.anatomy.layers, config.base_weight_dtype, self.anatomy.shared_outside, expert_groups
@@ -569,10 +569,13 @@ def _wants_shared_store(config: OffloadConfig, ranks) -> bool:
     return ranks.local_world_size > 1 and not config.full_finetune
 
 
-def _store_bytes(anatomy, codec) -> int:
-    """The shared segment's size, from the layers' layouts (nothing packed yet)."""
+def _store_bytes(anatomy, codec, expert_groups: list) -> int:
+    """The shared segment's size, from the layers' layouts as they will be packed (nothing packed yet)."""
     page = mmap.PAGESIZE
-    sizes = [layout_layer(layer, codec, keep_resident=anatomy.shared_outside).nbytes for layer in anatomy.layers]
+    sizes = [
+        layout_layer(layer, codec, keep_resident=anatomy.shared_outside, expert_groups=groups).nbytes
+        for layer, groups in zip(anatomy.layers, expert_groups)
+    ]
     return sum(-(-n // page) * page for n in sizes)
 
 
