@@ -88,12 +88,7 @@ class PrebuiltLayer:
         if self.host is None:
             self.host = page_aligned_empty(self.nbytes)
         value = value.to(place.dtype)
-        # A parameter of its own bound through `.data`, as packing binds them: a Parameter made from a view would
-        # share the buffer's version counter with every other tensor of the layer, and autograd would take a write
-        # to one weight for a write to all.
-        param = nn.Parameter(
-            torch.empty(0, dtype=place.dtype, device="cpu"), requires_grad=place.dtype.is_floating_point
-        )
+        param = _unbound_parameter(place.dtype)
         if place.kind == "dense":
             param.data = write_dense(place.region, value, self.host)
             self.dense[id(param)] = place.region
@@ -131,9 +126,7 @@ class PrebuiltLayer:
         self.host = cached.host
         params, metas = {}, iter(cached.encoded_meta)
         for name, place in self.places.items():
-            param = nn.Parameter(
-                torch.empty(0, dtype=place.dtype, device="cpu"), requires_grad=place.dtype.is_floating_point
-            )
+            param = _unbound_parameter(place.dtype)
             if place.kind == "dense":
                 param.data = place.region.view_in(self.host)
                 self.dense[id(param)] = place.region
@@ -160,6 +153,14 @@ class PrebuiltLayer:
         self.host = None  # dense parameters keep their views (and so the buffer) until they are packed
 
 
+def _unbound_parameter(dtype: torch.dtype) -> nn.Parameter:
+    """A parameter of its own, to be bound through `.data` as packing binds them: a Parameter made from a view would
+    share the buffer's version counter with every other tensor of the layer, and autograd would take a write to one
+    weight for a write to all. On the CPU, whatever device the caller's context defaults to (loading runs under
+    transformers' meta-device context)."""
+    return nn.Parameter(torch.empty(0, dtype=dtype, device="cpu"), requires_grad=dtype.is_floating_point)
+
+
 @dataclass
 class PrebuiltStore:
     """Every decoder layer's prebuilt buffer, kept on the model until streaming adopts it."""
@@ -181,7 +182,7 @@ class PrebuiltStore:
         prefix = self.layer_path + "."
         if not name.startswith(prefix):
             return None
-        index, _, rest = name[len(prefix) :].partition(".")
+        index = name[len(prefix) :].partition(".")[0]
         if not index.isdigit() or int(index) >= len(self.layers):
             return None
         layer = self.layers[int(index)]
