@@ -192,6 +192,18 @@ class OffloadConfig:
         check=optional_boolean,
     )
 
+    partitioned_fetch: bool = option(
+        False,
+        "Data parallel on nodes whose GPUs share a fast interconnect (NVLink): each local rank copies 1/N of a "
+        "layer from host memory and the node's ranks all-gather the rest from each other, so the node's host memory "
+        "and PCIe links carry each layer once instead of once per rank. False (the default): every rank copies "
+        "whole layers (replicated). Every rank of a node must then load the same layers in the same order: training "
+        "steps and evaluation with the Trainer's even batches do; generation of different lengths per rank would "
+        "wait forever. No effect with one rank per node.",
+        faces=TRAINING_FACES | {"plan"},
+        check=boolean,
+    )
+
     def __post_init__(self) -> None:
         validate(self, "config")
         check_engine_combinations(vars(self), "config")
@@ -225,4 +237,10 @@ def check_engine_combinations(values: dict, face: str) -> None:
             f"{spelled('full_finetune', face)} writes the decoder weights, so they cannot be kept in a store shared "
             f"read-only by several ranks, but {spelled('shared_host_store', face)} is on. Leave it unset with full "
             "fine-tuning (one process, its own store)."
+        )
+    if values.get("full_finetune") and values.get("partitioned_fetch"):
+        raise ValueError(
+            f"{spelled('partitioned_fetch', face)} shares the work of loading layers between data-parallel ranks, "
+            f"but {spelled('full_finetune', face)} runs in one process. Leave partitioned_fetch off with full "
+            "fine-tuning."
         )

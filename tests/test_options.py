@@ -47,6 +47,7 @@ BAD = {
     "spike_min_steps": 1,
     "max_consecutive_skips": 0,
     "shared_host_store": "yes",
+    "partitioned_fetch": "yes",
 }
 
 

@@ -180,6 +180,22 @@ class DeviceOps:
         else:
             self._copy_now(target, source, non_blocking)
 
+    def all_gather_(self, output: torch.Tensor, chunk: int, rank: int, group) -> None:
+        """Fill `output` (a byte vector of `chunk` x the group's size) in place with every rank's chunk, this rank's
+        being `output[rank * chunk : (rank + 1) * chunk]`, enqueued on the current stream (see Note: [Partitioned
+        fetch] in distributed.py). NCCL orders the collective after the current stream's work and that stream
+        after the collective; gloo on the CPU runs it at once, the simulated device on the copy stream's worker."""
+        gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+
+        def run():
+            data = output.data  # see SimulatedAsync.write_: the version is bumped where it is enqueued
+            gather(data, data[rank * chunk : (rank + 1) * chunk], group=group)
+
+        if self.simulation is not None:
+            self.simulation.write_(output, run)
+        else:
+            gather(output, output[rank * chunk : (rank + 1) * chunk], group=group)
+
     @property
     def stages_unpinned_copies(self) -> bool:
         """Whether copies from pageable host memory go through bounce buffers (accelerators, simulated device)."""

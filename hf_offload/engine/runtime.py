@@ -20,7 +20,7 @@ from .activations import ActivationOffload
 from .anatomy import check_streamable
 from .chunked_loss import ChunkedLoss
 from .device import BOUNCE_BUFFERS, DeviceOps, resolve_device
-from .distributed import current_ranks, refuse_full_finetune
+from .distributed import FetchPartition, current_ranks, refuse_full_finetune
 from .facts import StreamingSummary, bytes_per_train_step
 from .layer_fn import call_streamed_layer
 from .moe import RoutedExperts, find_expert_groups, has_unroutable_experts
@@ -130,7 +130,7 @@ class LayerStreamingRuntime:
         )
         self.shared_store = self._share_store(config, pin)
         self._warn_unpinned(pin)
-        self.streamer = Streamer(self.store, self.ops, self.prefetch, routed=routed)
+        self.streamer = Streamer(self.store, self.ops, self.prefetch, routed=routed, partition=self._partition(config))
         self.routed_experts = RoutedExperts(groups if routed else [], self.streamer)
         self.routed_experts.install()
         self.activations = (
@@ -145,6 +145,21 @@ class LayerStreamingRuntime:
             return None
         pin_fn = self.ops.pin if pin else _no_pin
         return shared_store.share(self.store.packs, self._ranks, pin=pin_fn, unpin=self.ops.unpin)
+
+    def _partition(self, config: OffloadConfig) -> FetchPartition | None:
+        """This rank's share of each layer copy (see Note: [Partitioned fetch] in distributed.py), or None."""
+        if not config.partitioned_fetch:
+            return None
+        if self._ranks.local_world_size < 2 or not self._ranks.distributed:
+            logger.info("hf_offload: partitioned_fetch has no effect with one rank on a node: it copies whole layers")
+            return None
+        logger.info(
+            "hf_offload: partitioned fetch: local rank %d copies 1/%d of each layer from host memory and all-gathers "
+            "the rest from the node's other ranks",
+            self._ranks.local_rank,
+            self._ranks.local_world_size,
+        )
+        return FetchPartition(self._ranks)
 
     # --- used by layer_fn ----------------------------------------------------------------------------------------
     def run_layer(self, index: int, direction: int, fn: Callable[[], Any]) -> Any:

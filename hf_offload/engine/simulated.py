@@ -200,9 +200,24 @@ class SimulatedAsync:
     # --- copies --------------------------------------------------------------------------------------------------
     def copy_(self, target: torch.Tensor, source: torch.Tensor) -> None:
         """`target.copy_(source)` in the current stream's order: later, on its worker, for a copy stream."""
+        if self.current_stream() is self.compute_stream:
+            target.copy_(source)
+            return
+
+        def run():
+            target.data.copy_(source)  # `.data`: the version was bumped at enqueue
+            self.copies += 1
+
+        self.write_(target, run)
+
+    def write_(self, target: torch.Tensor, task) -> None:
+        """Run `task`, which writes `target` (and nothing else the device reads), in the current stream's order:
+        at once on the compute stream, later on its worker for a copy stream (a copy, or a collective such as the
+        all-gather of partitioned fetch). `task` must write through `.data`: the version is bumped at enqueue."""
         stream = self.current_stream()
         if stream is self.compute_stream:
-            target.copy_(source)
+            torch.autograd.graph.increment_version(target)
+            task()
             return
         copy_queue = self._queues[stream]
         start = target.data_ptr()
@@ -214,12 +229,7 @@ class SimulatedAsync:
         # A CUDA copy_ bumps the target's version counter when it is enqueued, not when it lands: autograd's check
         # of saved tensors (saved right after the copy is enqueued) must see the same here.
         torch.autograd.graph.increment_version(target)
-
-        def run():
-            target.data.copy_(source)  # `.data`: the version was bumped at enqueue
-            self.copies += 1
-
-        copy_queue.worker.put(copy_queue.enqueued, run, delayed=True)
+        copy_queue.worker.put(copy_queue.enqueued, task, delayed=True)
 
     def _check_ordered_after_reads(self, copy_queue: _CopyQueue, start: int, end: int) -> None:
         # Note: [Simulated stream order]. A read that began at clock c ends at compute event c + 1 at the earliest.

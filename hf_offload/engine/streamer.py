@@ -57,6 +57,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .device import DeviceOps
+from .distributed import FetchPartition
 from .store import EncodedExperts, HostStore
 
 # Note: [Whole-layer fallback]
@@ -73,7 +74,8 @@ WHOLE_LAYER_SHARE = 0.75
 class StreamStats:
     """Counters since the last reset; `hf_offload.stats(model)` returns them as a dict."""
 
-    bytes_to_device: int = 0  # host->device bytes of layer weights
+    bytes_to_device: int = 0  # host->device bytes of layer weights (partitioned fetch: this rank's chunks)
+    bytes_from_peers: int = 0  # partitioned fetch: layer bytes the node's other ranks all-gathered into this slot
     layer_loads: int = 0  # layer copies started
     layer_reuses: int = 0  # acquisitions served by a layer already in a slot (prefetched or turnaround)
     peak_resident_layers: int = 0  # most layers whose frozen weights were on the device at once
@@ -103,11 +105,19 @@ class Slot:
 
 
 class Streamer:
-    def __init__(self, store: HostStore, ops: DeviceOps, prefetch: int, routed: bool = False):
+    def __init__(
+        self,
+        store: HostStore,
+        ops: DeviceOps,
+        prefetch: int,
+        routed: bool = False,
+        partition: FetchPartition | None = None,
+    ):
         self.store = store
         self.ops = ops
         self.prefetch = prefetch
         self.routed = routed  # see Note: [Routed expert fetch]
+        self.partition = partition  # see Note: [Partitioned fetch] in distributed.py
         # Staged copies (Note: [Bounce buffers] in device.py) hold the host until the device has read each chunk:
         # started at acquire, before the layer's kernels are enqueued, the device would idle meanwhile. So with any
         # unpinned layer, prefetches start at release, once the layer's work is enqueued, and overlap it.
@@ -265,8 +275,9 @@ class Streamer:
 
     def _free_slot(self, protected: set[int]) -> Slot | None:
         if len(self._slots) < self.prefetch + 1:
+            spare = self.partition.size if self.partition is not None else 0  # the last chunk's overhang
             with torch.inference_mode(False):  # see Note: [Allocated outside inference mode]
-                buffer = torch.empty(self.store.max_layer_bytes, dtype=torch.uint8, device=self.ops.device)
+                buffer = torch.empty(self.store.max_layer_bytes + spare, dtype=torch.uint8, device=self.ops.device)
             # The caching allocator may hand out memory that kernels already queued on the compute stream still
             # read (freed there, reusable in that stream's order). The copy stream must not write it before they
             # finish: the first load into the slot waits for this event like any later one waits for `freed`.
@@ -335,7 +346,12 @@ class Streamer:
         slot.experts = {} if routed else {r: list(range(region.num_experts)) for r, region in enumerate(pack.experts)}
         with self.ops.on_copy_stream():
             self.ops.wait_event(slot.freed, copy_stream)
-            self.ops.copy_(slot.buffer[:nbytes], pack.host[:nbytes], non_blocking=pack.pinned)
+            # Partitioned fetch gathers the part every rank loads alike: a routed layer's base, else the layer.
+            gathered = 0 if self.partition is None else pack.base_nbytes if self._is_routed(pack) else nbytes
+            if gathered:
+                self._gather(pack, slot, gathered)
+            if nbytes > gathered:
+                self.ops.copy_(slot.buffer[gathered:nbytes], pack.host[gathered:nbytes], non_blocking=pack.pinned)
             for region, experts in (expert_plan or {}).items() if routed else ():
                 self._copy_experts(pack, slot, region, experts, start=0)
                 slot.experts[region] = list(experts)
@@ -347,11 +363,24 @@ class Streamer:
         if self._scratch_layer == index:  # decoded from bytes that may have changed
             self._scratch_layer = None
         self.stats.layer_loads += 1
-        self.stats.bytes_to_device += nbytes
+        self.stats.bytes_to_device += nbytes - gathered
         if not routed:
             self.stats.experts_loaded += sum(region.num_experts for region in pack.experts)
         occupied = sum(s.layer is not None for s in self._slots)
         self.stats.peak_resident_layers = max(self.stats.peak_resident_layers, occupied)
+
+    def _gather(self, pack, slot: Slot, nbytes: int) -> None:
+        """Enqueue this rank's chunk of the first `nbytes` of layer `pack` into `slot` and the all-gather of every
+        rank's chunk (see Note: [Partitioned fetch] in distributed.py)."""
+        partition = self.partition
+        chunk = partition.chunk(nbytes)
+        start = partition.rank * chunk
+        end = min(start + chunk, nbytes)
+        if end > start:
+            self.ops.copy_(slot.buffer[start:end], pack.host[start:end], non_blocking=pack.pinned)
+        self.ops.all_gather_(slot.buffer[: chunk * partition.size], chunk, partition.rank, partition.group)
+        self.stats.bytes_to_device += max(end - start, 0)
+        self.stats.bytes_from_peers += nbytes - max(end - start, 0)
 
     def _copy_experts(self, pack, slot: Slot, region: int, experts: list[int], start: int) -> None:
         """Enqueue (on the current stream) copies of `experts` into slot positions start, start+1, ... of `region`.

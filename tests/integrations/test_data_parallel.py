@@ -110,6 +110,15 @@ def test_launcher_over_torchrun_matches_plain_ddp(model_dir, plain_run, tmp_path
     assert_same_run(out, plain_run)
 
 
+def test_partitioned_fetch_under_the_launcher_matches_plain_ddp(model_dir, plain_run, tmp_path):
+    """Each rank copies half of each layer from the node's shared store and all-gathers the rest (gloo)."""
+    out = tmp_path / "partitioned"
+    command = [*_launch("--partitioned_fetch"), *_torchrun(), TRAINER_SCRIPT, *_trainer_argv(model_dir, out)]
+    done = _run(command, cwd=tmp_path)
+    assert "local rank 0 copies 1/2 of each layer" in done.stderr  # the other ranks log warnings only
+    assert_same_run(out, plain_run)
+
+
 def test_layer_streaming_flag_under_torchrun_matches_plain_ddp(model_dir, plain_run, tmp_path):
     out = tmp_path / "flag"
     done = _run([*_torchrun(), TRAINER_SCRIPT, *_trainer_argv(model_dir, out, "--layer_streaming")], cwd=tmp_path)

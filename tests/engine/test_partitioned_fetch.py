@@ -1,0 +1,76 @@
+"""Partitioned fetch: each local rank copies its chunk of a layer from host memory and the node's ranks all-gather
+the rest (gloo on the CPU). Exactness against replicated fetch runs in two torchrun ranks (dp_scripts); the
+Trainer-level run is in tests/integrations/test_data_parallel.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from families import build
+from peft import LoraConfig, get_peft_model
+
+import hf_offload
+from hf_offload import OffloadConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_partitioned_fetch_gives_the_replicated_step_bit_for_bit_on_two_ranks(tmp_path):
+    """Dense fp32 with dropout, nf4 and routed MoE int8 on the simulated asynchronous device: losses, eval logits
+    and adapter gradients equal, each rank copying half of each layer (of each routed layer's base) from the host."""
+    path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), str(REPO / "tests" / "dp_scripts" / "partitioned_rank.py"),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    ok = [line for line in done.stdout.splitlines() if line.startswith("case ") and " ok " in line]
+    assert len(ok) == 6, done.stdout  # three cases on each of two ranks
+
+
+def _lora_llama():
+    torch.manual_seed(0)
+    return get_peft_model(build("llama"), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+
+
+def test_partitioned_fetch_without_torch_distributed_is_a_clear_error(monkeypatch):
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    model = hf_offload.enable_layer_streaming(
+        _lora_llama(), OffloadConfig(partitioned_fetch=True, shared_host_store=False)
+    )
+    ids = torch.randint(3, 90, (1, 6))
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        model(input_ids=ids)
+
+
+def test_partitioned_fetch_alone_on_a_node_copies_whole_layers(caplog):
+    with caplog.at_level(logging.INFO, logger="hf_offload"):
+        model = hf_offload.enable_layer_streaming(_lora_llama(), OffloadConfig(partitioned_fetch=True))
+    assert "partitioned_fetch has no effect with one rank on a node" in caplog.text
+    ids = torch.randint(3, 90, (1, 6))
+    model(input_ids=ids)
+    stats = hf_offload.stats(model)
+    assert stats["bytes_from_peers"] == 0 and stats["bytes_to_device"] > 0
+
+
+def test_partitioned_fetch_is_refused_with_full_finetune():
+    with pytest.raises(ValueError, match="partitioned_fetch.*full_finetune"):
+        OffloadConfig(partitioned_fetch=True, full_finetune=True)
