@@ -36,6 +36,9 @@ from .cli import SUBCOMMANDS
 from .model_sizes import ConfigError, ModelSizes, load_config, measure
 
 DEFAULT_PCIE_GBPS = 25.0  # pinned host-to-device copies on PCIe 4.0 x16; PCIe 5.0 reaches ~50
+# GPU-to-GPU all-gather bandwidth of a rank under partitioned fetch: NCCL's all-gather bus bandwidth on NVLink
+# nodes is ~230 GB/s (A100) to ~350 GB/s (H100); without NVLink the gather crosses PCIe and this is far lower
+DEFAULT_INTERCONNECT_GBPS = 200.0
 DEFAULT_GPU_TFLOPS = 400.0  # bf16 dense matmul throughput a training step achieves on an H100-class GPU
 GPU_HEADROOM = 0.9  # share of GPU memory the estimate may use; the rest is CUDA context, workspaces, fragmentation
 # One layer's recompute keeps about this many activations per token (norm inputs in fp32, q/k/v/o, attention output,
@@ -80,6 +83,7 @@ class Estimate(Record):
     nproc_per_node: int = 1
     shm_bytes: int = 0
     host_read_gbps: float = 0.0
+    partitioned_fetch: bool = False  # each layer read once per node, all-gathered among its ranks
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,8 @@ def estimate(
     shared_host_store: bool | None = None,
     early_layer_steps: bool = True,
     host_optimizer_bits: int = 32,
+    partitioned_fetch: bool = False,
+    interconnect_gbps: float = DEFAULT_INTERCONNECT_GBPS,
 ) -> Estimate:
     """Host bytes, device bytes (with their terms), bytes per step and break-even tokens for one configuration.
 
@@ -219,6 +225,8 @@ def estimate(
     or one per rank; GPU bytes are each rank's. With `early_layer_steps` (the Trainer's HostAdamW stepping layers
     during backward) host memory also holds its copies of the layers' weights and moments (`early_step_backups`).
     `host_optimizer_bits` is HostAdamW's `state_bits`: the moments (and their copies) in fp32 or 8-bit.
+    With `partitioned_fetch`, each rank copies 1/`nproc_per_node` of every layer over its link and all-gathers the
+    rest at `interconnect_gbps`, one after the other on its copy stream; the node reads each layer once.
     """
     layouts = sizes.kind_layouts(base_weight_dtype)  # one per layer kind; `counts` says how many layers each
     counts = sizes.kind_counts()
@@ -263,8 +271,12 @@ def estimate(
     bytes_per_step = bytes_per_train_step(store, prefetch)
     bandwidth, flops_per_s = pcie_gbps * GB, gpu_tflops * 1e12
     flops = 6 * sizes.compute_params * tokens  # forward, recompute, input gradients
-    transfer_s, compute_s = bytes_per_step / bandwidth, flops / flops_per_s
-    break_even = math.ceil(bytes_per_step * flops_per_s / (6 * sizes.compute_params * bandwidth))
+    sharing = nproc_per_node if partitioned_fetch else 1  # ranks that split each layer copy
+    transfer_s = bytes_per_step / sharing / bandwidth + bytes_per_step * (sharing - 1) / sharing / (
+        interconnect_gbps * GB
+    )
+    compute_s = flops / flops_per_s
+    break_even = math.ceil(transfer_s * flops_per_s / (6 * sizes.compute_params))
     step_s = max(transfer_s, compute_s)
     return Estimate(
         base_weight_dtype=base_weight_dtype,
@@ -297,7 +309,8 @@ def estimate(
         },
         nproc_per_node=nproc_per_node,
         shm_bytes=sum(store) if shared else 0,
-        host_read_gbps=nproc_per_node * bytes_per_step / step_s / GB if step_s else 0.0,
+        host_read_gbps=nproc_per_node // sharing * bytes_per_step / step_s / GB if step_s else 0.0,
+        partitioned_fetch=sharing > 1,
     )
 
 
@@ -366,7 +379,9 @@ def make_plan(
         max_tokens_per_micro_batch=max_tokens,
         advice=[
             *_advice(plan, others, gpu_budget, host_available, options, max_tokens, len(sizes.layers)),
-            *_data_parallel_advice(plan, others, host_mem_gbps, options),
+            *_data_parallel_advice(
+                plan, others, estimate(sizes, **{**options, "partitioned_fetch": True}), host_mem_gbps, options
+            ),
         ],
         evaluation=_evaluation(plan.eval_batch, eval_batches, gpu_budget),
     )
@@ -450,8 +465,11 @@ def _advice(
     return advice
 
 
-def _data_parallel_advice(plan: Estimate, others: dict, host_mem_gbps: float | None, options: dict) -> list[str]:
-    """What several ranks per node change: the tmpfs that holds the shared store, and host memory bandwidth."""
+def _data_parallel_advice(
+    plan: Estimate, others: dict, partitioned: Estimate, host_mem_gbps: float | None, options: dict
+) -> list[str]:
+    """What several ranks per node change: the tmpfs that holds the shared store, and host memory bandwidth
+    (`partitioned`: the plan with partitioned fetch)."""
     n = plan["nproc_per_node"]
     if n == 1:
         return []
@@ -467,11 +485,15 @@ def _data_parallel_advice(plan: Estimate, others: dict, host_mem_gbps: float | N
             f"{plan['host_bytes'] / n / GB:.1f} GB); leave --shared_host_store unset to share one per node"
         )
     line = f"host memory bandwidth: the {n} ranks read {plan['host_read_gbps']:.0f} GB/s from host memory while copying"
+    if plan["partitioned_fetch"]:
+        line += " (partitioned fetch: each layer once per node, all-gathered between the GPUs)"
     if host_mem_gbps is not None and plan["host_read_gbps"] > host_mem_gbps / 2:
         line += (
             f", more than half of the node's {host_mem_gbps:.0f} GB/s: the copies will slow down. Pin each rank to the "
             "NUMA node of its GPU (docs/multi-gpu.md)"
         )
+        if not plan["partitioned_fetch"]:
+            line += f", use --partitioned_fetch on NVLink nodes ({partitioned['host_read_gbps']:.0f} GB/s)"
         if options.get("base_weight_dtype") != "nf4" and not options.get("full_finetune"):
             line += f", or use --base_weight_dtype nf4 ({others['nf4']['host_read_gbps']:.0f} GB/s)"
     elif host_mem_gbps is not None:
@@ -558,6 +580,15 @@ def register(subparsers) -> None:
     )
     add_flag(
         parser,
+        "interconnect_gbps",
+        type=float,
+        default=DEFAULT_INTERCONNECT_GBPS,
+        metavar="GB/s",
+        help="with --partitioned_fetch: the all-gather bandwidth between a node's GPUs (default: "
+        f"{DEFAULT_INTERCONNECT_GBPS:.0f}, NVLink; far lower without it)",
+    )
+    add_flag(
+        parser,
         "eval_batches",
         type=int,
         default=DEFAULT_EVAL_BATCHES,
@@ -580,7 +611,7 @@ def run(args: argparse.Namespace) -> int:
         for name in ("seq", "batch", "eval_batches", "nproc_per_node"):
             if getattr(args, name) < 1:
                 raise PlanError(f"--{name} should be at least 1, but the value passed is {getattr(args, name)}")
-        for name in ("gpu_mem", "host_mem", "pcie_gbps", "gpu_tflops", "host_mem_gbps"):
+        for name in ("gpu_mem", "host_mem", "pcie_gbps", "gpu_tflops", "host_mem_gbps", "interconnect_gbps"):
             value = getattr(args, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise PlanError(f"--{name} should be a positive number, but the value passed is {value}")
@@ -597,6 +628,7 @@ def run(args: argparse.Namespace) -> int:
             batch=args.batch,
             pcie_gbps=args.pcie_gbps,
             gpu_tflops=args.gpu_tflops,
+            interconnect_gbps=args.interconnect_gbps,
             eval_batches=args.eval_batches,
             **options,
         )

@@ -182,6 +182,25 @@ def test_data_parallel_plans_host_memory_per_node_and_gpu_memory_per_rank(llama_
     assert "separately" not in advice and "each of the 8 ranks keeps its own" in "\n".join(private["advice"])
 
 
+def test_partitioned_fetch_reads_each_layer_once_per_node(llama_70b):
+    config = load_config(str(llama_70b))
+    common = dict(gpu_mem_gb=80, host_mem_gb=1000, host_mem_gbps=300, nproc_per_node=8, base_weight_dtype="nf4")
+    replicated = make_plan(config, **common)
+    partitioned = make_plan(config, **common, partitioned_fetch=True, pcie_gbps=25, interconnect_gbps=200)
+    per_step = replicated["bytes_per_step"]
+    assert partitioned["bytes_per_step"] == per_step  # the bytes each GPU needs do not change
+    # 1/8 of each layer over the rank's PCIe link, then 7/8 from the other ranks over NVLink
+    assert partitioned["transfer_seconds"] == pytest.approx(per_step / 8 / 25e9 + per_step * 7 / 8 / 200e9)
+    assert partitioned["transfer_seconds"] < replicated["transfer_seconds"]
+    assert partitioned["break_even_tokens"] < replicated["break_even_tokens"]
+    step = max(partitioned["transfer_seconds"], partitioned["compute_seconds"])
+    assert partitioned["host_read_gbps"] == pytest.approx(per_step / step / 1e9)  # the node reads each byte once
+    assert "partitioned fetch: each layer once per node" in "\n".join(partitioned["advice"])
+    assert replicated["host_read_gbps"] > 150  # more than half of the node's 300 GB/s: partitioned fetch is advised
+    advised = f"use --partitioned_fetch on NVLink nodes ({partitioned['host_read_gbps']:.0f} GB/s)"
+    assert advised in "\n".join(replicated["advice"])
+
+
 def test_data_parallel_plan_refusals(llama_70b, capsys):
     assert main(["plan", str(llama_70b), "--nproc_per_node", "0"]) == 2
     assert "--nproc_per_node should be at least 1" in capsys.readouterr().err
