@@ -4,7 +4,8 @@ for bit, and each rank must have copied only its share of the layers from host m
 
 Cases: a dense Llama with LoRA dropout (fp32 store, then nf4 on the simulated asynchronous device) and a Qwen3-MoE
 with LoRA on its experts and routed expert fetch (int8 store, simulated device): the ranks route different tokens.
-Prints one line `case <name> ok <json>` per case; any difference raises.
+Prints one line `case <name> ok <json>` per case; any difference raises. With `--cuda`, each rank streams to its own
+GPU (LOCAL_RANK) over NCCL, the simulated device off.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 
 import torch
 from families import build
@@ -38,10 +40,18 @@ def lora_model(family: str):
     return get_peft_model(build(family), config)
 
 
+CUDA = "--cuda" in sys.argv
+
+
 def streamed(reference, dtype: str | None, simulated: bool, prefetch: int, partitioned: bool):
-    os.environ["HF_OFFLOAD_SIMULATE_ASYNC"] = "1" if simulated else "0"  # read when the device ops are made
+    os.environ["HF_OFFLOAD_SIMULATE_ASYNC"] = "1" if simulated and not CUDA else "0"  # read when ops are made
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if CUDA else "cpu"
     config = OffloadConfig(
-        base_weight_dtype=dtype, prefetch=prefetch, partitioned_fetch=partitioned, shared_host_store=False
+        device=device,
+        base_weight_dtype=dtype,
+        prefetch=prefetch,
+        partitioned_fetch=partitioned,
+        shared_host_store=False,
     )
     return hf_offload.enable_layer_streaming(copy.deepcopy(reference), config)
 
@@ -52,20 +62,22 @@ def run(model, rank: int, vocab: int) -> dict:
     generator = torch.Generator().manual_seed(100 + rank)  # every rank its own tokens (and routing)
     losses = []
     for step in range(2):
-        ids = torch.randint(3, vocab, (2, 10), generator=generator)
+        ids = torch.randint(3, vocab, (2, 10), generator=generator).to(model.device)
         torch.manual_seed(1000 * rank + step)  # the same dropout masks for both models of this rank
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         losses.append(loss.detach())
     model.eval()
     with torch.no_grad():
-        logits = model(input_ids=torch.randint(3, vocab, (1, 6), generator=generator)).logits
+        logits = model(input_ids=torch.randint(3, vocab, (1, 6), generator=generator).to(model.device)).logits
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return {"losses": losses, "logits": logits, "grads": grads, "stats": hf_offload.stats(model)}
 
 
 def main() -> None:
-    torch.distributed.init_process_group("gloo")
+    if CUDA:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group("nccl" if CUDA else "gloo")
     rank = torch.distributed.get_rank()
     for name, (family, dtype, simulated, prefetch) in CASES.items():
         reference = lora_model(family)

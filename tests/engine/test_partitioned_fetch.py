@@ -30,14 +30,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_partitioned_fetch_gives_the_replicated_step_bit_for_bit_on_two_ranks(tmp_path):
-    """Dense fp32 with dropout, nf4 and routed MoE int8 on the simulated asynchronous device: losses, eval logits
-    and adapter gradients equal, each rank copying half of each layer (of each routed layer's base) from the host."""
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, TWO_GPUS])])
+def test_partitioned_fetch_gives_the_replicated_step_bit_for_bit_on_two_ranks(tmp_path, device):
+    """Dense fp32 with dropout, nf4 and routed MoE int8 (on the CPU: on the simulated asynchronous device, gloo; on
+    CUDA: NCCL): losses, eval logits and adapter gradients equal, each rank copying half of each layer (of each
+    routed layer's base) from the host."""
     path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
         "--master_port", str(_free_port()), str(REPO / "tests" / "dp_scripts" / "partitioned_rank.py"),
+        *(["--cuda"] if device == "cuda" else []),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
