@@ -149,8 +149,8 @@ class OffloadConfig:
         None,
         "Evaluation runs layer-major: this many eval batches go through each decoder layer while it is on the "
         "device, so a layer is loaded once per group instead of once per batch. None (the default): as many batches "
-        "as a quarter of the available host (and device) memory holds the boundary hidden states of. 1: batch by "
-        "batch.",
+        "as a quarter of the available host (and device) memory holds the boundary hidden states of (batch by batch "
+        "under partitioned_fetch, whose ranks must load the same layers). 1: batch by batch.",
         faces=TRAINING_FACES,
         check=optional_positive_int,
     )

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from .layer_fn import _autocast, _autocast_state, tree_flatten
 from .overrides import Overrides
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 # Part of the available host memory and, on an accelerator, of the free device memory that a planned group may
 # hold (see `plan_groups`), and of the free device memory that waiting hidden states may keep on the device.
@@ -332,6 +334,14 @@ def plan_groups(model: nn.Module, runtime, group_size: int | None, keeps_logits:
         bytes_per_token += _text_config_size(model, "vocab_size") * itemsize
     if group_size is not None:
         return GroupPlan(group_size, None, bytes_per_token)
+    if runtime.streamer.partition is not None:
+        # Groups sized by each rank's free memory and batch lengths would differ between ranks, and so would the
+        # layer loads whose all-gather every rank of the node must join (Note: [Partitioned fetch]).
+        logger.info(
+            "hf_offload: evaluation runs batch by batch under partitioned_fetch; set eval_group_size to run it "
+            "layer-major (groups of that many batches on every rank)"
+        )
+        return GroupPlan(1, None, bytes_per_token)
     budgets = [hostmem.available_bytes()]
     if not runtime.ops.is_cpu:
         budgets.append(runtime.ops.free_memory())

@@ -80,3 +80,16 @@ def test_partitioned_fetch_alone_on_a_node_copies_whole_layers(caplog):
 def test_partitioned_fetch_is_refused_with_full_finetune():
     with pytest.raises(ValueError, match="partitioned_fetch.*full_finetune"):
         OffloadConfig(partitioned_fetch=True, full_finetune=True)
+
+
+def test_evaluation_groups_do_not_depend_on_a_ranks_memory_under_partitioned_fetch():
+    """Every rank must load the same layers: groups sized by each rank's free memory would not be the same."""
+    from hf_offload.engine.distributed import FetchPartition, Ranks
+    from hf_offload.engine.layer_major import plan_groups
+
+    model = hf_offload.enable_layer_streaming(_lora_llama())
+    runtime = hf_offload.api.get_runtime(model)
+    assert plan_groups(model, runtime, None).max_batches is None  # replicated: as many as memory allows
+    runtime.streamer.partition = FetchPartition(Ranks(rank=1, world_size=2, local_rank=1, local_world_size=2))
+    assert plan_groups(model, runtime, None).max_batches == 1  # batch by batch
+    assert plan_groups(model, runtime, 3).max_batches == 3  # a fixed group size is the same on every rank
