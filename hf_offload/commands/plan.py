@@ -472,6 +472,8 @@ def _data_parallel_advice(
     (`partitioned`: the plan with partitioned fetch)."""
     n = plan["nproc_per_node"]
     if n == 1:
+        if options.get("partitioned_fetch"):
+            return ["--partitioned_fetch has no effect with one rank per node: set --nproc_per_node to the node's GPUs"]
         return []
     advice = []
     if plan["shm_bytes"]:

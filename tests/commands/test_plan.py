@@ -199,6 +199,8 @@ def test_partitioned_fetch_reads_each_layer_once_per_node(llama_70b):
     assert replicated["host_read_gbps"] > 150  # more than half of the node's 300 GB/s: partitioned fetch is advised
     advised = f"use --partitioned_fetch on NVLink nodes ({partitioned['host_read_gbps']:.0f} GB/s)"
     assert advised in "\n".join(replicated["advice"])
+    alone = make_plan(config, gpu_mem_gb=80, host_mem_gb=1000, partitioned_fetch=True)
+    assert not alone["partitioned_fetch"] and "no effect with one rank per node" in "\n".join(alone["advice"])
 
 
 def test_data_parallel_plan_refusals(llama_70b, capsys):
