@@ -219,3 +219,38 @@ def test_a_store_cache_skips_reading_the_layers_and_trains_the_same(family, base
     os.utime(os.path.join(path, shard))  # the checkpoint rewritten: its layers are read again
     load()
     assert written
+
+
+def test_other_local_ranks_map_the_store_rank_0_loaded_without_reading_a_layer(tmp_path, monkeypatch, caplog):
+    """Data parallel, 2 ranks per node (this process plays both): local rank 0 loads the checkpoint into the node's
+    shared store; local rank 1 maps it and reads no decoder-layer tensor; both train like the ordinary load."""
+    from hf_offload.engine import shared_store
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(shared_store, "ROOT", str(shm))
+    monkeypatch.setenv(shared_store.JOB_ENV, "loadjob")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    path = _save(build_dense("llama"), tmp_path)
+    original, models = PrebuiltLayer.write, []
+    for local_rank in (0, 1):
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        monkeypatch.setattr(shared_store, "_shared_in_this_process", 0)  # a fresh process per rank
+        written = []
+        monkeypatch.setattr(PrebuiltLayer, "write", lambda self, n, v, w=written: w.append(n) or original(self, n, v))
+        with caplog.at_level("INFO", logger="hf_offload"):
+            models.append(_streamed(_load(path, "nf4"), "nf4", with_lora))
+        assert bool(written) == (local_rank == 0), "local rank 1 read decoder-layer tensors of the checkpoint"
+    assert "local rank 1 maps the node's shared host store built by local rank 0" in caplog.text
+    runtimes = [_runtime(m) for m in models]
+    assert all(r.shared_store is not None for r in runtimes) and list(shm.iterdir()) == []  # both mapped: gone
+    assert [r.summary().layers_loaded_into_store for r in runtimes] == [4, 4]
+    with open("/proc/self/maps", encoding="utf-8") as f:  # rank 0 too computes from the segment, not its own copy
+        assert sum(str(runtimes[0].shared_store.path) in line for line in f) == 2 * 4
+    ordinary = with_lora(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+    own = hf_offload.OffloadConfig(device="cpu", base_weight_dtype="nf4", shared_host_store=False)
+    hf_offload.enable_layer_streaming(ordinary, own)
+    batch = left_padded_batch(96)
+    expected = train_step(ordinary, batch)
+    for model in models:
+        assert_step_matches(expected, model, batch)
