@@ -1,24 +1,36 @@
 """One host store per node, shared by the node's data-parallel ranks: files in a tmpfs, mapped by every rank.
 
-Each rank packs its store as usual (`store.HostStore.build`); then local rank 0 writes the layer buffers into a
-segment directory under /dev/shm, every local rank maps the files read-only, checks that they hold exactly the bytes
-it packed itself, and moves its layers onto the mapping (`LayerPack.host`, the one thing a store's location is,
-see store.py), which frees its private copy. In steady state the node holds one copy of the frozen layers.
+The store is built once per node. Local rank 0 locks a segment directory under /dev/shm before it packs (or loads)
+a single layer, builds the store as usual (`store.HostStore.build`, or a checkpoint load into the store), then writes
+each layer buffer into the segment, maps the file read-only and moves the layer onto the mapping (`LayerPack.host`,
+the one thing a store's location is, see store.py), which frees its private copy, one layer at a time. Every other
+local rank waits for the segment, checks that it holds the model this rank would have built, and binds its layers to
+the mapped files as a store cache hit does: it packs nothing (and, loading into the store, reads no decoder-layer
+weight of the checkpoint). In steady state the node holds one copy of the frozen layers, and while starting up one
+copy plus the layer local rank 0 is moving.
 
 Note: [Shared store lifecycle]
-- Name. `hf_offload-store-<job>-<fingerprint>`: `<job>` is `HF_OFFLOAD_JOB` (set by `hf-offload launch`) or the
-  pid of the ranks' parent (the torchrun agent or `accelerate launch`, the same for every rank of a node and
-  different for every job); `<fingerprint>` hashes the layout and a sample of the bytes, plus how many stores this
-  process shared before (a reference model gets its own segment).
-- Who creates. Local rank 0, in `<name>.creating` holding its lock, renamed to `<name>` when complete. The
-  others wait for `<name>`; if the creating directory's lock is free (its creator died) they stop with an error.
+- Name. `hf_offload-store-<job>-<n>`: `<job>` is `HF_OFFLOAD_JOB` (set by `hf-offload launch`) or the pid of the
+  ranks' parent (the torchrun agent or `accelerate launch`, the same for every rank of a node and different for every
+  job), followed by `.<attempt>` when torchrun restarted the ranks; `<n>` counts the stores this process shared
+  before (a reference model gets its own segment). Every rank knows the name before building anything.
+- Same model. Local rank 0 writes a key into the manifest: for a store packed from a loaded model, a digest of the
+  codec, every layer's layout and 64 sampled values of each raw weight as loaded (not the packed bytes, which the
+  other ranks never make); for a store loaded from a checkpoint, the checkpoint's files (names, sizes, times), config,
+  dtype and layouts. Each other rank computes its own key and stops with a clear error when they differ.
+- Who creates. Local rank 0, in `<name>.creating` holding its lock from before the first layer is built, renamed to
+  `<name>` when complete. The others wait for `<name>` as long as the lock is held (building a big store takes
+  minutes); if the lock is free (its creator died or failed) they stop with an error, and if no `.creating` appeared
+  within `START_TIMEOUT_S` they stop with another. Waiting is on files only: no torch.distributed collective (the
+  process group may not exist yet, while a checkpoint loads). A local rank 0 that cannot share what it loaded (the
+  checkpoint did not fill every layer) renames a manifest that declines, and every rank builds its own store.
 - No segment outlives its job. Every rank that maps the segment drops a `mapped.<local rank>` mark; the rank that
   completes the set removes the directory. The mappings keep the memory alive (tmpfs pages belong to the file, not
   to its name) and the kernel frees it when the last rank unmaps or dies, SIGKILL included. What a failure between
   creation and the last mapping leaves behind is removed by the next start on the node (`sweep`: directories whose
   lock nobody holds), and by `hf-offload launch` when the command it ran exits (`remove_job`).
-- Space. Before anything is written, the free space of the tmpfs is checked against the store; too little is a
-  clear error that says how to grow /dev/shm or turn the sharing off.
+- Space. Before anything is built, the free space of the tmpfs is checked against the store's layouts; too little
+  is a clear error that says how to grow /dev/shm or turn the sharing off.
 - Writes. The mapping is read-only: a write into a frozen weight cannot reach the other ranks. The runtime refuses
   the writes it knows (merging adapters, `load_state_dict` into streamed weights); any other in-place write into
   a shared weight stops the process with a segmentation fault rather than silently changing another rank's model.
