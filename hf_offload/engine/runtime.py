@@ -113,14 +113,14 @@ class LayerStreamingRuntime:
         sharing = self._begin_sharing(config, codec, expert_groups, loaded)  # before a byte is packed
         if sharing.mapped is not None:
             prebuilt = None  # this rank's own loaded store (if any) gives way to local rank 0's
-        if config.check_host_memory and prebuilt is None and sharing.mapped is None:
-            _check_host_memory(
-                self.anatomy.layers, config.base_weight_dtype, self.anatomy.shared_outside, expert_groups
-            )
         routed = config.expert_fetch == "routed"
         if routed:
             _explain_whole_layer_experts(groups, reasons, self.anatomy.layers)
-        try:
+        try:  # a failure lets go of the segment local rank 0 locked: the waiting ranks stop with an error
+            if config.check_host_memory and prebuilt is None and sharing.mapped is None:
+                _check_host_memory(
+                    self.anatomy.layers, config.base_weight_dtype, self.anatomy.shared_outside, expert_groups
+                )
             self.store = HostStore.build(
                 self.anatomy.layers,
                 pin=self.ops.pin if pin else _no_pin,

@@ -149,9 +149,10 @@ def _held(lock_file: Path) -> bool:
     return False
 
 
-def sweep(root: str | None = None, grace_s: float = 60.0) -> list[str]:
+def sweep(root: str | None = None, grace_s: float = 60.0, spare: str | None = None) -> list[str]:
     """Remove segments no living process holds: left by a job that died before its ranks had all mapped theirs.
-    A directory without a lock file yet is left alone for `grace_s` (its creator may be about to lock it).
+    A directory without a lock file yet is left alone for `grace_s` (its creator may be about to lock it), and so
+    are the segments of job `spare` (local rank 0's own: one it declined waits, unlocked, for the other ranks).
 
     Returns:
         The directories removed.
@@ -160,6 +161,8 @@ def sweep(root: str | None = None, grace_s: float = 60.0) -> list[str]:
     with contextlib.suppress(OSError):
         for entry in os.scandir(root or ROOT):
             if not entry.name.startswith(PREFIX) or not entry.is_dir(follow_symlinks=False):
+                continue
+            if spare is not None and entry.name.startswith(f"{PREFIX}{spare}-"):
                 continue
             path = Path(entry.path)
             lock_file = path / LOCK
@@ -240,7 +243,7 @@ class Building:
             SharedStoreError: not enough free space in the tmpfs.
         """
         root = root or ROOT
-        sweep(root)
+        sweep(root, spare=job_key())
         check_space(root, needed)
         segment = cls(_next_path(root), root)
         shutil.rmtree(segment.building, ignore_errors=True)
