@@ -133,6 +133,8 @@ def test_host_memory_check_runs_before_any_weight_is_read(tmp_path, monkeypatch)
 def test_unknown_dtype_is_refused():
     with pytest.raises(ValueError, match="base_weight_dtype"):
         HostStoreConfig("fp3")
+    with pytest.raises(ValueError, match="`shared_host_store` should be True, False or None.*'yes'"):
+        HostStoreConfig(shared_host_store="yes")
 
 
 _PEAK_PROBE = """
