@@ -287,3 +287,26 @@ def test_a_checkpoint_that_does_not_fill_the_store_is_not_shared_while_loading(t
     ids = torch.randint(3, 90, (2, 8), generator=torch.Generator().manual_seed(1))
     losses = [m.eval()(input_ids=ids, labels=ids).loss.item() for m in models]
     assert losses[0] == losses[1]
+
+
+def test_a_store_shared_while_loading_becomes_private_when_streaming_wants_its_own(tmp_path, monkeypatch):
+    """HostStoreConfig(shared_host_store=True) in one process, streaming with shared_host_store=False: the layers get
+    writable copies of their own (merging adapters works), the same values, and nothing is left in the tmpfs."""
+    from hf_offload.engine import shared_store
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(shared_store, "ROOT", str(shm))
+    path = _save(build_dense("llama"), tmp_path)
+    config = HostStoreConfig(shared_host_store=True)
+    model = with_lora(
+        transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **{"quantization_config": config})
+    )
+    hf_offload.enable_layer_streaming(model, hf_offload.OffloadConfig(device="cpu", shared_host_store=False))
+    runtime = _runtime(model)
+    assert runtime.shared_store is None and list(shm.iterdir()) == []
+    assert [pack.adopted for pack in runtime.store.packs] == [True] * 4
+    ordinary = with_lora(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+    batch = left_padded_batch(96)
+    assert_step_matches(train_step(ordinary, batch), model, batch)
+    model.merge_adapter()  # writes into the store: refused while it is shared
