@@ -72,6 +72,7 @@ class PrebuiltLayer:
     dense: dict[int, Region] = field(default_factory=dict)  # id(parameter) -> its region
     encoded: dict[int, EncodedTensor | EncodedExperts] = field(default_factory=dict)  # id(parameter) -> its record
     names: dict[int, str] = field(default_factory=dict)  # id(parameter) -> its name, for the records' order
+    dense_params: dict[str, nn.Parameter] = field(default_factory=dict)  # by name: what `move_to` rebinds
 
     @property
     def complete(self) -> bool:
@@ -92,6 +93,7 @@ class PrebuiltLayer:
         if place.kind == "dense":
             param.data = write_dense(place.region, value, self.host)
             self.dense[id(param)] = place.region
+            self.dense_params[name] = param
         else:
             encode = encode_weight if place.kind == "encoded" else encode_stacked_experts
             self.encoded[id(param)] = encode(self.host, param, value, self.codec, list(place.parts), place.scratch)
@@ -130,6 +132,7 @@ class PrebuiltLayer:
             if place.kind == "dense":
                 param.data = place.region.view_in(self.host)
                 self.dense[id(param)] = place.region
+                self.dense_params[name] = param
             else:
                 param.data = hollow(place.shape, place.dtype)
                 stacked = place.kind == "experts"
@@ -144,6 +147,13 @@ class PrebuiltLayer:
         by_name = {self.names[id(record.param)]: record for record in self.encoded.values()}
         encoded = [by_name[name] for name, place in self.places.items() if place.kind != "dense"]
         return SimpleNamespace(index=self.index, host=self.host, nbytes=self.nbytes, encoded=encoded)
+
+    def move_to(self, host: torch.Tensor) -> None:
+        """Rebind this complete layer to `host`, a buffer holding the same bytes (the node's shared store); the
+        old buffer is freed once nothing else holds it."""
+        for name, param in self.dense_params.items():
+            param.data = self.places[name].region.view_in(host)
+        self.host = host
 
     def give_back_dense(self) -> None:
         """Decode every encoded tensor into a dense tensor of its own, for ordinary packing (the fallback)."""
@@ -172,6 +182,9 @@ class PrebuiltStore:
     guard: object = None  # the forward pre-hook refusing to run hollow weights before streaming, if any
     cache_fields: dict | None = None  # the store cache key of this load (store_loading.py), if it uses one
     detached: tuple | None = None  # the layer list while transformers loads the rest (a store cache hit)
+    shared: object = None  # `shared_store.SharedStore`: the layers live in the node's shared store (data parallel)
+    building: object = None  # `shared_store.Building`: local rank 0's segment until loading is over
+    shared_key: str = ""  # what the segment is loaded from (store_loading.py)
 
     @property
     def nbytes(self) -> int:
@@ -229,8 +242,8 @@ def _frozen(params: list[nn.Parameter]):
             p.requires_grad_(flag)
 
 
-def take_prebuilt_store(model: nn.Module, layers: nn.ModuleList, base_weight_dtype: str | None) -> list | None:
-    """The prebuilt layers a checkpoint load left on `model` for this layer stack, handed over once (or None).
+def take_prebuilt_store(model: nn.Module, layers: nn.ModuleList, base_weight_dtype: str | None) -> PrebuiltStore | None:
+    """The prebuilt store a checkpoint load left on `model` for this layer stack, handed over once (or None).
 
     Raises:
         ValueError: the store was loaded with another base_weight_dtype than streaming asks for.
@@ -250,4 +263,4 @@ def take_prebuilt_store(model: nn.Module, layers: nn.ModuleList, base_weight_dty
         )
     store.release()
     delattr(base, PREBUILT_ATTRIBUTE)
-    return store.layers
+    return store

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import mmap
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from .moe import RoutedExperts, find_expert_groups, has_unroutable_experts
 from .overrides import Overrides, deepcopy_refusal
 from .prebuilt import take_prebuilt_store
 from .quant import make_codec
-from .store import HostStore, StoreCache, layout_layer, require_frozen_weights
+from .store import HostStore, StoreCache, layout_layer, layout_tensors, require_frozen_weights
 from .streamer import Streamer
 from .tiled_mlp import TiledMLPs
 from .trainable import (
@@ -103,32 +104,39 @@ class LayerStreamingRuntime:
             logger.info("hf_offload: pin_memory has no effect when layers compute on the CPU")
         codec = make_codec(config.base_weight_dtype)
         # Layers a checkpoint load already built in the store (HostStoreConfig) are adopted as they are.
-        prebuilt = take_prebuilt_store(model, self.anatomy.layers, config.base_weight_dtype)
+        loaded = take_prebuilt_store(model, self.anatomy.layers, config.base_weight_dtype)
+        prebuilt = loaded.layers if loaded is not None else None
         # Experts modules are found before packing: their stacked tensors are packed as expert regions.
         groups, reasons = find_expert_groups(self.anatomy.layers)
         expert_groups = [[g.params for g in layer_groups] for layer_groups in groups]
         self._ranks = current_ranks()
-        if _wants_shared_store(config, self._ranks) and self._ranks.local_rank == 0:  # before a byte is packed
-            shared_store.check_space(None, _store_bytes(self.anatomy, codec, expert_groups))
-        if config.check_host_memory and prebuilt is None:
-            _check_host_memory(
-                self.anatomy.layers, config.base_weight_dtype, self.anatomy.shared_outside, expert_groups
-            )
+        sharing = self._begin_sharing(config, codec, expert_groups, loaded)  # before a byte is packed
+        if sharing.mapped is not None:
+            prebuilt = None  # this rank's own loaded store (if any) gives way to local rank 0's
         routed = config.expert_fetch == "routed"
         if routed:
             _explain_whole_layer_experts(groups, reasons, self.anatomy.layers)
-        self.store = HostStore.build(
-            self.anatomy.layers,
-            pin=self.ops.pin if pin else _no_pin,
-            show_progress=config.show_progress,
-            codec=codec,
-            keep_resident=self.anatomy.shared_outside,
-            expert_groups=lambda index: expert_groups[index],
-            # a store loaded from a checkpoint is cached by the loader, keyed by the checkpoint (store_loading.py)
-            cache=_store_cache(model, config.store_cache) if prebuilt is None else None,
-            prebuilt=prebuilt,
-        )
-        self.shared_store = self._share_store(config, pin)
+        try:  # a failure lets go of the segment local rank 0 locked: the waiting ranks stop with an error
+            if config.check_host_memory and prebuilt is None and sharing.mapped is None:
+                _check_host_memory(
+                    self.anatomy.layers, config.base_weight_dtype, self.anatomy.shared_outside, expert_groups
+                )
+            self.store = HostStore.build(
+                self.anatomy.layers,
+                pin=self.ops.pin if pin else _no_pin,
+                show_progress=config.show_progress,
+                codec=codec,
+                keep_resident=self.anatomy.shared_outside,
+                expert_groups=lambda index: expert_groups[index],
+                # a store loaded from a checkpoint is cached by the loader, keyed by the checkpoint (store_loading.py)
+                cache=_store_cache(model, config.store_cache) if prebuilt is None and sharing.mapped is None else None,
+                prebuilt=prebuilt,
+                mapped=sharing.mapped,
+            )
+        except BaseException:
+            sharing.abandon()
+            raise
+        self.shared_store = self._share_store(pin, sharing)
         self._warn_unpinned(pin)
         self.streamer = Streamer(self.store, self.ops, self.prefetch, routed=routed, partition=self._partition(config))
         self.routed_experts = RoutedExperts(groups if routed else [], self.streamer)
@@ -139,12 +147,45 @@ class LayerStreamingRuntime:
         if self.activations is not None:
             self.streamer.backward_prefetch = self.activations.prefetch
 
-    def _share_store(self, config: OffloadConfig, pin: bool) -> shared_store.SharedStore | None:
-        """One store per node for data-parallel ranks (see Note: [Shared store lifecycle] in shared_store.py)."""
-        if not _wants_shared_store(config, self._ranks):
-            return None
-        pin_fn = self.ops.pin if pin else _no_pin
-        return shared_store.share(self.store.packs, self._ranks, pin=pin_fn, unpin=self.ops.unpin)
+    def _begin_sharing(self, config: OffloadConfig, codec, expert_groups: list, loaded) -> _Sharing:
+        """One store per node for data-parallel ranks (see Note: [Shared store lifecycle] in shared_store.py): a
+        store the checkpoint load already shared is kept; else local rank 0 locks the segment it is about to build,
+        and every other local rank waits for it and maps it (it packs nothing)."""
+        wanted = _wants_shared_store(config, self._ranks)
+        if loaded is not None and loaded.shared is not None:
+            return _Sharing(wanted, loaded=loaded.shared)
+        if not wanted:
+            return _Sharing(False)
+        layouts = _layouts(self.anatomy, codec, expert_groups)
+        key = _weights_key(self.anatomy.layers, layouts, codec)
+        if self._ranks.local_rank == 0:
+            return _Sharing(True, key=key, building=shared_store.Building.begin(_store_bytes(layouts)))
+        attached = shared_store.attach(key, self._ranks)
+        if attached is None:
+            return _Sharing(False)
+        return _Sharing(True, attached=attached[0], mapped=attached[1])
+
+    def _share_store(self, pin: bool, sharing: _Sharing) -> shared_store.SharedStore | None:
+        """This rank's hold on the node's shared store once the store is built (None: a store of its own)."""
+        if sharing.loaded is not None:
+            self.shared_store = sharing.loaded
+            if not sharing.wanted:  # shared while loading, but streaming was asked for a store of its own
+                self._unshare_store()
+            return self.shared_store
+        if sharing.building is None:
+            return sharing.attached
+        pin_fn, packs = self.ops.pin if pin else _no_pin, self.store.packs
+
+        def swap(position: int, mapped: torch.Tensor) -> None:
+            pack = packs[position]
+            was_pinned = pack.pinned
+            if was_pinned:
+                self.ops.unpin(pack.host)
+            pack.host = mapped
+            pack.pinned = pin_fn(mapped) if was_pinned else False
+            pack.bind_host()
+
+        return sharing.building.publish(packs, sharing.key, swap, self._ranks)
 
     def _partition(self, config: OffloadConfig) -> FetchPartition | None:
         """This rank's share of each layer copy (see Note: [Partitioned fetch] in distributed.py), or None."""
@@ -584,14 +625,44 @@ def _wants_shared_store(config: OffloadConfig, ranks) -> bool:
     return ranks.local_world_size > 1 and not config.full_finetune
 
 
-def _store_bytes(anatomy, codec, expert_groups: list) -> int:
-    """The shared segment's size, from the layers' layouts as they will be packed (nothing packed yet)."""
-    page = mmap.PAGESIZE
-    sizes = [
-        layout_layer(layer, codec, keep_resident=anatomy.shared_outside, expert_groups=groups).nbytes
+@dataclass
+class _Sharing:
+    """How this rank takes part in its node's shared store while the store is built (see `_begin_sharing`)."""
+
+    wanted: bool
+    key: str = ""
+    building: shared_store.Building | None = None  # local rank 0: the segment it fills once the store is packed
+    attached: shared_store.SharedStore | None = None  # another local rank: local rank 0's segment, mapped
+    mapped: list | None = None  # ... and its layer buffers, which packing binds as they are
+    loaded: shared_store.SharedStore | None = None  # the checkpoint load shared the store already
+
+    def abandon(self) -> None:
+        if self.building is not None:
+            self.building.abandon()
+
+
+def _layouts(anatomy, codec, expert_groups: list) -> list:
+    """Every layer's layout as it will be packed (nothing packed yet)."""
+    return [
+        layout_layer(layer, codec, keep_resident=anatomy.shared_outside, expert_groups=groups)
         for layer, groups in zip(anatomy.layers, expert_groups)
     ]
-    return sum(-(-n // page) * page for n in sizes)
+
+
+def _store_bytes(layouts: list) -> int:
+    """The shared segment's size, from the layers' layouts."""
+    page = mmap.PAGESIZE
+    return sum(-(-layout.nbytes // page) * page for layout in layouts)
+
+
+def _weights_key(layers: nn.ModuleList, layouts: list, codec) -> str:
+    """What a rank would pack: the codec, every layer's layout and a sample of the raw weights it holds (the same
+    on every rank that loaded the same model). Local rank 0 writes it in the shared store; the others compare."""
+    digests = [store_cache.layout_digest(layer, layout) for layer, layout in zip(layers, layouts)]
+    values = [shared_store.values_fingerprint(layout_tensors(layout)) for layout in layouts]
+    return "weights " + store_cache.key_of(
+        {"codec": codec.name if codec else None, "layout": digests, "values": values}
+    )
 
 
 def _refuse_merge_shared(*args, **kwargs):

@@ -1,24 +1,36 @@
 """One host store per node, shared by the node's data-parallel ranks: files in a tmpfs, mapped by every rank.
 
-Each rank packs its store as usual (`store.HostStore.build`); then local rank 0 writes the layer buffers into a
-segment directory under /dev/shm, every local rank maps the files read-only, checks that they hold exactly the bytes
-it packed itself, and moves its layers onto the mapping (`LayerPack.host`, the one thing a store's location is,
-see store.py), which frees its private copy. In steady state the node holds one copy of the frozen layers.
+The store is built once per node. Local rank 0 locks a segment directory under /dev/shm before it packs (or loads)
+a single layer, builds the store as usual (`store.HostStore.build`, or a checkpoint load into the store), then writes
+each layer buffer into the segment, maps the file read-only and moves the layer onto the mapping (`LayerPack.host`,
+the one thing a store's location is, see store.py), which frees its private copy, one layer at a time. Every other
+local rank waits for the segment, checks that it holds the model this rank would have built, and binds its layers to
+the mapped files as a store cache hit does: it packs nothing (and, loading into the store, reads no decoder-layer
+weight of the checkpoint). In steady state the node holds one copy of the frozen layers, and while starting up one
+copy plus the layer local rank 0 is moving.
 
 Note: [Shared store lifecycle]
-- Name. `hf_offload-store-<job>-<fingerprint>`: `<job>` is `HF_OFFLOAD_JOB` (set by `hf-offload launch`) or the
-  pid of the ranks' parent (the torchrun agent or `accelerate launch`, the same for every rank of a node and
-  different for every job); `<fingerprint>` hashes the layout and a sample of the bytes, plus how many stores this
-  process shared before (a reference model gets its own segment).
-- Who creates. Local rank 0, in `<name>.creating` holding its lock, renamed to `<name>` when complete. The
-  others wait for `<name>`; if the creating directory's lock is free (its creator died) they stop with an error.
+- Name. `hf_offload-store-<job>-<n>`: `<job>` is `HF_OFFLOAD_JOB` (set by `hf-offload launch`) or the pid of the
+  ranks' parent (the torchrun agent or `accelerate launch`, the same for every rank of a node and different for every
+  job), followed by `.<attempt>` when torchrun restarted the ranks; `<n>` counts the stores this process shared
+  before (a reference model gets its own segment). Every rank knows the name before building anything.
+- Same model. Local rank 0 writes a key into the manifest: for a store packed from a loaded model, a digest of the
+  codec, every layer's layout and 64 sampled values of each raw weight as loaded (not the packed bytes, which the
+  other ranks never make); for a store loaded from a checkpoint, the checkpoint's files (names, sizes, times), config,
+  dtype and layouts. Each other rank computes its own key and stops with a clear error when they differ.
+- Who creates. Local rank 0, in `<name>.creating` holding its lock from before the first layer is built, renamed to
+  `<name>` when complete. The others wait for `<name>` as long as the lock is held (building a big store takes
+  minutes); if the lock is free (its creator died or failed) they stop with an error, and if no `.creating` appeared
+  within `START_TIMEOUT_S` they stop with another. Waiting is on files only: no torch.distributed collective (the
+  process group may not exist yet, while a checkpoint loads). A local rank 0 that cannot share what it loaded (the
+  checkpoint did not fill every layer) renames a manifest that declines, and every rank builds its own store.
 - No segment outlives its job. Every rank that maps the segment drops a `mapped.<local rank>` mark; the rank that
   completes the set removes the directory. The mappings keep the memory alive (tmpfs pages belong to the file, not
   to its name) and the kernel frees it when the last rank unmaps or dies, SIGKILL included. What a failure between
   creation and the last mapping leaves behind is removed by the next start on the node (`sweep`: directories whose
   lock nobody holds), and by `hf-offload launch` when the command it ran exits (`remove_job`).
-- Space. Before anything is written, the free space of the tmpfs is checked against the store; too little is a
-  clear error that says how to grow /dev/shm or turn the sharing off.
+- Space. Before anything is built, the free space of the tmpfs is checked against the store's layouts; too little
+  is a clear error that says how to grow /dev/shm or turn the sharing off.
 - Writes. The mapping is read-only: a write into a frozen weight cannot reach the other ranks. The runtime refuses
   the writes it knows (merging adapters, `load_state_dict` into streamed weights); any other in-place write into
   a shared weight stops the process with a segmentation fault rather than silently changing another rank's model.
@@ -53,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 ROOT = "/dev/shm"
 PREFIX = "hf_offload-store-"
+RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"
 JOB_ENV = "HF_OFFLOAD_JOB"  # set by `hf-offload launch`: the job whose segments it removes when the command exits
 CREATING = ".creating"
 LOCK = "lock"
@@ -71,24 +84,13 @@ def job_key(env: dict[str, str] | None = None) -> str:
     """The job part of a segment's name (see Note: [Shared store lifecycle])."""
     env = os.environ if env is None else env
     job = env.get(JOB_ENV)
-    return _safe(job) if job else f"agent{os.getppid()}"
+    key = _safe(job) if job else f"agent{os.getppid()}"
+    restart = env.get(RESTART_ENV)  # torchrun restarts the ranks under the same agent: a new attempt, new names
+    return f"{key}.{_safe(restart)}" if restart and restart != "0" else key
 
 
 def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:64]
-
-
-def fingerprint(packs, counter: int) -> str:
-    """A digest of the store's layout (per layer: size and tensor places) and of 4 KiB at three places of each
-    buffer: two models of the same shape get different segments."""
-    digest = hashlib.sha256(str(counter).encode())
-    for pack in packs:
-        places = [(t.offset, str(t.dtype), t.shape) for t in pack.tensors]
-        digest.update(repr((pack.index, pack.nbytes, places)).encode())
-        n = pack.nbytes
-        for start in sorted({0, max(n // 2 - 2048, 0), max(n - 4096, 0)}):
-            digest.update(pack.host[start : start + 4096].numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def required_bytes(packs) -> int:
@@ -147,9 +149,10 @@ def _held(lock_file: Path) -> bool:
     return False
 
 
-def sweep(root: str | None = None, grace_s: float = 60.0) -> list[str]:
+def sweep(root: str | None = None, grace_s: float = 60.0, spare: str | None = None) -> list[str]:
     """Remove segments no living process holds: left by a job that died before its ranks had all mapped theirs.
-    A directory without a lock file yet is left alone for `grace_s` (its creator may be about to lock it).
+    A directory without a lock file yet is left alone for `grace_s` (its creator may be about to lock it), and so
+    are the segments of job `spare` (local rank 0's own: one it declined waits, unlocked, for the other ranks).
 
     Returns:
         The directories removed.
@@ -158,6 +161,8 @@ def sweep(root: str | None = None, grace_s: float = 60.0) -> list[str]:
     with contextlib.suppress(OSError):
         for entry in os.scandir(root or ROOT):
             if not entry.name.startswith(PREFIX) or not entry.is_dir(follow_symlinks=False):
+                continue
+            if spare is not None and entry.name.startswith(f"{PREFIX}{spare}-"):
                 continue
             path = Path(entry.path)
             lock_file = path / LOCK
@@ -180,7 +185,7 @@ def remove_job(job: str, root: str | None = None) -> list[str]:
     removed = []
     with contextlib.suppress(OSError):
         for entry in os.scandir(root or ROOT):
-            if entry.name.startswith(f"{PREFIX}{_safe(job)}-"):
+            if entry.name.startswith((f"{PREFIX}{_safe(job)}-", f"{PREFIX}{_safe(job)}.")):  # `.`: a restart
                 shutil.rmtree(entry.path, ignore_errors=True)
                 removed.append(entry.path)
     return removed
@@ -191,27 +196,113 @@ def _layer_file(path: Path, index: int) -> Path:
     return path / f"layer-{index:05d}.bin"
 
 
-def _create(path: Path, packs, root: str) -> int:
-    """Write every layer buffer into `<path>.creating`, then rename it to `path` (local rank 0). Returns the
-    descriptor holding the segment's shared lock, taken before the first byte is written: waiters and sweeps see a
-    living creator from the start, and the lock goes with the directory through the rename."""
-    check_space(root, required_bytes(packs))
-    building = path.with_name(path.name + CREATING)
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir(mode=0o700)
-    fd = _lock(building / LOCK, fcntl.LOCK_SH)
-    try:
-        for pack in packs:
-            with open(_layer_file(building, pack.index), "wb") as f:
-                f.write(memoryview(pack.host.numpy()))
-        manifest = {"layers": [[pack.index, pack.nbytes] for pack in packs], "pid": os.getpid()}
-        (building / MANIFEST).write_text(json.dumps(manifest))
-        os.rename(building, path)
-    except BaseException:
-        os.close(fd)
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-    return fd
+def _next_path(root: str) -> Path:
+    """The segment of this process's next shared store (the n-th model of a script gets the n-th segment)."""
+    global _shared_in_this_process
+    path = Path(root) / f"{PREFIX}{job_key()}-{_shared_in_this_process}"
+    _shared_in_this_process += 1
+    return path
+
+
+def values_fingerprint(tensors) -> str:
+    """A digest of each tensor's dtype and shape and of 64 evenly spaced values of it (raw, as the rank loaded them:
+    the same on every rank that loaded the same checkpoint, whatever the store does to them afterwards). A tensor
+    whose values are not laid out in memory one by one (an expanded placeholder) counts by dtype and shape only.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(repr((str(tensor.dtype), tuple(tensor.shape))).encode())
+        if tensor.device.type == "meta" or not tensor.is_contiguous() or 0 in tensor.stride() or not tensor.numel():
+            continue
+        flat = tensor.detach().reshape(-1)  # contiguous: a view
+        index = torch.linspace(0, flat.numel() - 1, min(64, flat.numel())).long().to(flat.device)
+        digest.update(flat.index_select(0, index).cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+@dataclass
+class Building:
+    """Local rank 0's segment while the store is built: `<name>.creating`, locked from before the first layer is
+    packed (or loaded) until the store is complete, so the other local ranks wait for it rather than give up."""
+
+    path: Path
+    root: str
+    _fd: int | None = field(default=None, repr=False)
+
+    @property
+    def building(self) -> Path:
+        return self.path.with_name(self.path.name + CREATING)
+
+    @classmethod
+    def begin(cls, needed: int, root: str | None = None) -> Building:
+        """Sweep what dead jobs left, check the space (`needed` bytes), and lock a new `<name>.creating`.
+
+        Raises:
+            SharedStoreError: not enough free space in the tmpfs.
+        """
+        root = root or ROOT
+        sweep(root, spare=job_key())
+        check_space(root, needed)
+        segment = cls(_next_path(root), root)
+        shutil.rmtree(segment.building, ignore_errors=True)
+        segment.building.mkdir(mode=0o700)
+        segment._fd = _lock(segment.building / LOCK, fcntl.LOCK_SH)
+        return segment
+
+    def publish(self, layers, key: str, swap: Callable[[int, torch.Tensor], None], ranks: Ranks) -> SharedStore:
+        """Write the built store and move this rank onto it, layer by layer: each layer's file is written, mapped
+        read-only and handed to `swap(position, mapping)`, which binds the layer to it and drops the private buffer
+        (so the node holds one extra layer at a time, not a second store). Then the manifest, and the rename that
+        lets the other ranks in.
+
+        Args:
+            layers: per layer, an object with `index`, `nbytes`, `host` (its buffer) and `encoded` (records with
+                `codec_meta`, in layout order).
+            key: what the other ranks check they would have built (see `attach`).
+            swap: binds layer `position` to its mapping.
+            ranks: this process's place (for the mapped mark).
+        """
+        entries = []
+        try:
+            for position, layer in enumerate(layers):
+                entries.append([layer.index, layer.nbytes, [e.codec_meta for e in layer.encoded]])
+                with open(_layer_file(self.building, layer.index), "wb") as f:
+                    if layer.nbytes:
+                        f.write(memoryview(layer.host.numpy()))
+                swap(position, _map(self.building, layer.index, layer.nbytes))
+            manifest = {"key": key, "layers": entries, "pid": os.getpid()}
+            (self.building / MANIFEST).write_text(json.dumps(manifest))
+            os.rename(self.building, self.path)
+        except BaseException:
+            self.abandon()
+            raise
+        fd, self._fd = self._fd, None
+        _mark_mapped(self.path, ranks)
+        shared = SharedStore(self.path, required_bytes(layers), fd)
+        logger.info(
+            "hf_offload: local rank 0 built the node's shared host store (%s, %s)",
+            self.path,
+            format_bytes(shared.nbytes),
+        )
+        return shared
+
+    def decline(self, reason: str, ranks: Ranks) -> None:
+        """Tell the waiting ranks that no store is shared under this name (they build their own), and let go."""
+        try:
+            (self.building / MANIFEST).write_text(json.dumps({"declined": reason, "pid": os.getpid()}))
+            os.rename(self.building, self.path)
+            _mark_mapped(self.path, ranks)
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Let go of the lock (waiting ranks then report that local rank 0 stopped) and remove what was written."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        shutil.rmtree(self.building, ignore_errors=True)
 
 
 def _wait(path: Path, timeout_s: float) -> None:
@@ -235,16 +326,16 @@ def _wait(path: Path, timeout_s: float) -> None:
         time.sleep(POLL_S)
 
 
-def _map(path: Path, pack) -> torch.Tensor:
-    """Layer `pack.index`'s file in `path`, mapped shared and read-only, as a uint8 tensor of `pack.nbytes`."""
+def _map(path: Path, index: int, nbytes: int) -> torch.Tensor:
+    """Layer `index`'s file in `path`, mapped shared and read-only, as a uint8 tensor of `nbytes`."""
     import torch
 
-    with open(_layer_file(path, pack.index), "rb") as f:
+    with open(_layer_file(path, index), "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if size != pack.nbytes:
+        if size != nbytes:
             raise SharedStoreError(
-                f"hf_offload: the shared host store {path} holds {size} bytes for layer {pack.index}, but this rank "
-                f"packed {pack.nbytes}: the ranks of this node are not streaming the same model."
+                f"hf_offload: the shared host store {path} holds {size} bytes for layer {index}, but its manifest "
+                f"says {nbytes}: it is damaged. Start the job again."
             )
         if size == 0:
             return torch.empty(0, dtype=torch.uint8)
@@ -269,66 +360,70 @@ class SharedStore:
             self._fd = None
 
 
-def share(
-    packs,
-    ranks: Ranks,
-    pin: Callable[[torch.Tensor], bool],
-    unpin: Callable[[torch.Tensor], None],
-    root: str | None = None,
-    timeout_s: float = START_TIMEOUT_S,
-) -> SharedStore:
-    """Move this rank's layer buffers onto its node's shared store, building the store on local rank 0.
+@dataclass
+class MappedLayer:
+    """One layer's buffer mapped from the node's shared store, and its encoded tensors' codec metadata (the shape
+    of a store cache's `CachedLayer`, so packing and loading bind it the same way)."""
+
+    host: torch.Tensor
+    encoded_meta: list
+
+    @property
+    def nbytes(self) -> int:
+        return self.host.numel()
+
+
+def attach(
+    key: str, ranks: Ranks, root: str | None = None, timeout_s: float = START_TIMEOUT_S
+) -> tuple[SharedStore, list[MappedLayer]] | None:
+    """Wait for local rank 0's store and map it (every local rank but 0): nothing is packed or read here.
 
     Args:
-        packs: the `LayerPack`s of this rank's freshly built store; each `host` is replaced by the shared mapping.
-        ranks: this process's place in the job (`local_rank`, `local_world_size`).
-        pin / unpin: the device's page-locking of a host buffer (the mapping is pinned as the old buffer was).
+        key: what this rank would have built (the layouts and a sample of its raw weights, or the checkpoint it
+            loads); the store's must be the same.
+        ranks: this process's place in the job.
         root: the tmpfs directory (default `ROOT`, /dev/shm).
         timeout_s: how long to wait for local rank 0 to begin building.
 
     Returns:
-        The `SharedStore`, to `close` when streaming ends.
+        The `SharedStore` to close when streaming ends and each layer's mapping, or None when local rank 0 shares
+        no store under this name (this rank then builds its own).
 
     Raises:
-        SharedStoreError: too little space in `root`, local rank 0 failed, or the ranks hold different models.
+        SharedStoreError: local rank 0 failed or never started, or it built the store of another model.
     """
-    import torch
-
-    global _shared_in_this_process
-    root = root or ROOT
-    if ranks.local_rank == 0:
-        sweep(root)
-    path = Path(root) / f"{PREFIX}{job_key()}-{fingerprint(packs, _shared_in_this_process)}"
-    _shared_in_this_process += 1
-    if ranks.local_rank == 0:
-        fd = _create(path, packs, root)
-    else:
-        _wait(path, timeout_s)
-        fd = _lock(path / LOCK, fcntl.LOCK_SH)
-    for pack in packs:
-        mapped = _map(path, pack)
-        if not torch.equal(mapped, pack.host):
-            os.close(fd)
-            raise SharedStoreError(
-                f"hf_offload: layer {pack.index} of the shared host store {path} differs from the one this rank "
-                f"(local rank {ranks.local_rank}) packed: the ranks of this node are not streaming the same weights. "
-                "Load the same checkpoint on every rank, or turn sharing off (shared_host_store=False)."
+    path = _next_path(root or ROOT)
+    _wait(path, timeout_s)
+    fd = _lock(path / LOCK, fcntl.LOCK_SH)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        if "declined" in manifest:
+            logger.info(
+                "hf_offload: local rank %d builds its own host store: %s", ranks.local_rank, manifest["declined"]
             )
-        was_pinned = pack.pinned
-        if was_pinned:
-            unpin(pack.host)
-        pack.host = mapped
-        pack.pinned = pin(mapped) if was_pinned else False
-        pack.bind_host()
+            _mark_mapped(path, ranks)
+            os.close(fd)
+            return None
+        if manifest["key"] != key:
+            raise SharedStoreError(
+                f"hf_offload: the node's shared host store {path} was built by local rank 0 from other weights than "
+                f"this rank (local rank {ranks.local_rank}) holds: the ranks of this node are not streaming the same "
+                "model. Load the same checkpoint with the same settings on every rank, or turn sharing off "
+                "(shared_host_store=False)."
+            )
+        layers = [MappedLayer(_map(path, index, nbytes), meta) for index, nbytes, meta in manifest["layers"]]
+    except BaseException:
+        os.close(fd)
+        raise
     _mark_mapped(path, ranks)
-    shared = SharedStore(path, required_bytes(packs), fd)
+    shared = SharedStore(path, required_bytes(layers), fd)
     logger.info(
-        "hf_offload: local rank %d maps the node's shared host store (%s, %s)",
+        "hf_offload: local rank %d maps the node's shared host store built by local rank 0 (%s, %s)",
         ranks.local_rank,
         path,
         format_bytes(shared.nbytes),
     )
-    return shared
+    return shared, layers
 
 
 def _mark_mapped(path: Path, ranks: Ranks) -> None:

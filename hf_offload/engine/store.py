@@ -536,7 +536,7 @@ class StoreCache:
 
     def key_fields(self, layers: nn.ModuleList, layouts: list[LayerLayout], codec: Codec | None) -> dict | None:
         """The key's fields (Note: [Store cache key]), or None (logged) when the weights are not in memory."""
-        tensors = [tensor for layout in layouts for tensor in _layout_tensors(layout)]
+        tensors = [tensor for layout in layouts for tensor in layout_tensors(layout)]
         try:
             content = store_cache.fingerprint(tensors)
         except ValueError as error:
@@ -563,9 +563,11 @@ class HostStore:
         expert_groups: Callable[[int], Sequence[Sequence[nn.Parameter]]] | None = None,
         cache: StoreCache | None = None,
         prebuilt: Sequence | None = None,
+        mapped: Sequence[CachedLayer] | None = None,
     ) -> HostStore:
         """Pack every layer; with `cache`, map the layer buffers from it when its key matches, else write them to
-        it once packed (see store_cache.py); `prebuilt`: per layer, its buffer filled by a checkpoint loader."""
+        it once packed (see store_cache.py); `prebuilt`: per layer, its buffer filled by a checkpoint loader;
+        `mapped`: per layer, its buffer as another process built it (the node's shared store), bound as it is."""
         from tqdm.auto import tqdm
 
         groups = [expert_groups(index) if expert_groups else () for index in range(len(layers))]
@@ -574,15 +576,15 @@ class HostStore:
             for i, layer in enumerate(layers)
         ]
         fields = cache.key_fields(layers, layouts, codec) if cache is not None else None
-        cached = store_cache.open_cached(cache.directory, fields) if fields is not None else None
-        desc = "hf_offload: packing layers in host memory" if cached is None else "hf_offload: mapping cached layers"
+        cached = store_cache.open_cached(cache.directory, fields) if fields is not None else mapped
+        desc = "hf_offload: packing layers in host memory" if cached is None else "hf_offload: mapping layers"
         progress = tqdm(layers, desc=desc, unit="layer", disable=_tqdm_disable(show_progress))
         packs = []
         filled = cached is not None or prebuilt is not None  # buffers exist already: nothing to read ahead
         with ThreadPoolExecutor(1, thread_name_prefix="hf_offload-read-ahead") as reader:
             for index, layer in enumerate(progress):
                 if READ_AHEAD and not filled and index + 1 < len(layers):  # Note: [Reading ahead while packing]
-                    reader.submit(_touch_pages, _layout_tensors(layouts[index + 1]))
+                    reader.submit(_touch_pages, layout_tensors(layouts[index + 1]))
                 packs.append(
                     pack_layer(
                         index,
@@ -645,7 +647,7 @@ class HostStore:
 # layer overlap the encoding of this one. It only reads; weights already in memory cost it a few microseconds.
 
 
-def _layout_tensors(layout: LayerLayout) -> list[torch.Tensor]:
+def layout_tensors(layout: LayerLayout) -> list[torch.Tensor]:
     tensors = [p.data for p, _ in layout.dense] + [p.data for p, _, _ in (*layout.encoded, *layout.encoded_experts)]
     return tensors + [getattr(holder, name) for holder, name, _, alias in layout.attributes if not alias]
 

@@ -24,13 +24,15 @@ import functools
 import logging
 import os
 import re
+import weakref
 
 from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..engine import compat, hostmem, store_cache
+from ..engine import compat, hostmem, shared_store, store_cache
 from ..engine.anatomy import check_streamable
+from ..engine.distributed import current_ranks
 from ..engine.errors import UnsupportedModelError
 from ..engine.prebuilt import PREBUILT_ATTRIBUTE, PrebuiltStore, plan_prebuilt_store
 from ..engine.quant import make_codec
@@ -57,6 +59,10 @@ class HostStoreConfig(QuantizationConfigMixin):
         store_cache: a directory. The store built from the checkpoint is written there once, and a later load of
             the same checkpoint files (names, sizes, modification times), config, dtype and layout maps it instead of
             reading a single decoder-layer weight from the checkpoint (see Note: [Loading from a store cache]).
+        shared_host_store: data parallel (torchrun, accelerate launch): local rank 0 of each node loads the store
+            into the node's shared store, and the node's other ranks map it without reading a decoder-layer weight
+            (see Note: [Loading into the node's shared store]). None (the default): when several ranks of a job run
+            on one node, as `OffloadConfig(shared_host_store=...)` decides.
     """
 
     def __init__(
@@ -65,13 +71,20 @@ class HostStoreConfig(QuantizationConfigMixin):
         check_host_memory: bool = True,
         required: bool = True,
         store_cache: str | None = None,
+        shared_host_store: bool | None = None,
     ):
         make_codec(base_weight_dtype)  # refuses an unknown dtype, naming the choices
+        if shared_host_store is not None and not isinstance(shared_host_store, bool):
+            raise ValueError(
+                "`shared_host_store` should be True, False or None (on with several ranks per node), but the value "
+                f"passed is {shared_host_store!r}."
+            )
         self.quant_method = METHOD
         self.base_weight_dtype = base_weight_dtype
         self.check_host_memory = bool(check_host_memory)
         self.required = bool(required)
         self.store_cache = None if store_cache is None else str(store_cache)
+        self.shared_host_store = shared_host_store
 
     def __repr__(self) -> str:
         return f"HostStoreConfig(base_weight_dtype={self.base_weight_dtype!r})"
@@ -110,6 +123,24 @@ class HostStoreQuantizer(HfQuantizer):
         store = plan_prebuilt_store(
             anatomy.layers, anatomy.path, make_codec(config.base_weight_dtype), anatomy.shared_outside
         )
+        ranks = current_ranks()
+        if _shares_while_loading(config, ranks, anatomy):
+            key = _loading_key(model, store, kwargs.get("checkpoint_files"))
+            if ranks.local_rank != 0:
+                attached = shared_store.attach(key, ranks)  # local rank 0 loads; this rank reads no layer weight
+                if attached is not None:
+                    store.shared = attached[0]
+                    _take_cached_store(model, anatomy, store, attached[1])
+                    setattr(model, PREBUILT_ATTRIBUTE, store)
+                    return model
+            else:
+                try:
+                    store.building = shared_store.Building.begin(shared_store.required_bytes(store.layers))
+                except shared_store.SharedStoreError:
+                    self._restore_loading()
+                    raise
+                store.shared_key = key
+                weakref.finalize(store, store.building.abandon)  # a load that fails lets the waiting ranks go
         cached = None
         if config.store_cache is not None:
             store.cache_fields = _cache_fields(model, store, kwargs.get("checkpoint_files"))
@@ -120,6 +151,8 @@ class HostStoreQuantizer(HfQuantizer):
                 check_loading_fits(model, anatomy, config.base_weight_dtype, store)
             except hostmem.HostMemoryError:
                 self._restore_loading()
+                if store.building is not None:
+                    store.building.abandon()
                 raise
         if cached is not None:
             _take_cached_store(model, anatomy, store, cached)
@@ -145,9 +178,12 @@ class HostStoreQuantizer(HfQuantizer):
         store: PrebuiltStore | None = getattr(model, PREBUILT_ATTRIBUTE, None)
         if store is None:
             return model
-        if store.detached is not None:  # loaded from a store cache: the layers come back, filled
+        from_cache = store.detached is not None
+        if from_cache:  # loaded from a store cache or the node's shared store: the layers come back, filled
             _reattach_layers(model, store)
-        elif store.cache_fields is not None and all(layer.complete for layer in store.layers):
+        if store.building is not None:
+            _publish_shared(store)
+        if not from_cache and store.cache_fields is not None and all(layer.complete for layer in store.layers):
             entries = [layer.cache_entry() for layer in store.layers]
             store_cache.write_cache(self.quantization_config.store_cache, store.cache_fields, entries)
         incomplete = [layer.index for layer in store.layers if not layer.complete]
@@ -210,6 +246,57 @@ def _refuse_forward_before_streaming(module, args):
 # model (its parameters already bound to the mapped cache), the checkpoint's layer tensors are unexpected keys that it
 # skips unread (their warning silenced by a pattern), and the list goes back in once loading is over. Layers that
 # hold buffers of their own (which transformers would have to materialise) load the ordinary way instead.
+
+
+# Note: [Loading into the node's shared store]
+# Under data parallel, every rank of a node would load the same checkpoint into a store of its own, then share one
+# (engine/shared_store.py): N stores at once while loading, and N times the reading and encoding. Instead local rank
+# 0 locks the node's segment before loading (`shared_store.Building`), loads as usual, and once loading is over
+# writes the finished store into it layer by layer, moving its own layers onto the files as it goes. Every other
+# local rank waits for the segment before loading, then takes it as a store cache hit (Note: [Loading from a store
+# cache]): layers bound to the read-only mapping, detached while transformers loads the rest, so no decoder-layer
+# tensor of the checkpoint is read. The segment is keyed by the checkpoint (files, config, dtype, layouts), which
+# every rank knows without reading a weight: a rank loading another one stops with a clear error. Waiting is on
+# files, never a torch.distributed collective (the process group may not exist yet); local rank 0 failing lets go
+# of its lock and the waiters stop with an error. A load that does not fill every layer (the checkpoint lacks some
+# tensors) is declined in the segment and each rank loads its own; so do layers holding buffers of their own (as
+# for a store cache). The runtime later adopts the shared layers and keeps the segment's lock.
+
+
+def _shares_while_loading(config: HostStoreConfig, ranks, anatomy) -> bool:
+    wanted = ranks.local_world_size > 1 if config.shared_host_store is None else config.shared_host_store
+    if wanted and any(True for _ in anatomy.layers.buffers()):
+        logger.info("hf_offload: the decoder layers hold buffers; each rank loads its own store, shared afterwards")
+        return False
+    return wanted
+
+
+def _loading_key(model, store: PrebuiltStore, checkpoint_files) -> str:
+    """What the node's shared store is loaded from: the checkpoint files (names, sizes, times), config, dtype and
+    layouts; every rank computes it without reading a weight."""
+    files = store_cache.checkpoint_fingerprint(list(checkpoint_files)) if checkpoint_files else None
+    identity = store_cache.model_identity(model)
+    layouts = [layer.layout_digest for layer in store.layers]
+    return "checkpoint " + store_cache.key_of(
+        store_cache.make_key_fields(store.base_weight_dtype, layouts, identity, files)
+    )
+
+
+def _publish_shared(store: PrebuiltStore) -> None:
+    """Local rank 0, loading over: the finished store goes into the node's segment (or the segment is declined)."""
+    building, store.building = store.building, None
+    ranks = current_ranks()
+    incomplete = [layer.index for layer in store.layers if not layer.complete]
+    if incomplete:
+        building.decline(f"the checkpoint did not fill layer {incomplete[0]} of the store", ranks)
+        return
+    entries = [layer.cache_entry() for layer in store.layers]
+
+    def swap(position: int, mapped) -> None:
+        entries[position].host = mapped
+        store.layers[position].move_to(mapped)
+
+    store.shared = building.publish(entries, store.shared_key, swap, ranks)
 
 
 def _cache_fields(model, store: PrebuiltStore, checkpoint_files) -> dict | None:
@@ -292,6 +379,7 @@ def load_into_store_for_launch(original, cls, args: tuple, kwargs: dict, setting
         check_host_memory=settings.get("check_host_memory", True),
         required=False,
         store_cache=settings.get("store_cache"),
+        shared_host_store=settings.get("shared_host_store"),
     )
     try:
         return original(cls, *args, **{**kwargs, "quantization_config": ours})

@@ -20,6 +20,8 @@ from peft import LoraConfig, get_peft_model
 import hf_offload
 from hf_offload import OffloadConfig
 from hf_offload.engine import shared_store
+from hf_offload.engine import store as store_module
+from hf_offload.engine.anatomy import check_streamable
 from hf_offload.engine.shared_store import PREFIX, SharedStoreError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -178,12 +180,59 @@ def test_the_launcher_removes_its_jobs_segments_when_the_command_ends(tmp_path):
     assert job.startswith("launch") and not (Path(shared_store.ROOT) / f"{PREFIX}{job}-x").exists()
 
 
-def test_fingerprint_tells_models_and_order_apart():
-    stores = []
-    for seed in (0, 1):
-        model = build("llama", seed=seed)
+def _counting_empty(sizes: list):
+    """`page_aligned_empty` that notes every buffer packing allocates."""
+    real = store_module.page_aligned_empty
+    return lambda n: sizes.append(n) or real(n)
+
+
+def _as_local_rank(monkeypatch, local_rank: int) -> None:
+    """This process plays local rank `local_rank` of 2 (the segment counter restarts, as in a fresh process)."""
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(shared_store, "_shared_in_this_process", 0)
+
+
+def test_other_local_ranks_map_rank_0s_store_without_packing_and_refuse_other_weights(root, monkeypatch, caplog):
+    """Local rank 0 builds the segment; local rank 1 (played by this process) maps it and packs nothing; a rank
+    holding other weights stops with a clear error before anything is packed."""
+    ids = torch.randint(3, 90, (2, 8), generator=torch.Generator().manual_seed(1))
+    models = {}
+    for local_rank in (0, 1):
+        _as_local_rank(monkeypatch, local_rank)
+        packed = []
+        monkeypatch.setattr(store_module, "page_aligned_empty", _counting_empty(packed))
+        with caplog.at_level("INFO", logger="hf_offload"):
+            config = OffloadConfig(base_weight_dtype="nf4")
+            models[local_rank] = hf_offload.enable_layer_streaming(_lora_model(), config)
+        assert (packed == []) == (local_rank == 1), "local rank 1 packed a layer of its own"
+    assert "local rank 1 maps the node's shared host store built by local rank 0" in caplog.text
+    runtimes = [hf_offload.api.get_runtime(models[k]) for k in (0, 1)]
+    assert all(r.shared_store is not None for r in runtimes) and list(root.iterdir()) == []  # both mapped: gone
+    for a, b in zip(runtimes[0].store.packs, runtimes[1].store.packs, strict=True):
+        assert torch.equal(a.host, b.host) and a.host.data_ptr() != b.host.data_ptr()  # two mappings, one file
+    losses = [models[k].eval()(input_ids=ids, labels=ids).loss for k in (0, 1)]
+    assert losses[0].item() == losses[1].item()
+
+    _as_local_rank(monkeypatch, 0)
+    hf_offload.enable_layer_streaming(_lora_model(), OffloadConfig())
+    _as_local_rank(monkeypatch, 1)
+    other = _lora_model()
+    with torch.no_grad():
+        other.get_submodule("base_model.model.model.layers.1.mlp.up_proj.base_layer").weight.mul_(2)
+    with pytest.raises(SharedStoreError, match="built by local rank 0 from other weights.*shared_host_store=False"):
+        hf_offload.enable_layer_streaming(other, OffloadConfig())
+    assert not hf_offload.is_streaming(other)
+
+
+def test_weights_key_tells_models_apart():
+    from hf_offload.engine.runtime import _layouts, _weights_key
+
+    def key(model):
         model.requires_grad_(False)
-        stores.append(hf_offload.api.get_runtime(hf_offload.enable_layer_streaming(model)).store.packs)
-    assert shared_store.fingerprint(stores[0], 0) != shared_store.fingerprint(stores[1], 0)
-    assert shared_store.fingerprint(stores[0], 0) != shared_store.fingerprint(stores[0], 1)
-    assert shared_store.fingerprint(stores[0], 0) == shared_store.fingerprint(stores[0], 0)
+        anatomy = check_streamable(model)
+        groups = [[] for _ in anatomy.layers]
+        return _weights_key(anatomy.layers, _layouts(anatomy, None, groups), None)
+
+    assert key(build("llama", seed=0)) == key(build("llama", seed=0))
+    assert key(build("llama", seed=0)) != key(build("llama", seed=1))

@@ -43,8 +43,8 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
-def _run(command: list[str], cwd, timeout: int = 240) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _run(command: list[str], cwd, timeout: int = 240, **env: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, cwd=cwd, env={**_env(), **env}, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
 
@@ -107,6 +107,8 @@ def test_launcher_over_torchrun_matches_plain_ddp(model_dir, plain_run, tmp_path
     out = tmp_path / "launched"
     done = _run([*_launch(), *_torchrun(), TRAINER_SCRIPT, *_trainer_argv(model_dir, out)], cwd=tmp_path)
     assert "hf_offload: the Trainer keeps" in done.stderr  # the ranks really streamed
+    # the launcher loads into the store: local rank 0 loads it for the node, rank 1 reads no layer of the checkpoint
+    assert "local rank 1 maps the node's shared host store built by local rank 0" in done.stderr
     assert_same_run(out, plain_run)
 
 
@@ -121,8 +123,10 @@ def test_partitioned_fetch_under_the_launcher_matches_plain_ddp(model_dir, plain
 
 def test_layer_streaming_flag_under_torchrun_matches_plain_ddp(model_dir, plain_run, tmp_path):
     out = tmp_path / "flag"
-    done = _run([*_torchrun(), TRAINER_SCRIPT, *_trainer_argv(model_dir, out, "--layer_streaming")], cwd=tmp_path)
+    command = [*_torchrun(), TRAINER_SCRIPT, *_trainer_argv(model_dir, out, "--layer_streaming")]
+    done = _run(command, cwd=tmp_path, HF_OFFLOAD_VERBOSITY="info")  # the replica's info lines too
     assert "hf_offload: streaming 2 decoder layers" in done.stderr
+    assert "local rank 1 maps the node's shared host store built by local rank 0" in done.stderr  # packs nothing
     assert_same_run(out, plain_run)
 
 

@@ -133,6 +133,8 @@ def test_host_memory_check_runs_before_any_weight_is_read(tmp_path, monkeypatch)
 def test_unknown_dtype_is_refused():
     with pytest.raises(ValueError, match="base_weight_dtype"):
         HostStoreConfig("fp3")
+    with pytest.raises(ValueError, match="`shared_host_store` should be True, False or None.*'yes'"):
+        HostStoreConfig(shared_host_store="yes")
 
 
 _PEAK_PROBE = """
@@ -219,3 +221,92 @@ def test_a_store_cache_skips_reading_the_layers_and_trains_the_same(family, base
     os.utime(os.path.join(path, shard))  # the checkpoint rewritten: its layers are read again
     load()
     assert written
+
+
+def _two_local_ranks(tmp_path, monkeypatch, path: str) -> tuple[list, list[list[str]]]:
+    """Load `path` into an nf4 store and stream it as local rank 0, then 1, of 2 (this process plays both, one after
+    the other, sharing under a temporary tmpfs directory). Returns the models and the layer tensors each loaded."""
+    from hf_offload.engine import shared_store
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(shared_store, "ROOT", str(shm))
+    monkeypatch.setenv(shared_store.JOB_ENV, "loadjob")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    original, models, written = PrebuiltLayer.write, [], []
+    for local_rank in (0, 1):
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        monkeypatch.setattr(shared_store, "_shared_in_this_process", 0)  # a fresh process per rank
+        written.append([])
+        monkeypatch.setattr(
+            PrebuiltLayer, "write", lambda self, n, v, w=written[-1]: w.append(n) or original(self, n, v)
+        )
+        models.append(_streamed(_load(path, "nf4"), "nf4", with_lora))
+    assert list(shm.iterdir()) == []  # every segment mapped by both ranks: gone
+    return models, written
+
+
+def test_other_local_ranks_map_the_store_rank_0_loaded_without_reading_a_layer(tmp_path, monkeypatch, caplog):
+    """Data parallel, 2 ranks per node: local rank 0 loads the checkpoint into the node's shared store; local rank 1
+    maps it and reads no decoder-layer tensor; both train like the ordinary load."""
+    path = _save(build_dense("llama"), tmp_path)
+    with caplog.at_level("INFO", logger="hf_offload"):
+        models, written = _two_local_ranks(tmp_path, monkeypatch, path)
+    assert written[0] and not written[1], "local rank 1 read decoder-layer tensors of the checkpoint"
+    assert "local rank 1 maps the node's shared host store built by local rank 0" in caplog.text
+    runtimes = [_runtime(m) for m in models]
+    assert all(r.shared_store is not None for r in runtimes)
+    assert [r.summary().layers_loaded_into_store for r in runtimes] == [4, 4]
+    with open("/proc/self/maps", encoding="utf-8") as f:  # rank 0 too computes from the segment, not its own copy
+        assert sum(str(runtimes[0].shared_store.path) in line for line in f) == 2 * 4
+    ordinary = with_lora(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+    own = hf_offload.OffloadConfig(device="cpu", base_weight_dtype="nf4", shared_host_store=False)
+    hf_offload.enable_layer_streaming(ordinary, own)
+    batch = left_padded_batch(96)
+    expected = train_step(ordinary, batch)
+    for model in models:
+        assert_step_matches(expected, model, batch)
+
+
+def test_a_checkpoint_that_does_not_fill_the_store_is_not_shared_while_loading(tmp_path, monkeypatch, caplog):
+    """A layer tensor missing from the checkpoint: local rank 0 declines the segment, each rank loads its own store,
+    and streaming shares it the ordinary way; both ranks compute the same."""
+    from safetensors.torch import load_file, save_file
+
+    path = _save(build_dense("llama"), tmp_path)
+    shard = f"{path}/model.safetensors"
+    tensors = load_file(shard)
+    del tensors["model.layers.1.post_attention_layernorm.weight"]  # transformers initialises it: ones
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with caplog.at_level("INFO", logger="hf_offload"):
+        models, written = _two_local_ranks(tmp_path, monkeypatch, path)
+    assert written[0] and written[1] and "local rank 1 builds its own host store" in caplog.text
+    runtimes = [_runtime(m) for m in models]
+    assert all(r.shared_store is not None for r in runtimes)
+    assert "local rank 1 maps the node's shared host store built by local rank 0" in caplog.text
+    ids = torch.randint(3, 90, (2, 8), generator=torch.Generator().manual_seed(1))
+    losses = [m.eval()(input_ids=ids, labels=ids).loss.item() for m in models]
+    assert losses[0] == losses[1]
+
+
+def test_a_store_shared_while_loading_becomes_private_when_streaming_wants_its_own(tmp_path, monkeypatch):
+    """HostStoreConfig(shared_host_store=True) in one process, streaming with shared_host_store=False: the layers get
+    writable copies of their own (merging adapters works), the same values, and nothing is left in the tmpfs."""
+    from hf_offload.engine import shared_store
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(shared_store, "ROOT", str(shm))
+    path = _save(build_dense("llama"), tmp_path)
+    config = HostStoreConfig(shared_host_store=True)
+    model = with_lora(
+        transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **{"quantization_config": config})
+    )
+    hf_offload.enable_layer_streaming(model, hf_offload.OffloadConfig(device="cpu", shared_host_store=False))
+    runtime = _runtime(model)
+    assert runtime.shared_store is None and list(shm.iterdir()) == []
+    assert [pack.adopted for pack in runtime.store.packs] == [True] * 4
+    ordinary = with_lora(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+    batch = left_padded_batch(96)
+    assert_step_matches(train_step(ordinary, batch), model, batch)
+    model.merge_adapter()  # writes into the store: refused while it is shared
