@@ -185,9 +185,10 @@ class OffloadConfig:
     shared_host_store: bool | None = option(
         None,
         "Data parallel (torchrun, accelerate launch): one host store per node instead of one per rank. Local rank 0 "
-        "writes the packed layers to files under /dev/shm, every rank of the node maps them read-only and frees "
-        "its own copy. None (the default): on when several ranks of a job run on one node. The tmpfs must hold the "
-        "store (checked before anything is written; the files are removed once every rank has mapped them).",
+        "builds the store into files under /dev/shm; the node's other ranks map them read-only without building "
+        "their own (loading into the store, without reading the decoder layers of the checkpoint). None (the "
+        "default): on when several ranks of a job run on one node. The tmpfs must hold the store (checked before "
+        "anything is built; the files are removed once every rank has mapped them).",
         faces=TRAINING_FACES | {"plan"},
         check=optional_boolean,
     )
