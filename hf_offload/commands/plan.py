@@ -63,8 +63,9 @@ class Estimate(Record):
     host_terms: dict[str, int]  # what the host memory holds: the compute copy, and with full fine-tuning the rest
     full_finetune: bool
     grad_bytes_to_host: int  # full fine-tuning: the layers' weight gradients sent back per step
-    # peak while a checkpoint loads straight into the store (HostStoreConfig, the launcher): every rank's store as
-    # it fills, the modules outside the layers, and the largest layer twice in the checkpoint's dtype in flight
+    # peak while a checkpoint loads straight into the store (HostStoreConfig, the launcher): the store as it fills
+    # and the largest layer twice in the checkpoint's dtype in flight (once per node when the ranks share the store,
+    # else per rank), and every rank's modules outside the layers
     loading_host_bytes: int
     unquantized_matrix_bytes: int  # weight matrices the codec leaves dense (unroutable MoE experts, odd sizes)
     gpu_bytes: int
@@ -267,7 +268,10 @@ def estimate(
     if offload_activations:
         host_terms["offloaded_activations"] = boundary  # exact-size page-locked buffers, one per layer
     host_bytes = sum(host_terms.values())
-    loading_host_bytes = nproc_per_node * (sum(store) + sizes.resident_bytes) + 2 * max(sizes.layer_bytes, default=0)
+    # loading into a shared store, local rank 0 alone reads the layers; every rank loads the modules outside them
+    loading_host_bytes = copies * (sum(store) + 2 * max(sizes.layer_bytes, default=0)) + nproc_per_node * (
+        sizes.resident_bytes
+    )
     bytes_per_step = bytes_per_train_step(store, prefetch)
     bandwidth, flops_per_s = pcie_gbps * GB, gpu_tflops * 1e12
     flops = 6 * sizes.compute_params * tokens  # forward, recompute, input gradients

@@ -220,3 +220,10 @@ def test_loading_straight_into_the_store_is_planned_and_judged(llama_70b):
     assert plan["loading_host_bytes"] == want
     between = (plan["host_bytes"] + plan["loading_host_bytes"]) / 2 / 1e9
     assert not make_plan(config, gpu_mem_gb=80, host_mem_gb=between, base_weight_dtype="nf4")["fits_host"]
+    # data parallel: local rank 0 alone loads the layers into the node's shared store; each rank loads the rest
+    shared = make_plan(config, gpu_mem_gb=80, host_mem_gb=1000, base_weight_dtype="nf4", nproc_per_node=8)
+    assert shared["loading_host_bytes"] == want + 7 * sizes.resident_bytes
+    private = make_plan(
+        config, gpu_mem_gb=80, host_mem_gb=1000, base_weight_dtype="nf4", nproc_per_node=8, shared_host_store=False
+    )
+    assert private["loading_host_bytes"] == 8 * want
