@@ -24,6 +24,7 @@ bitsandbytes itself, on the same absmax tensor.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -96,7 +97,7 @@ def encode_nf4(
 
     Args:
         weight: a float32/bfloat16/float16 tensor whose number of elements is a multiple of 64.
-        workers: threads to use; default `torch.get_num_threads()`.
+        workers: threads to use; default `default_workers()`.
 
     Returns:
         (packed codes uint8 [n/2], quantized absmax uint8 [n/64], nested absmax float32 [ceil(n/64/256)], offset):
@@ -156,7 +157,7 @@ def encode_int8(weight: torch.Tensor, workers: int | None = None) -> tuple[torch
 
     Args:
         weight: a 2D float tensor.
-        workers: threads to use; default `torch.get_num_threads()`.
+        workers: threads to use; default `default_workers()`.
 
     Returns:
         (int8 codes of weight's shape, float32 absmax per row).
@@ -178,6 +179,24 @@ def encode_int8(weight: torch.Tensor, workers: int | None = None) -> tuple[torch
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
+_building_for_node = False  # see `building_for_node`
+
+
+def default_workers() -> int:
+    """Encoding threads: torch's thread count, or every core this process may run on while it builds its node's
+    shared store (`building_for_node`)."""
+    threads = torch.get_num_threads()
+    if _building_for_node:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(threads, cores)
+    return threads
+
+
+def building_for_node(on: bool) -> None:
+    """Local rank 0 builds the node's shared store while the node's other ranks wait for it (shared_store.py):
+    encode on every core it may use, not on its share of them (torchrun sets OMP_NUM_THREADS=1 per rank)."""
+    global _building_for_node
+    _building_for_node = on
 
 
 def run_parallel(tasks: Sequence[Callable[[], None]], workers: int | None = None) -> None:
@@ -185,7 +204,7 @@ def run_parallel(tasks: Sequence[Callable[[], None]], workers: int | None = None
 
     One task, or one worker, runs inline. The first error raised by a task is raised here, after all finished.
     """
-    workers = torch.get_num_threads() if workers is None else workers
+    workers = default_workers() if workers is None else workers
     if workers <= 1 or len(tasks) <= 1:
         for task in tasks:
             task()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import OffloadConfig
-from . import compat, hostmem, shared_store, store_cache
+from . import compat, hostmem, nf4_encode, shared_store, store_cache
 from .activations import ActivationOffload
 from .anatomy import check_streamable
 from .chunked_loss import ChunkedLoss
@@ -116,6 +116,7 @@ class LayerStreamingRuntime:
         routed = config.expert_fetch == "routed"
         if routed:
             _explain_whole_layer_experts(groups, reasons, self.anatomy.layers)
+        nf4_encode.building_for_node(sharing.building is not None)  # the waiting ranks' cores are idle
         try:  # a failure lets go of the segment local rank 0 locked: the waiting ranks stop with an error
             if config.check_host_memory and prebuilt is None and sharing.mapped is None:
                 _check_host_memory(
@@ -136,6 +137,8 @@ class LayerStreamingRuntime:
         except BaseException:
             sharing.abandon()
             raise
+        finally:
+            nf4_encode.building_for_node(False)
         self.shared_store = self._share_store(pin, sharing)
         self._warn_unpinned(pin)
         self.streamer = Streamer(self.store, self.ops, self.prefetch, routed=routed, partition=self._partition(config))

@@ -235,6 +235,11 @@ class Building:
     def building(self) -> Path:
         return self.path.with_name(self.path.name + CREATING)
 
+    @property
+    def in_progress(self) -> bool:
+        """Whether this rank still holds the segment's lock as its builder (not published, declined or abandoned)."""
+        return self._fd is not None
+
     @classmethod
     def begin(cls, needed: int, root: str | None = None) -> Building:
         """Sweep what dead jobs left, check the space (`needed` bytes), and lock a new `<name>.creating`.

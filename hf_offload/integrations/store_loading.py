@@ -30,7 +30,7 @@ from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..engine import compat, hostmem, shared_store, store_cache
+from ..engine import compat, hostmem, nf4_encode, shared_store, store_cache
 from ..engine.anatomy import check_streamable
 from ..engine.distributed import current_ranks
 from ..engine.errors import UnsupportedModelError
@@ -140,7 +140,8 @@ class HostStoreQuantizer(HfQuantizer):
                     self._restore_loading()
                     raise
                 store.shared_key = key
-                weakref.finalize(store, store.building.abandon)  # a load that fails lets the waiting ranks go
+                weakref.finalize(store, _give_up_building, store.building)  # a failed load lets the waiters go
+                nf4_encode.building_for_node(True)  # the waiting ranks' cores are idle: encode on them too
         cached = None
         if config.store_cache is not None:
             store.cache_fields = _cache_fields(model, store, kwargs.get("checkpoint_files"))
@@ -152,6 +153,7 @@ class HostStoreQuantizer(HfQuantizer):
             except hostmem.HostMemoryError:
                 self._restore_loading()
                 if store.building is not None:
+                    nf4_encode.building_for_node(False)
                     store.building.abandon()
                 raise
         if cached is not None:
@@ -182,6 +184,7 @@ class HostStoreQuantizer(HfQuantizer):
         if from_cache:  # loaded from a store cache or the node's shared store: the layers come back, filled
             _reattach_layers(model, store)
         if store.building is not None:
+            nf4_encode.building_for_node(False)
             _publish_shared(store)
         if not from_cache and store.cache_fields is not None and all(layer.complete for layer in store.layers):
             entries = [layer.cache_entry() for layer in store.layers]
@@ -280,6 +283,12 @@ def _loading_key(model, store: PrebuiltStore, checkpoint_files) -> str:
     return "checkpoint " + store_cache.key_of(
         store_cache.make_key_fields(store.base_weight_dtype, layouts, identity, files)
     )
+
+
+def _give_up_building(building: shared_store.Building) -> None:
+    if building.in_progress:  # not published, declined or abandoned yet: the load failed
+        nf4_encode.building_for_node(False)
+        building.abandon()
 
 
 def _publish_shared(store: PrebuiltStore) -> None:

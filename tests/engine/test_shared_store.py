@@ -236,3 +236,31 @@ def test_weights_key_tells_models_apart():
 
     assert key(build("llama", seed=0)) == key(build("llama", seed=0))
     assert key(build("llama", seed=0)) != key(build("llama", seed=1))
+
+
+def test_local_rank_0_encodes_the_nodes_store_on_every_core_it_may_use(root, monkeypatch):
+    """torchrun gives each rank one thread; the node's other ranks wait while local rank 0 builds, so it encodes on
+    every core of its affinity, and only while it builds."""
+    from hf_offload.engine import nf4_encode
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    workers = []
+    original = nf4_encode.run_parallel
+
+    def recording(tasks, n=None):  # the threads the encoder would use, then one (this test's speed is not the point)
+        workers.append(n or nf4_encode.default_workers())
+        original(tasks, 1)
+
+    monkeypatch.setattr(nf4_encode, "run_parallel", recording)
+    for local_rank in (0, 1):
+        _as_local_rank(monkeypatch, local_rank)
+        hf_offload.enable_layer_streaming(_lora_model(), OffloadConfig(base_weight_dtype="nf4"))
+        if local_rank == 0:
+            assert workers and set(workers) == {6}, workers
+            workers.clear()
+    assert workers == []  # local rank 1 encodes nothing
+    assert nf4_encode.default_workers() == 1  # back to torch's thread count once the store is built
+    _as_local_rank(monkeypatch, 0)
+    hf_offload.enable_layer_streaming(_lora_model(), OffloadConfig(base_weight_dtype="nf4", shared_host_store=False))
+    assert workers and set(workers) == {1}  # a store of its own: nobody waits for it
