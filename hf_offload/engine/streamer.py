@@ -4,6 +4,8 @@ The device holds `prefetch + 1` slots, each one byte buffer as large as the larg
 reused. Loading a layer is one contiguous copy of its host buffer into a slot, enqueued on the copy stream; the
 compute stream waits on the slot's `ready` event before it reads, and the copy stream waits on the slot's
 `freed` event (recorded after the last kernel that reads it) before it overwrites. No host synchronisation.
+With partitioned fetch the copy is this rank's chunk of the buffer, followed on the same stream by an all-gather of
+the chunks of the node's ranks (Note: [Partitioned fetch] in distributed.py).
 
 Encoded (nf4/int8) weights, linear weights and expert tensors alike: their parts arrive in the slot like any
 bytes; on acquire they are decoded on the compute stream into one dense scratch buffer (allocated once, as large as
