@@ -4,8 +4,9 @@ for bit, and each rank must have copied only its share of the layers from host m
 
 Cases: a dense Llama with LoRA dropout (fp32 store, then nf4 on the simulated asynchronous device) and a Qwen3-MoE
 with LoRA on its experts and routed expert fetch (int8 store, simulated device): the ranks route different tokens.
-Prints one line `case <name> ok <json>` per case; any difference raises. With `--cuda`, each rank streams to its own
-GPU (LOCAL_RANK) over NCCL, the simulated device off.
+Writes `rank<N>.json` in the working directory: per case that passed, its byte counters (the two ranks' prints
+would interleave on one pipe); any difference raises. With `--cuda`, each rank streams to its own GPU (LOCAL_RANK)
+over NCCL, the simulated device off.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def main() -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     torch.distributed.init_process_group("nccl" if CUDA else "gloo")
     rank = torch.distributed.get_rank()
+    passed = {}
     for name, (family, dtype, simulated, prefetch) in CASES.items():
         reference = lora_model(family)
         vocab = reference.config.vocab_size
@@ -97,7 +99,9 @@ def main() -> None:
         assert got["bytes_to_device"] < want["bytes_to_device"], (name, got, want)
         figures = {k: got[k] for k in ("bytes_to_device", "bytes_from_peers", "layer_loads")}
         figures["replicated_bytes_to_device"] = want["bytes_to_device"]
-        print(f"case {name} ok {json.dumps(figures)}", flush=True)
+        passed[name] = figures
+        with open(f"rank{rank}.json", "w", encoding="utf-8") as f:
+            json.dump(passed, f)
     torch.distributed.destroy_process_group()
 
 

@@ -4,6 +4,7 @@ Trainer-level run is in tests/integrations/test_data_parallel.py."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -47,8 +48,9 @@ def test_partitioned_fetch_gives_the_replicated_step_bit_for_bit_on_two_ranks(tm
     ]  # fmt: skip
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    ok = [line for line in done.stdout.splitlines() if line.startswith("case ") and " ok " in line]
-    assert len(ok) == 6, done.stdout  # three cases on each of two ranks
+    for rank in (0, 1):
+        passed = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(passed) == 3, passed  # every case, on each rank
 
 
 def _lora_llama():
