@@ -275,14 +275,9 @@ def _shares_while_loading(config: HostStoreConfig, ranks, anatomy) -> bool:
 
 
 def _loading_key(model, store: PrebuiltStore, checkpoint_files) -> str:
-    """What the node's shared store is loaded from: the checkpoint files (names, sizes, times), config, dtype and
-    layouts; every rank computes it without reading a weight."""
-    files = store_cache.checkpoint_fingerprint(list(checkpoint_files)) if checkpoint_files else None
-    identity = store_cache.model_identity(model)
-    layouts = [layer.layout_digest for layer in store.layers]
-    return "checkpoint " + store_cache.key_of(
-        store_cache.make_key_fields(store.base_weight_dtype, layouts, identity, files)
-    )
+    """What the node's shared store is loaded from (`_checkpoint_key_fields`); every rank computes it without reading
+    a weight."""
+    return "checkpoint " + store_cache.key_of(_checkpoint_key_fields(model, store, checkpoint_files))
 
 
 def _give_up_building(building: shared_store.Building) -> None:
@@ -313,12 +308,15 @@ def _cache_fields(model, store: PrebuiltStore, checkpoint_files) -> dict | None:
     if not checkpoint_files:
         logger.info("hf_offload: store_cache is not used: transformers named no checkpoint files for this load")
         return None
-    return store_cache.make_key_fields(
-        store.base_weight_dtype,
-        [layer.layout_digest for layer in store.layers],
-        store_cache.model_identity(model),
-        "checkpoint " + store_cache.checkpoint_fingerprint(list(checkpoint_files)),
-    )
+    return _checkpoint_key_fields(model, store, checkpoint_files)
+
+
+def _checkpoint_key_fields(model, store: PrebuiltStore, checkpoint_files) -> dict:
+    """The key fields of a store loaded from `checkpoint_files`: their names, sizes and modification times, the
+    config, the dtype and the layouts."""
+    files = "checkpoint " + store_cache.checkpoint_fingerprint(list(checkpoint_files)) if checkpoint_files else None
+    layouts = [layer.layout_digest for layer in store.layers]
+    return store_cache.make_key_fields(store.base_weight_dtype, layouts, store_cache.model_identity(model), files)
 
 
 def _take_cached_store(model: nn.Module, anatomy, store: PrebuiltStore, cached: list) -> None:
