@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import tempfile
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from test_cuda_streaming import _fresh, batch, llama, lora, release, step, strea
 
 import hf_offload
 from hf_offload.api import get_runtime
+from hf_offload.commands.bench.measure import chrome_trace
 from hf_offload.commands.bench.models import build_model
 
 pytestmark = pytest.mark.gpu
@@ -104,11 +103,7 @@ def test_device_to_host_copies_run_beside_the_compute_stream():
         step(model, inputs)
         torch.cuda.synchronize()
     release(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        profiler.export_chrome_trace(path)
-        with open(path) as f:
-            trace = json.load(f)
+    trace = chrome_trace(profiler)
     out = [
         e
         for e in trace["traceEvents"]

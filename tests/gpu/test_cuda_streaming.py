@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import tempfile
 import time
 
 import pytest
@@ -20,7 +18,7 @@ from peft import LoraConfig, get_peft_model
 import hf_offload
 from hf_offload import OffloadConfig
 from hf_offload.api import get_runtime
-from hf_offload.commands.bench.measure import overlap_from_trace
+from hf_offload.commands.bench.measure import chrome_trace, overlap_from_trace
 from hf_offload.commands.bench.models import build_model
 
 pytestmark = pytest.mark.gpu
@@ -320,11 +318,7 @@ def test_one_pinned_copy_per_layer_overlapping_compute():
     stats = hf_offload.stats(model)
     layer_bytes = get_runtime(model).store.max_layer_bytes
     release(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        profiler.export_chrome_trace(path)
-        with open(path) as f:
-            trace = json.load(f)
+    trace = chrome_trace(profiler)
     copies = [
         e
         for e in trace["traceEvents"]

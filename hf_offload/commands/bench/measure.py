@@ -106,13 +106,18 @@ def _start_profiler():
 def _stop_profiler(profiler) -> tuple[dict | None, str | None]:
     try:
         profiler.__exit__(None, None, None)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "trace.json")
-            profiler.export_chrome_trace(path)
-            with open(path) as f:
-                return json.load(f), None
+        return chrome_trace(profiler), None
     except Exception as err:  # the profile only adds columns; never lose the timed steps over it
         return None, f"profiler failed: {type(err).__name__}: {err}"
+
+
+def chrome_trace(profiler) -> dict:
+    """The finished `torch.profiler.profile`'s events, as the Chrome trace it exports (`traceEvents`, ...)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        profiler.export_chrome_trace(path)
+        with open(path) as f:
+            return json.load(f)
 
 
 @dataclass
