@@ -206,6 +206,9 @@ def test_a_graph_dropped_without_backward_gives_its_buffers_back(simulate):
     loss = offloaded(**batch).loss
     assert not activations._free and activations._calls
     del loss
+    # The simulated copy streams hold each pending copy's tensors until the copy lands (a GPU holds no Python
+    # reference): let them land, as a later step's first wait would.
+    get_runtime(offloaded).ops.synchronize()
     gc.collect()  # the model's output objects may sit in reference cycles
     assert len(activations._free) == LAYERS and not activations._calls
 
