@@ -65,6 +65,7 @@ def main() -> None:
         with open(os.path.join(args.output_dir, "losses.json"), "w") as f:
             wrapped = type(model).__name__  # DistributedDataParallel when the ranks are really data parallel
             json.dump({"processes": accelerator.num_processes, "wrapper": wrapped, "losses": losses}, f)
+    accelerator.end_training()  # destroys the process group (see trainer_script.py)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,10 @@ def main() -> None:
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model()
     trainer.save_state()
+    # torch's advice for every distributed script: without it, gloo's worker threads can outlive the interpreter and
+    # abort the process after it has finished ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
