@@ -92,6 +92,7 @@ def main() -> None:
         accelerator.unwrap_model(model).save_pretrained(args.output_dir)  # the adapter, as with any peft model
         tokenizer.save_pretrained(args.output_dir)
         accelerator.print(f"adapter saved to {args.output_dir}")
+    accelerator.end_training()  # ends the process group of a multi-process run cleanly
 
 
 if __name__ == "__main__":
