@@ -7,7 +7,6 @@ and each layer's `forward` is replaced (on the instance, reversibly) by the stre
 from __future__ import annotations
 
 import logging
-import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -162,7 +161,7 @@ class LayerStreamingRuntime:
         layouts = _layouts(self.anatomy, codec, expert_groups)
         key = _weights_key(self.anatomy.layers, layouts, codec)
         if self._ranks.local_rank == 0:
-            return _Sharing(True, key=key, building=shared_store.Building.begin(_store_bytes(layouts)))
+            return _Sharing(True, key=key, building=shared_store.Building.begin(shared_store.required_bytes(layouts)))
         attached = shared_store.attach(key, self._ranks)
         if attached is None:
             return _Sharing(False)
@@ -623,9 +622,9 @@ def _refuse_merge(*args, **kwargs):
 
 
 def _wants_shared_store(config: OffloadConfig, ranks) -> bool:
-    if config.shared_host_store is not None:
-        return config.shared_host_store
-    return ranks.local_world_size > 1 and not config.full_finetune
+    if config.full_finetune and config.shared_host_store is None:
+        return False  # full fine-tuning writes its store: not shared by default (OffloadConfig refuses it outright)
+    return shared_store.wanted(config.shared_host_store, ranks)
 
 
 @dataclass
@@ -650,12 +649,6 @@ def _layouts(anatomy, codec, expert_groups: list) -> list:
         layout_layer(layer, codec, keep_resident=anatomy.shared_outside, expert_groups=groups)
         for layer, groups in zip(anatomy.layers, expert_groups)
     ]
-
-
-def _store_bytes(layouts: list) -> int:
-    """The shared segment's size, from the layers' layouts."""
-    page = mmap.PAGESIZE
-    return sum(-(-layout.nbytes // page) * page for layout in layouts)
 
 
 def _weights_key(layers: nn.ModuleList, layouts: list, codec) -> str:

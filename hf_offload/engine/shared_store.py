@@ -93,8 +93,15 @@ def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:64]
 
 
+def wanted(setting: bool | None, ranks: Ranks) -> bool:
+    """Whether this rank's store is the node's shared one: `setting` (`shared_host_store`) when given, else whenever
+    several ranks of the job run on this node."""
+    return ranks.local_world_size > 1 if setting is None else setting
+
+
 def required_bytes(packs) -> int:
-    """Bytes the segment takes in the tmpfs: every layer file rounded up to whole pages."""
+    """Bytes the segment takes in the tmpfs: every layer file rounded up to whole pages (`packs`: anything with
+    `nbytes` per layer: packed layers, their layouts before packing, a load's prebuilt layers)."""
     page = mmap.PAGESIZE
     return sum(-(-pack.nbytes // page) * page for pack in packs)
 
@@ -228,7 +235,6 @@ class Building:
     packed (or loaded) until the store is complete, so the other local ranks wait for it rather than give up."""
 
     path: Path
-    root: str
     _fd: int | None = field(default=None, repr=False)
 
     @property
@@ -250,7 +256,7 @@ class Building:
         root = root or ROOT
         sweep(root, spare=job_key())
         check_space(root, needed)
-        segment = cls(_next_path(root), root)
+        segment = cls(_next_path(root))
         shutil.rmtree(segment.building, ignore_errors=True)
         segment.building.mkdir(mode=0o700)
         segment._fd = _lock(segment.building / LOCK, fcntl.LOCK_SH)

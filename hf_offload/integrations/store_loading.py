@@ -153,8 +153,7 @@ class HostStoreQuantizer(HfQuantizer):
             except hostmem.HostMemoryError:
                 self._restore_loading()
                 if store.building is not None:
-                    nf4_encode.building_for_node(False)
-                    store.building.abandon()
+                    _give_up_building(store.building)
                 raise
         if cached is not None:
             _take_cached_store(model, anatomy, store, cached)
@@ -267,7 +266,7 @@ def _refuse_forward_before_streaming(module, args):
 
 
 def _shares_while_loading(config: HostStoreConfig, ranks, anatomy) -> bool:
-    wanted = ranks.local_world_size > 1 if config.shared_host_store is None else config.shared_host_store
+    wanted = shared_store.wanted(config.shared_host_store, ranks)
     if wanted and any(True for _ in anatomy.layers.buffers()):
         logger.info("hf_offload: the decoder layers hold buffers; each rank loads its own store, shared afterwards")
         return False
