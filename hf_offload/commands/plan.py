@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine import hostmem
+from ..engine import hostmem, shared_store
 from ..engine.chunked_loss import DEFAULT_CHUNK_BYTES
+from ..engine.distributed import Ranks
 from ..engine.facts import bytes_per_train_step
 from ..engine.layer_major import MEMORY_FRACTION
 from ..engine.quant import BASE_WEIGHT_DTYPES
@@ -248,7 +249,7 @@ def estimate(
         else sum(count * (8 * n + adamw8bit_state_bytes(n)) for n, count in lora.items()),
         **token_terms(sizes, tokens, offload_activations=offload_activations, prefetch=prefetch, **long_context),
     }
-    shared = nproc_per_node > 1 if shared_host_store is None else shared_host_store
+    shared = shared_store.wanted(shared_host_store, Ranks(local_world_size=nproc_per_node))
     copies = 1 if shared else nproc_per_node
     host_terms = {"compute_copy": copies * sum(store)}
     grad_bytes_to_host = 0
